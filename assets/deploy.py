@@ -1,0 +1,97 @@
+"""`<p>/endpoint`: the bento served over HTTP, with a live smoke test against offline predictions."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from assets.keys import key
+from platform_defs.spec import PipelineSpec
+
+if TYPE_CHECKING:
+    import dagster as dg
+    import polars as pl
+
+SMOKE_ROWS = 20
+SMOKE_TOLERANCE = 1e-9
+
+
+def sample_rows(frame: pl.DataFrame, spec: PipelineSpec, n: int = SMOKE_ROWS) -> list[dict[str, Any]]:
+    """Request rows (input columns, datetimes as ISO text) from source data, as a client would send them."""
+    import polars as pl
+
+    rows = frame.select(spec.input_columns).tail(n)
+    rows = rows.with_columns(
+        [pl.col(c).dt.to_string("%Y-%m-%dT%H:%M:%S%.f") for c, t in rows.schema.items() if t == pl.Datetime]
+    )
+    return rows.to_dicts()
+
+
+def smoke_test(url: str, rows: list[dict[str, Any]], model_uri: str, spec: PipelineSpec) -> dict[str, Any]:
+    """POST rows to the endpoint and compare with offline predictions of the same rows by the same model."""
+    import httpx
+    import numpy as np
+
+    from assets.features import compute_features
+    from assets.train import load_booster, matrix
+    from serving.requests import parse_rows
+
+    response = httpx.post(f"{url}/predict", json={"rows": rows}, timeout=30)
+    response.raise_for_status()
+    body = response.json()
+    offline = load_booster(model_uri).predict(matrix(compute_features(parse_rows(rows, spec, len(rows)), spec), spec))
+    online = np.asarray(body["predictions"], dtype=float)
+    diff = float(np.max(np.abs(online - offline))) if len(online) == len(offline) else float("inf")
+    return {"rows": len(rows), "max_abs_diff": diff, "model_version": body.get("model_version"), "status": response.status_code}
+
+
+def build(spec: PipelineSpec) -> list[Any]:
+    """The `<p>/endpoint` asset and its live smoke-test check."""
+    import dagster as dg
+
+    from resources.serving import ServingResource, healthy
+    from resources.storage import KilnStorage
+
+    endpoint_key = dg.AssetKey(key(spec.name, "endpoint"))
+
+    @dg.asset(
+        key=endpoint_key,
+        group_name=spec.name,
+        ins={"bento": dg.AssetIn(key(spec.name, "bento"), input_manager_key="json_io_manager")},
+        io_manager_key="json_io_manager",
+        kinds={"bentoml"},
+        required_resource_keys={"serving"},
+        description="The served endpoint: URL, model version, bento, health (local: a `bentoml serve` process).",
+    )
+    def endpoint(context, bento: Any):
+        serving: ServingResource = context.resources.serving
+        record = serving.deploy(spec.name, bento["tag"], bento["model_tag"], bento["model_version"], spec.serving.port)
+        record["healthy"] = healthy(record["url"])
+        return dg.Output(
+            record,
+            metadata={
+                "url": dg.MetadataValue.url(record["url"]),
+                "model_version": record["model_version"],
+                "bento": record["bento"],
+                "pid": record["pid"],
+                "healthy": record["healthy"],
+                "reused": record["reused"],
+            },
+        )
+
+    @dg.asset_check(
+        asset=endpoint_key,
+        name="live_smoke_test",
+        blocking=True,
+        required_resource_keys={"storage"},
+        description="POSTs sample rows and requires predictions equal to offline predictions of the same rows.",
+    )
+    def live_smoke(context, endpoint: Any):
+        storage: KilnStorage = context.resources.storage
+        sample_path = storage.state_dir(spec.name, "reference") / "sample_rows.json"
+        rows = json.loads(sample_path.read_text())
+        result = smoke_test(endpoint["url"], rows, f"models:/{spec.name}/{endpoint['model_version']}", spec)
+        passed = result["max_abs_diff"] <= SMOKE_TOLERANCE and result["model_version"] == endpoint["model_version"]
+        return dg.AssetCheckResult(passed=passed, metadata=result | {"url": endpoint["url"]})
+
+    return [endpoint, live_smoke]

@@ -1,0 +1,139 @@
+"""`<p>/features`: model-ready columns computed by :func:`compute_features`.
+
+The serving code imports :func:`compute_features` too, so training and serving share one
+implementation (parity by construction). This module imports no heavy package at top level.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+from assets.keys import key
+from platform_defs.spec import PipelineSpec
+
+if TYPE_CHECKING:
+    import dagster as dg
+    import polars as pl
+
+
+def load_function(dotted: str) -> Any:
+    """Resolve ``package.module:function`` (or ``package.module.function``)."""
+    module_name, _, attr = dotted.partition(":") if ":" in dotted else dotted.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ImportError(f"cannot load '{dotted}': {exc}") from exc
+
+
+@lru_cache(maxsize=32)
+def _expressions(spec_json: str) -> tuple[list[Any], Any]:
+    import polars as pl
+
+    spec = PipelineSpec.from_json(spec_json)
+    exprs: list[Any] = [pl.col(c).cast(pl.Float64).alias(c) for c in spec.features.passthrough]
+    for name in spec.features.categorical:
+        allowed = spec.schema_[name].allowed or []
+        # Unknown categories become null (LightGBM's missing) instead of a made-up code.
+        exprs.append(
+            pl.col(name).replace_strict(allowed, list(range(len(allowed))), default=None, return_dtype=pl.Int32).alias(name)
+        )
+    for name, sql in spec.features.expressions.items():
+        try:
+            exprs.append(pl.sql_expr(sql).cast(pl.Float64).alias(name))
+        except Exception as exc:  # polars raises SQLSyntaxError / ComputeError
+            raise ValueError(f"{spec.name}: features.expressions.{name}: cannot parse '{sql}': {exc}") from exc
+    function = load_function(spec.features.function) if spec.features.function else None
+    return exprs, function
+
+
+def compute_features(frame: pl.DataFrame, spec: PipelineSpec) -> pl.DataFrame:
+    """The model's input matrix for rows of source columns, in ``spec.feature_names`` order."""
+    exprs, function = _expressions(spec.to_json())
+    out = frame.select(exprs)
+    if function is not None:
+        extra = function(frame)
+        out = out.with_columns(extra.select([c for c in extra.columns if c not in out.columns]))
+    return out
+
+
+def feature_columns(spec: PipelineSpec, frame: pl.DataFrame) -> list[str]:
+    """The features present in a computed frame (declared ones plus any a feature function added)."""
+    reserved = {spec.target, *spec.key_columns, spec.source.timestamp_column}
+    declared = spec.feature_names
+    return declared + [c for c in frame.columns if c not in declared and c not in reserved]
+
+
+def data_version(frame: pl.DataFrame) -> str:
+    """A content hash of a frame, independent of how it was chunked."""
+    digest = hashlib.sha256()
+    digest.update(",".join(f"{n}:{t}" for n, t in frame.schema.items()).encode())
+    digest.update(frame.hash_rows(seed=0).to_numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def build(spec: PipelineSpec) -> dg.AssetsDefinition:
+    """The `<p>/features` asset: all validated partitions, featurized, plus the drift reference profile."""
+    import dagster as dg
+
+    from resources.storage import KilnStorage
+
+    @dg.asset(
+        key=key(spec.name, "features"),
+        group_name=spec.name,
+        ins={"validated": dg.AssetIn(key(spec.name, "validated"), metadata={"allow_missing_partitions": True})},
+        io_manager_key="parquet_io_manager",
+        kinds={"polars"},
+        required_resource_keys={"storage"},
+        description="Model-ready features of every validated partition, and the drift reference profile.",
+    )
+    def features(context, validated: Any):
+        storage: KilnStorage = context.resources.storage
+        import polars as pl
+
+        from assets.deploy import sample_rows
+
+        frames = list(validated.values()) if isinstance(validated, dict) else [validated]
+        if not frames:
+            raise ValueError(f"{spec.name}: no validated partitions yet; materialize {spec.name}/validated first")
+        source = pl.concat(frames, how="vertical_relaxed")
+        ts = spec.source.timestamp_column
+        if ts:
+            source = source.sort(ts)
+        keep = [c for c in (*spec.key_columns, ts, spec.target) if c]
+        frame = pl.concat([source.select(keep), compute_features(source, spec)], how="horizontal")
+        version = data_version(frame)
+        reference = _reference(spec, source, frame)
+        ref_path = storage.state_dir(spec.name, "reference") / f"features-{version}.json"
+        ref_path.write_text(json.dumps(reference))
+        (ref_path.parent / "reference.json").write_text(json.dumps(reference))
+        (ref_path.parent / "sample_rows.json").write_text(json.dumps(sample_rows(source, spec)))
+        return dg.Output(
+            frame,
+            data_version=dg.DataVersion(version),
+            metadata={
+                "dagster/row_count": frame.height,
+                "partitions": len(frames),
+                "feature_names": ", ".join(feature_columns(spec, frame)),
+                "positive_rate": float(frame[spec.target].mean() or 0.0) if spec.task == "classification" else 0.0,
+                "data_version": version,
+                "reference_profile": dg.MetadataValue.path(str(ref_path)),
+            },
+        )
+
+    return features
+
+
+def _reference(spec: PipelineSpec, source: pl.DataFrame, frame: pl.DataFrame) -> dict[str, Any]:
+    import polars as pl
+
+    from sensors.drift_stats import build_reference
+
+    numeric = [c for c in feature_columns(spec, frame) if c not in spec.features.categorical]
+    categorical = {c: list(spec.schema_[c].allowed or []) for c in spec.features.categorical}
+
+    profile_input = pl.concat([frame.select(numeric), source.select(list(categorical))], how="horizontal")
+    return build_reference(profile_input, numeric=numeric, categorical=categorical, bins=spec.drift.bins)

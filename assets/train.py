@@ -1,0 +1,144 @@
+"""`<p>/model`: train a challenger, track it in MLflow and register a new model version."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from assets.keys import key
+from platform_defs.spec import PipelineSpec
+
+if TYPE_CHECKING:
+    import dagster as dg
+    import lightgbm as lgb
+    import numpy as np
+    import polars as pl
+
+BOOST_ROUNDS_KEY = "num_boost_round"
+
+
+def matrix(frame: pl.DataFrame, spec: PipelineSpec) -> np.ndarray:
+    """Features as a float matrix in the spec's order (nulls become NaN, LightGBM's missing)."""
+    import polars as pl
+
+    from assets.features import feature_columns
+
+    cols = feature_columns(spec, frame)
+    return frame.select([pl.col(c).cast(pl.Float64) for c in cols]).to_numpy()
+
+
+def train_lightgbm(train: pl.DataFrame, spec: PipelineSpec) -> lgb.Booster:
+    """Fit a LightGBM booster on the training rows, categoricals declared as such."""
+    import lightgbm as lgb
+
+    from assets.features import feature_columns
+
+    params = dict(spec.trainer.params)
+    rounds = int(params.pop(BOOST_ROUNDS_KEY, 200))
+    objective = "binary" if spec.task == "classification" else "regression"
+    params = {"objective": objective, "verbosity": -1, "num_threads": 0, "deterministic": True, **params}
+    names = feature_columns(spec, train)
+    dataset = lgb.Dataset(
+        matrix(train, spec),
+        label=train[spec.target].cast(float).to_numpy(),
+        feature_name=names,
+        categorical_feature=[n for n in names if n in spec.features.categorical],
+        free_raw_data=True,
+    )
+    return lgb.train(params, dataset, num_boost_round=rounds)
+
+
+def predict(booster: lgb.Booster, frame: pl.DataFrame, spec: PipelineSpec) -> np.ndarray:
+    """Positive-class probability (classification) or value (regression) for featurized rows."""
+    return booster.predict(matrix(frame, spec), num_threads=0)
+
+
+def load_booster(model_uri: str) -> lgb.Booster:
+    """Load a registered LightGBM model from MLflow as a native booster."""
+    import mlflow.lightgbm
+
+    return mlflow.lightgbm.load_model(model_uri)
+
+
+def build(spec: PipelineSpec) -> dg.AssetsDefinition:
+    """The `<p>/model` asset."""
+    import dagster as dg
+
+    from resources.mlflow import MlflowResource
+
+    @dg.asset(
+        key=key(spec.name, "model"),
+        group_name=spec.name,
+        ins={"features": dg.AssetIn(key(spec.name, "features"))},
+        io_manager_key="json_io_manager",
+        kinds={spec.trainer.kind, "mlflow"},
+        op_tags={"kiln/trainer": spec.trainer.kind},
+        required_resource_keys={"mlflow"},
+        description=f"A {spec.trainer.kind} challenger, tracked and registered in MLflow as '{spec.name}'.",
+    )
+    def model(context, features: Any):
+        mlflow: MlflowResource = context.resources.mlflow
+        import mlflow as mlf
+        from mlflow.models import infer_signature
+
+        from assets.evaluate import score, split_holdout
+        from assets.features import data_version, feature_columns
+
+        if spec.trainer.kind != "lightgbm":
+            raise NotImplementedError(f"{spec.name}: trainer.kind '{spec.trainer.kind}' is not available yet")
+        train, holdout = split_holdout(features, spec)
+        experiment_id = mlflow.experiment_id(spec.name)
+        version_of_data = data_version(features)
+        tags = {
+            "dagster_run_id": context.run_id,
+            "features_data_version": version_of_data,
+            "kiln_pipeline": spec.name,
+        }
+        with mlf.start_run(experiment_id=experiment_id, tags=tags) as run:
+            booster = train_lightgbm(train, spec)
+            y_pred = predict(booster, holdout, spec)
+            y_true = holdout[spec.target].to_numpy()
+            metrics = {m: score(m, y_true, y_pred) for m in _metrics(spec)}
+            mlf.log_params({**spec.trainer.params, "train_rows": train.height, "holdout_rows": holdout.height})
+            mlf.log_metrics(metrics)
+            mlf.log_dict(spec.model_dump(mode="json", by_alias=True), "kiln/spec.json")
+            example = holdout.select(feature_columns(spec, holdout)).head(5).to_pandas()
+            info = mlf.lightgbm.log_model(
+                booster,
+                name="model",
+                signature=infer_signature(example, predict(booster, holdout.head(5), spec)),
+                input_example=example,
+                registered_model_name=spec.name,
+                tags=tags,
+            )
+        version = str(info.registered_model_version)
+        mlflow.client().set_model_version_tag(spec.name, version, "dagster_run_id", context.run_id)
+        mlflow.client().set_model_version_tag(spec.name, version, "features_data_version", version_of_data)
+        record = {
+            "version": version,
+            "run_id": run.info.run_id,
+            "model_uri": f"models:/{spec.name}/{version}",
+            "metric": spec.evaluation.metric,
+            "score": metrics[spec.evaluation.metric],
+            "metrics": metrics,
+            "features_data_version": version_of_data,
+            "train_rows": train.height,
+            "holdout_rows": holdout.height,
+        }
+        return dg.Output(
+            record,
+            metadata={
+                "model_version": version,
+                "mlflow_run_id": run.info.run_id,
+                "features_data_version": version_of_data,
+                **{f"metric/{k}": v for k, v in metrics.items()},
+                "train_rows": train.height,
+                "holdout_rows": holdout.height,
+            },
+        )
+
+    return model
+
+
+def _metrics(spec: PipelineSpec) -> list[str]:
+    base = ["roc_auc", "average_precision", "log_loss"] if spec.task == "classification" else ["rmse", "mae", "r2"]
+    return base if spec.evaluation.metric in base else [*base, spec.evaluation.metric]

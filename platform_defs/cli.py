@@ -1,0 +1,205 @@
+"""`kiln`: what Dagster, MLflow and BentoML do not do for you (ARCHITECTURE.md, CLI)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from platform_defs.spec import PipelineSpec, SpecError, load_specs, pipelines_dir
+
+
+def _spec(name: str) -> PipelineSpec:
+    specs = {s.name: s for s in load_specs()}
+    if name not in specs:
+        raise SystemExit(f"kiln: no pipeline '{name}' in {pipelines_dir()} (have: {', '.join(sorted(specs)) or 'none'})")
+    return specs[name]
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    try:
+        specs = load_specs()
+    except SpecError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    for spec in specs:
+        print(f"ok  {spec.name}  ({spec.task}, {spec.trainer.kind}, {len(spec.schema_)} columns)")
+    print(f"{len(specs)} pipeline spec(s) valid in {pipelines_dir()}")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from datetime import date
+
+    from platform_defs.lifecycle import prepare_local_env, simulate
+    from platform_defs.profiles import local_paths
+
+    prepare_local_env()
+    spec = _spec(args.pipeline)
+    folder = local_paths()["sources"] / spec.source.path
+    start = date.fromisoformat(args.start) if args.start else None
+    written = simulate(spec, folder, args.days, args.rows_per_day, drift=args.drift, seed=args.seed, start=start)
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import dagster as dg
+
+    from platform_defs.lifecycle import ingest, prepare_local_env, retrain, simulate, source_partitions
+
+    paths = prepare_local_env()
+    from platform_defs.definitions import build_definitions
+
+    spec = _spec(args.pipeline)
+    defs = build_definitions([spec])
+    folder = paths["sources"] / spec.source.path
+    have = source_partitions(spec, folder)
+    if len(have) < args.days:
+        print(f"simulating {args.days - len(have)} day(s) of {spec.name} data into {folder}")
+        simulate(spec, folder, args.days - len(have), args.rows_per_day, seed=args.seed)
+    instance = dg.DagsterInstance.get()
+    print(f"materializing {spec.name} on {instance.root_directory}")
+    results = ingest(defs, spec, source_partitions(spec, folder), instance)
+    if not any(r.success for r in results):
+        print("kiln demo: no partition passed validation", file=sys.stderr)
+        return 1
+    result = retrain(defs, spec, instance)
+    if not result.success:
+        print("kiln demo: the retrain run failed; see the Dagster UI for the failing step", file=sys.stderr)
+        return 1
+    endpoint = _endpoint_state(spec)
+    url = endpoint["url"]
+    sample = json.dumps({"rows": json.loads((paths["state"] / "reference" / spec.name / "sample_rows.json").read_text())[:1]})
+    print()
+    print(f"{spec.name} endpoint live at {url} serving model version {endpoint['model_version']}")
+    print(f"  curl -s -X POST {url}/predict -H 'Content-Type: application/json' -d '{sample}'")
+    print(f"  curl -s {url}/metadata")
+    print(f"UI: DAGSTER_HOME={paths['dagster_home']} KILN_HOME={paths['home']} .venv/bin/dagster dev -w workspace.yaml  (or: make ui)")
+    return 0
+
+
+def _endpoint_state(spec: PipelineSpec) -> dict[str, Any]:
+    from platform_defs.profiles import resources
+
+    serving = resources("local")["serving"]
+    state = serving.state(spec.name)
+    if state is None:
+        raise SystemExit(f"kiln: {spec.name} has no endpoint yet; run `kiln demo` or materialize {spec.name}/endpoint")
+    return state
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import dagster as dg
+
+    from platform_defs.definitions import build_definitions
+    from platform_defs.lifecycle import prepare_local_env, retrain
+
+    prepare_local_env()
+    spec = _spec(args.pipeline)
+    defs = build_definitions([spec])
+    result = retrain(defs, spec, dg.DagsterInstance.get(), stages=("bento", "endpoint"))
+    if not result.success:
+        return 1
+    state = _endpoint_state(spec)
+    print(f"{spec.name} endpoint live at {state['url']} serving model version {state['model_version']}")
+    return 0
+
+
+def status_rows() -> list[dict[str, Any]]:
+    """Per pipeline: champion version and metric, endpoint URL and health, last drift decision, last retrain."""
+    import dagster as dg
+
+    from platform_defs.lifecycle import prepare_local_env
+    from platform_defs.profiles import resources
+    from resources.serving import healthy
+
+    paths = prepare_local_env()
+    res = resources()
+    instance = dg.DagsterInstance.get()
+    rows = []
+    for spec in load_specs():
+        champion = res["mlflow"].champion(spec.name)
+        metric = None
+        if champion is not None:
+            run = res["mlflow"].client().get_run(champion.run_id)
+            metric = run.data.metrics.get(spec.evaluation.metric)
+        state = res["serving"].state(spec.name) or {}
+        url = state.get("url")
+        event = instance.get_latest_materialization_event(dg.AssetKey([spec.name, "model"]))
+        drift_path = paths["state"] / "drift" / spec.name / "last_decision.json"
+        rows.append(
+            {
+                "pipeline": spec.name,
+                "champion_version": str(champion.version) if champion is not None else None,
+                "metric": spec.evaluation.metric,
+                "champion_metric": metric,
+                "endpoint_url": url,
+                "endpoint_model_version": state.get("model_version"),
+                "healthy": bool(url) and healthy(url),
+                "last_drift": json.loads(drift_path.read_text()) if drift_path.exists() else None,
+                "last_retrain": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(event.timestamp)) if event else None,
+            }
+        )
+    return rows
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    rows = status_rows()
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("pipeline", "champion", "metric", "endpoint", "healthy", "last drift", "last retrain")
+    for r in rows:
+        metric = f"{r['metric']}={r['champion_metric']:.4f}" if r["champion_metric"] is not None else "-"
+        drift = r["last_drift"]["action"] if r["last_drift"] else "-"
+        table.add_row(r["pipeline"], r["champion_version"] or "-", metric, r["endpoint_url"] or "-",
+                      "yes" if r["healthy"] else "no", drift, r["last_retrain"] or "-")
+    Console().print(table)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kiln", description="Kiln: one YAML spec per ML pipeline, raw data to a live endpoint.")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("validate", help="validate every pipeline spec").set_defaults(func=cmd_validate)
+    s = sub.add_parser("simulate", help="write new source data, optionally drifted")
+    s.add_argument("pipeline")
+    s.add_argument("--days", type=int, default=1)
+    s.add_argument("--rows-per-day", type=int, default=5000)
+    s.add_argument("--drift", type=float, default=0.0, help="0 = none, 1 = full covariate and concept drift")
+    s.add_argument("--seed", type=int, default=42)
+    s.add_argument("--start", help="first day (YYYY-MM-DD); default: the day after the last file")
+    s.set_defaults(func=cmd_simulate)
+    d = sub.add_parser("demo", help="the whole lifecycle on embedded defaults, ending with a live endpoint")
+    d.add_argument("--pipeline", default="fraud")
+    d.add_argument("--days", type=int, default=10)
+    d.add_argument("--rows-per-day", type=int, default=5000)
+    d.add_argument("--seed", type=int, default=42)
+    d.set_defaults(func=cmd_demo)
+    v = sub.add_parser("serve", help="(re)start the endpoint of a pipeline's champion")
+    v.add_argument("pipeline")
+    v.set_defaults(func=cmd_serve)
+    st = sub.add_parser("status", help="champion, endpoint health, drift and retrain per pipeline")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except SpecError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Composition root: every pipeline spec becomes its assets, checks, jobs and sensors.
+
+Loading this module imports no ML library (torch, lightgbm, mlflow, bentoml, great_expectations,
+polars, pandas): stage modules import them inside asset, check and sensor bodies.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from assets import deploy, evaluate, features, ingest, observe, package, train, validate
+from assets.keys import key
+from platform_defs.profiles import resources
+from platform_defs.spec import PipelineSpec, load_specs
+from sensors import drift, new_data
+
+
+def pipeline_definitions(spec: PipelineSpec) -> dg.Definitions:
+    """All Dagster objects of one pipeline, in group ``<p>``."""
+    validated_parts = validate.build(spec)
+    endpoint_parts = deploy.build(spec)
+    assets = [
+        ingest.build(spec),
+        validated_parts[0],
+        features.build(spec),
+        train.build(spec),
+        evaluate.build(spec),
+        package.build(spec),
+        endpoint_parts[0],
+        observe.build(spec),
+    ]
+    checks = [*validated_parts[1:], *endpoint_parts[1:]]
+    retrain_job = dg.define_asset_job(
+        f"{spec.name}_retrain",
+        selection=dg.AssetSelection.assets(*[key(spec.name, s) for s in ("features", "model", "champion", "bento", "endpoint")]),
+        description="Retrain, gate, package and roll the endpoint to the champion.",
+        tags={"kiln/pipeline": spec.name},
+    )
+    ingest_job = dg.define_asset_job(
+        f"{spec.name}_ingest",
+        selection=dg.AssetSelection.assets(key(spec.name, "raw"), key(spec.name, "validated")),
+        partitions_def=ingest.partitions_def(spec),
+        description="Ingest and validate one source partition.",
+        tags={"kiln/pipeline": spec.name},
+    )
+    return dg.Definitions(
+        assets=assets,
+        asset_checks=checks,
+        jobs=[retrain_job, ingest_job],
+        sensors=[new_data.build(spec, ingest_job), drift.build(spec, retrain_job)],
+    )
+
+
+def build_definitions(specs: list[PipelineSpec], profile: str | None = None) -> dg.Definitions:
+    """Merge every pipeline's definitions with the profile's resources."""
+    merged = dg.Definitions.merge(*[pipeline_definitions(s) for s in specs]) if specs else dg.Definitions()
+    return dg.Definitions.merge(merged, dg.Definitions(resources=resources(profile)))
+
+
+defs = build_definitions(load_specs())

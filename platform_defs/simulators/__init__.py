@@ -1,0 +1,1 @@
+"""Seeded generators of example source data, one module per example pipeline."""
