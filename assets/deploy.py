@@ -9,7 +9,6 @@ from assets.keys import key
 from platform_defs.spec import PipelineSpec
 
 if TYPE_CHECKING:
-    import dagster as dg
     import polars as pl
 
 SMOKE_ROWS = 20

@@ -13,7 +13,6 @@ from assets.keys import key
 from platform_defs.spec import PipelineSpec
 
 if TYPE_CHECKING:
-    import dagster as dg
     import polars as pl
 
 MAX_DROPPED_SHARE = 0.05
@@ -84,15 +83,23 @@ def run_rules(frame: pl.DataFrame, rules: list[Rule], suite_name: str) -> list[d
         if res.success:
             continue
         detail = res.result or {}
+        column = rule.column
+        observed = str(detail.get("observed_value", ""))[:200]
+        if rule.expectation == "ExpectTableColumnsToMatchSet":
+            have = set(detail.get("observed_value") or frame.columns)
+            missing = sorted(set(rule.kwargs["column_set"]) - have)
+            extra = sorted(have - set(rule.kwargs["column_set"]))
+            column = ", ".join(missing + extra)
+            observed = f"missing {missing}, unexpected {extra}"
         failures.append(
             {
                 "rule": rule.name,
-                "column": rule.column,
+                "column": column,
                 "expectation": rule.expectation,
                 "unexpected_count": detail.get("unexpected_count"),
                 "unexpected_percent": round(float(detail.get("unexpected_percent") or 0.0), 3),
                 "sample_values": [str(v) for v in (detail.get("partial_unexpected_list") or [])[:5]],
-                "observed": str(detail.get("observed_value", ""))[:200],
+                "observed": observed,
                 "error": (res.exception_info or {}).get("exception_message"),
             }
         )

@@ -63,7 +63,9 @@ class ServingResource(dg.ConfigurableResource):
         if previous:
             stop(previous.get("pid"))
         if healthy(url):
-            raise EndpointError(f"{pipeline}: port {port} is already served by a process Kiln did not start; free it or change serving.port")
+            raise EndpointError(
+                f"{pipeline}: port {port} is already served by a process Kiln did not start; free it or change serving.port"
+            )
         log_path = self.folder(pipeline) / "server.log"
         env = os.environ | {
             "BENTOML_HOME": self.bentoml_home,

@@ -21,7 +21,9 @@ def windows_file(state_root: str, pipeline: str) -> Path:
     return Path(state_root) / "drift" / pipeline / "windows.jsonl"
 
 
-def evaluate_windows(spec: PipelineSpec, reference: dict[str, Any], windows: list[dict[str, Any]], state: dict[str, Any], now: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def evaluate_windows(
+    spec: PipelineSpec, reference: dict[str, Any], windows: list[dict[str, Any]], state: dict[str, Any], now: float
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Run the drift decision over new windows in order; returns the decisions and the final state."""
     from sensors.drift_stats import column_scores, decide
 
@@ -78,7 +80,11 @@ def build(spec: PipelineSpec, retrain_job: Any) -> dg.SensorDefinition:
         d = retrains[-1]
         return dg.RunRequest(
             run_key=f"{spec.name}:drift:{d['window']}",
-            tags={"kiln/trigger": "drift", "kiln/drift_window": str(d["window"]), "kiln/drifted_columns": ",".join(d["drifted_columns"])[:200]},
+            tags={
+                "kiln/trigger": "drift",
+                "kiln/drift_window": str(d["window"]),
+                "kiln/drifted_columns": ",".join(d["drifted_columns"])[:200],
+            },
         )
 
     return drift

@@ -1,0 +1,221 @@
+"""The whole `fraud` graph materialized with Dagster's Python API into a temporary DAGSTER_HOME,
+with a real MLflow registry (SQLite), a real bento and a real `bentoml serve` process over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import httpx
+import numpy as np
+import polars as pl
+import pytest
+import yaml
+
+from tests.conftest import FRAUD_SPEC, free_port
+
+DAYS = 4
+ROWS = 2500
+
+
+def _materialization(result: dg.ExecuteInProcessResult, stage: str) -> Any:
+    events = [e for e in result.get_asset_materialization_events() if e.asset_key == dg.AssetKey(["fraud", stage])]
+    assert events, f"fraud/{stage} was not materialized"
+    return events[-1].step_materialization_data.materialization
+
+
+def _check(result: dg.ExecuteInProcessResult, name: str) -> Any:
+    evaluations = [e for e in result.get_asset_check_evaluations() if e.check_name == name]
+    assert evaluations, f"check {name} did not run"
+    return evaluations[-1]
+
+
+@pytest.fixture(scope="module")
+def world(kiln_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    from platform_defs.definitions import build_definitions
+    from platform_defs.lifecycle import ingest, retrain, simulate, source_partitions
+    from platform_defs.profiles import local_paths, resources
+    from platform_defs.spec import load_spec
+    from resources.serving import stop
+
+    spec_dir = tmp_path_factory.mktemp("pipelines")
+    data = yaml.safe_load(FRAUD_SPEC.read_text())
+    data["serving"]["port"] = free_port()
+    (spec_dir / "fraud.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    os.environ["KILN_PIPELINES_DIR"] = str(spec_dir)
+    spec = load_spec(spec_dir / "fraud.yaml")
+    defs = build_definitions([spec])
+    folder = local_paths()["sources"] / spec.source.path
+    simulate(spec, folder, DAYS, ROWS, seed=3, start=date(2026, 1, 1))
+    instance = dg.DagsterInstance.get()
+    partitions = source_partitions(spec, folder)
+    ingested = ingest(defs, spec, partitions, instance, progress=lambda _: None)
+    trained = retrain(defs, spec, instance, progress=lambda _: None)
+    serving = resources("local")["serving"]
+    try:
+        yield {"spec": spec, "defs": defs, "instance": instance, "ingested": ingested, "trained": trained,
+               "partitions": partitions, "folder": folder, "mlflow": resources("local")["mlflow"], "serving": serving}
+    finally:
+        state = serving.state("fraud")
+        if state:
+            stop(state["pid"])
+        os.environ.pop("KILN_PIPELINES_DIR", None)
+
+
+def _post(url: str, rows: list[dict[str, Any]]) -> httpx.Response:
+    return httpx.post(f"{url}/predict", json={"rows": rows}, timeout=30)
+
+
+def _sample(kiln_home: Path) -> list[dict[str, Any]]:
+    return json.loads((kiln_home / "state" / "reference" / "fraud" / "sample_rows.json").read_text())
+
+
+def test_ingest_row_counts_and_checks(world: dict[str, Any]) -> None:
+    from assets.ingest import read_source
+    from assets.validate import conform
+
+    assert len(world["ingested"]) == DAYS and all(r.success for r in world["ingested"])
+    for partition, result in zip(world["partitions"], world["ingested"], strict=True):
+        raw = _materialization(result, "raw")
+        assert raw.partition == partition
+        assert raw.metadata["dagster/row_count"].value == ROWS
+        frame = read_source(world["folder"] / f"{partition}.parquet", world["spec"])
+        expected, _ = conform(frame, world["spec"])
+        assert _materialization(result, "validated").metadata["dagster/row_count"].value == expected.height
+        assert _check(result, "schema_contract").passed and _check(result, "quality_contract").passed
+
+
+def test_model_registered_and_promoted(world: dict[str, Any]) -> None:
+    result = world["trained"]
+    assert result.success
+    features = _materialization(result, "features")
+    validated_rows = sum(_materialization(r, "validated").metadata["dagster/row_count"].value for r in world["ingested"])
+    assert features.metadata["dagster/row_count"].value == validated_rows
+    model = result.output_for_node("fraud__model")
+    client = world["mlflow"].client()
+    version = client.get_model_version("fraud", model["version"])
+    assert version.tags["dagster_run_id"] == result.run_id
+    assert version.tags["features_data_version"] == features.metadata["data_version"].value
+    run = client.get_run(model["run_id"])
+    assert run.data.tags["dagster_run_id"] == result.run_id
+    assert 0.5 < run.data.metrics["roc_auc"] <= 1.0
+    assert str(client.get_model_version_by_alias("fraud", "champion").version) == model["version"]
+    assert _check(result, "champion_gate").passed
+
+
+def test_bento_labels_tie_it_to_the_model(world: dict[str, Any]) -> None:
+    bento_record = world["trained"].output_for_node("fraud__bento")
+    champion = world["trained"].output_for_node("fraud__champion")
+    bentoml = world["serving"].bentoml()
+    bento = bentoml.bentos.get(bento_record["tag"])
+    assert bento.info.labels["mlflow_model_version"] == champion["version"]
+    assert bento.info.labels["mlflow_run_id"] == champion["run_id"]
+    assert bento.info.labels["pipeline"] == "fraud"
+
+
+def test_http_prediction_equals_offline(world: dict[str, Any], kiln_home: Path) -> None:
+    from assets.features import compute_features
+    from assets.train import load_booster, matrix
+    from serving.requests import parse_rows
+
+    state = world["serving"].state("fraud")
+    champion = world["trained"].output_for_node("fraud__champion")
+    assert state["model_version"] == champion["version"]
+    rows = _sample(kiln_home)
+    response = _post(state["url"], rows)
+    assert response.status_code == 200
+    body = response.json()
+    assert body["model_version"] == champion["version"]
+    booster = load_booster(f"models:/fraud/{champion['version']}")
+    offline = booster.predict(matrix(compute_features(parse_rows(rows, world["spec"], 1000), world["spec"]), world["spec"]))
+    np.testing.assert_allclose(body["predictions"], offline, rtol=0, atol=1e-12)
+    assert _check(world["trained"], "live_smoke_test").passed
+    meta = httpx.get(f"{state['url']}/metadata", timeout=10).json()
+    assert meta["pipeline"] == "fraud" and meta["model_version"] == champion["version"]
+    assert meta["mlflow_run_id"] == champion["run_id"]
+    assert httpx.get(f"{state['url']}/livez", timeout=10).status_code == 200
+    assert "bentoml" in httpx.get(f"{state['url']}/metrics", timeout=10).text.lower()
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda r: r.pop("amount"), "amount"),
+        (lambda r: r.update(colour="red"), "colour"),
+        (lambda r: r.update(amount="lots"), "amount"),
+        (lambda r: r.update(country="XX"), "country"),
+        (lambda r: r.update(amount=-5.0), "amount"),
+        (lambda r: r.update(ts="not a time"), "ts"),
+    ],
+)
+def test_bad_requests_get_400_naming_the_field(world: dict[str, Any], kiln_home: Path, mutate: Any, field: str) -> None:
+    row = dict(_sample(kiln_home)[0])
+    mutate(row)
+    response = _post(world["serving"].state("fraud")["url"], [row])
+    assert response.status_code == 400
+    assert field in response.text
+
+
+def test_prediction_log_feeds_predictions_asset(world: dict[str, Any], kiln_home: Path) -> None:
+    url = world["serving"].state("fraud")["url"]
+    before = _predictions_rows(world)
+    rows = _sample(kiln_home)[:7]
+    assert _post(url, rows).status_code == 200
+    assert _predictions_rows(world) == before + 7
+
+
+def _predictions_rows(world: dict[str, Any]) -> int:
+    defs = world["defs"]
+    result = dg.materialize([*defs.assets, *defs.asset_checks], selection=dg.AssetSelection.assets(["fraud", "predictions"]),
+                            instance=world["instance"], resources=defs.resources)
+    return _materialization(result, "predictions").metadata["dagster/row_count"].value
+
+
+def test_bad_file_is_blocked_and_champion_keeps_serving(world: dict[str, Any], kiln_home: Path) -> None:
+    from platform_defs.lifecycle import ingest, retrain, simulate
+
+    spec = world["spec"]
+    client = world["mlflow"].client()
+    champion_before = str(client.get_model_version_by_alias("fraud", "champion").version)
+    url = world["serving"].state("fraud")["url"]
+    day = date(2026, 1, 1 + DAYS)
+    good = simulate(spec, world["folder"], 1, 500, seed=9, start=day)[0]
+    pl.read_parquet(good).drop("amount").write_parquet(good)  # a file missing a required column
+    result = ingest(world["defs"], spec, [day.isoformat()], world["instance"], progress=lambda _: None)[0]
+    assert not result.success
+    check = _check(result, "schema_contract")
+    assert not check.passed
+    assert "amount" in check.metadata["summary"].value and "columns_match" in check.metadata["summary"].value
+    assert not [e for e in result.get_asset_materialization_events() if e.asset_key == dg.AssetKey(["fraud", "validated"])]
+    assert not (kiln_home / "storage" / "fraud" / "validated" / f"{day.isoformat()}.parquet").exists()
+    assert str(client.get_model_version_by_alias("fraud", "champion").version) == champion_before
+    response = _post(url, _sample(kiln_home)[:2])
+    assert response.status_code == 200 and response.json()["model_version"] == champion_before
+
+    # The same day re-sent clean flows end to end; a retrain on it cannot dethrone the champion without beating it.
+    simulate(spec, world["folder"], 1, 500, seed=9, start=day)
+    assert ingest(world["defs"], spec, [day.isoformat()], world["instance"], progress=lambda _: None)[0].success
+    again = retrain(world["defs"], spec, world["instance"], progress=lambda _: None)
+    assert again.success
+    decision = again.output_for_node("fraud__champion")
+    assert decision["challenger_version"] != champion_before
+    served = str(client.get_model_version_by_alias("fraud", "champion").version)
+    assert served == decision["version"]
+    assert (served == decision["challenger_version"]) == decision["promoted"]
+    assert _post(url, _sample(kiln_home)[:2]).json()["model_version"] == served
+
+
+def test_kiln_status_json(world: dict[str, Any]) -> None:
+    from platform_defs.cli import status_rows
+
+    rows = {r["pipeline"]: r for r in status_rows()}
+    fraud = rows["fraud"]
+    assert fraud["champion_version"] == str(world["mlflow"].client().get_model_version_by_alias("fraud", "champion").version)
+    assert fraud["endpoint_url"] == world["serving"].state("fraud")["url"]
+    assert fraud["healthy"] is True
+    assert fraud["last_retrain"] is not None

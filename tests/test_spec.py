@@ -1,0 +1,116 @@
+"""Pipeline specs: valid ones load, and every kind of mistake names the file, field and reason."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from platform_defs.spec import SpecError, load_spec, load_specs
+from tests.conftest import FRAUD_SPEC, REPO
+
+
+def write(folder: Path, name: str, data: dict | str) -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def fraud() -> dict:
+    return yaml.safe_load(FRAUD_SPEC.read_text())
+
+
+def test_fraud_spec_loads_with_its_contract() -> None:
+    spec = load_spec(FRAUD_SPEC)
+    assert spec.name == "fraud"
+    assert spec.target == "is_fraud" and "is_fraud" not in spec.input_columns
+    assert spec.key_columns == ["txn_id"]
+    assert spec.feature_names[:5] == ["amount", "card_present", "customer_age", "distance_from_home_km", "txns_last_24h"]
+    assert spec.feature_names[-4:] == ["log_amount", "hour", "is_night", "amount_per_txn"]
+
+
+def test_spec_json_round_trip_keeps_feature_order() -> None:
+    spec = load_spec(FRAUD_SPEC)
+    again = type(spec).from_json(spec.to_json())
+    assert again == spec and again.feature_names == spec.feature_names
+
+
+def test_bad_yaml_names_file_and_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "broken", "name: broken\nschema: [unclosed\n")
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    assert str(path) in str(err.value) and "line" in str(err.value) and "invalid YAML" in str(err.value)
+
+
+def test_unknown_field_is_named(tmp_path: Path) -> None:
+    data = fraud() | {"colour": "blue"}
+    with pytest.raises(SpecError, match=r"fraud\.yaml: colour: unknown field"):
+        load_spec(write(tmp_path, "fraud", data))
+
+
+def test_bad_dtype_lists_the_choices(tmp_path: Path) -> None:
+    data = fraud()
+    data["schema"]["amount"]["dtype"] = "flaot"
+    with pytest.raises(SpecError) as err:
+        load_spec(write(tmp_path, "fraud", data))
+    assert "fraud.yaml: schema.amount.dtype: 'flaot' is not one of float, int, str, bool, datetime" in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["Fraud", "1fraud", "f", "fraud-detector", "x" * 42])
+def test_bad_name_is_rejected(tmp_path: Path, name: str) -> None:
+    data = fraud() | {"name": name}
+    with pytest.raises(SpecError, match=r"name: '.*' must match"):
+        load_spec(write(tmp_path, "spec", data))
+
+
+def test_name_must_match_file(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="must equal the file name 'other'"):
+        load_spec(write(tmp_path, "other", fraud()))
+
+
+def test_duplicate_names_are_reported(tmp_path: Path) -> None:
+    write(tmp_path, "fraud", fraud())
+    (tmp_path / "fraud.yml").write_text(yaml.safe_dump(fraud()))
+    with pytest.raises(SpecError, match="name: 'fraud' is used by 2 specs"):
+        load_specs(tmp_path)
+
+
+def test_cross_field_errors(tmp_path: Path) -> None:
+    data = fraud()
+    data["target"] = "nope"
+    with pytest.raises(SpecError, match="target: 'nope' is not a schema column"):
+        load_spec(write(tmp_path, "fraud", data))
+    data = fraud()
+    data["features"]["passthrough"].append("is_fraud")
+    with pytest.raises(SpecError, match="the target 'is_fraud' cannot be a feature"):
+        load_spec(write(tmp_path, "fraud", data))
+
+
+def test_all_errors_are_reported_together(tmp_path: Path) -> None:
+    good = fraud()
+    write(tmp_path, "fraud", good)
+    bad = fraud() | {"name": "second", "task": "clustering"}
+    write(tmp_path, "second", bad)
+    write(tmp_path, "third", "- a list\n")
+    with pytest.raises(SpecError) as err:
+        load_specs(tmp_path)
+    text = str(err.value)
+    assert "second.yaml: task: 'clustering' is not one of classification, regression" in text
+    assert "third.yaml: (top level): expected a mapping" in text
+
+
+def test_kiln_validate_cli(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "KILN_PIPELINES_DIR": str(tmp_path), "HOME": str(tmp_path)}
+    write(tmp_path, "fraud", fraud())
+    ok = subprocess.run([sys.executable, "-m", "platform_defs.cli", "validate"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "ok  fraud" in ok.stdout
+    data = fraud()
+    data["schema"]["amount"]["dtype"] = "flaot"
+    write(tmp_path, "fraud", data)
+    bad = subprocess.run([sys.executable, "-m", "platform_defs.cli", "validate"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert bad.returncode == 1
+    assert "schema.amount.dtype: 'flaot' is not one of" in bad.stderr
