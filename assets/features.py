@@ -127,13 +127,17 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
     return features
 
 
-def _reference(spec: PipelineSpec, source: pl.DataFrame, frame: pl.DataFrame) -> dict[str, Any]:
+def profile_frame(spec: PipelineSpec, source: pl.DataFrame, frame: pl.DataFrame) -> tuple[pl.DataFrame, list[str], dict[str, list[str]]]:
+    """What drift is measured on: numeric features as computed, categoricals as raw values (so `other` is visible)."""
     import polars as pl
-
-    from sensors.drift_stats import build_reference
 
     numeric = [c for c in feature_columns(spec, frame) if c not in spec.features.categorical]
     categorical = {c: list(spec.schema_[c].allowed or []) for c in spec.features.categorical}
+    return pl.concat([frame.select(numeric), source.select(list(categorical))], how="horizontal"), numeric, categorical
 
-    profile_input = pl.concat([frame.select(numeric), source.select(list(categorical))], how="horizontal")
+
+def _reference(spec: PipelineSpec, source: pl.DataFrame, frame: pl.DataFrame) -> dict[str, Any]:
+    from sensors.drift_stats import build_reference
+
+    profile_input, numeric, categorical = profile_frame(spec, source, frame)
     return build_reference(profile_input, numeric=numeric, categorical=categorical, bins=spec.drift.bins)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from assets.keys import key
@@ -23,6 +25,51 @@ def read_log(folder: Any) -> pl.DataFrame | None:
     return pl.concat([pl.read_ndjson(f) for f in files], how="diagonal_relaxed")
 
 
+def window_counts(spec: PipelineSpec, rows: pl.DataFrame, reference: dict[str, Any]) -> dict[str, Any]:
+    """Bin counts of logged request rows in the training reference's bins (features computed as in training)."""
+    import polars as pl
+
+    from assets.features import compute_features, profile_frame
+    from assets.validate import cast_to_spec
+    from sensors.drift_stats import bin_counts
+
+    inputs = rows.select(spec.input_columns)
+    text_ts = [c for c in spec.input_columns if spec.schema_[c].dtype == "datetime" and inputs.schema[c] == pl.String]
+    inputs = inputs.with_columns([pl.col(c).str.to_datetime(time_unit="us") for c in text_ts])
+    typed = cast_to_spec(inputs, spec, spec.input_columns)
+    profile_input, _, _ = profile_frame(spec, typed, compute_features(typed, spec))
+    return bin_counts(profile_input, reference)
+
+
+def append_window(spec: PipelineSpec, log: pl.DataFrame, state_root: str) -> dict[str, Any] | None:
+    """Store the bin counts of rows logged since the last window; the drift sensor reads only these records."""
+    import polars as pl
+
+    from sensors.drift import windows_file
+
+    reference_path = Path(state_root) / "reference" / spec.name / "reference.json"
+    if not reference_path.exists() or log.height == 0:
+        return None
+    path = windows_file(state_root, spec.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = path.read_text().splitlines() if path.exists() else []
+    since = json.loads(lines[-1])["until"] if lines else 0.0
+    new = log.filter(pl.col("_logged_at") > since)
+    if new.height == 0:
+        return None
+    until = float(new["_logged_at"].max())  # type: ignore[arg-type]
+    record = {
+        "window_id": f"{since:.6f}-{until:.6f}",
+        "since": since,
+        "until": until,
+        "model_versions": sorted(new["_model_version"].cast(pl.String).unique().to_list()),
+        "counts": window_counts(spec, new, json.loads(reference_path.read_text())),
+    }
+    with path.open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
+    return record
+
+
 def build(spec: PipelineSpec) -> dg.AssetsDefinition:
     """The `<p>/predictions` asset."""
     import dagster as dg
@@ -36,22 +83,24 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         io_manager_key="parquet_io_manager",
         kinds={"polars"},
         required_resource_keys={"serving"},
-        description="Rows and predictions the endpoint served (its prediction log), for drift monitoring.",
+        description="Rows and predictions the endpoint served (its prediction log); new rows become a drift window.",
     )
     def predictions(context):
-        serving: ServingResource = context.resources.serving
         import polars as pl
 
+        serving: ServingResource = context.resources.serving
         log = read_log(serving.prediction_log_dir(spec.name))
         if log is None:
             log = pl.DataFrame(schema={"_logged_at": pl.Float64, "_model_version": pl.String, "_prediction": pl.Float64})
-        versions = log["_model_version"].unique().sort().to_list() if log.height else []
+        window = append_window(spec, log, serving.state_root)
+        versions = log["_model_version"].cast(pl.String).unique().sort().to_list() if log.height else []
         return dg.Output(
             log,
             metadata={
                 "dagster/row_count": log.height,
                 "model_versions": ", ".join(map(str, versions)) or "none",
-                "mean_prediction": float(log["_prediction"].mean() or 0.0) if log.height else 0.0,
+                "mean_prediction": float(log["_prediction"].mean() or 0.0) if log.height else 0.0,  # type: ignore[arg-type]
+                "new_window_rows": window["counts"]["n"] if window else 0,
             },
         )
 

@@ -219,3 +219,26 @@ def test_kiln_status_json(world: dict[str, Any]) -> None:
     assert fraud["endpoint_url"] == world["serving"].state("fraud")["url"]
     assert fraud["healthy"] is True
     assert fraud["last_retrain"] is not None
+
+
+def test_drift_windows_from_the_log_and_the_sensor_decision(world: dict[str, Any], kiln_home: Path) -> None:
+    from assets.observe import window_counts
+    from platform_defs.simulators.fraud import generate_day
+    from sensors.drift import evaluate_windows, windows_file
+
+    spec = world["spec"]
+    windows = [json.loads(line) for line in windows_file(str(kiln_home / "state"), "fraud").read_text().splitlines()]
+    assert windows and windows[-1]["counts"]["n"] == 7  # the last window holds only the rows logged since the one before
+    reference = json.loads((kiln_home / "state" / "reference" / "fraud" / "reference.json").read_text())
+
+    def window(drift: float, seed: int) -> dict[str, Any]:
+        rows = generate_day(date(2026, 2, 1), 3000, seed, drift)
+        return {"window_id": f"w{seed}", "counts": window_counts(spec, rows, reference)}
+
+    calm, state = evaluate_windows(spec, reference, [window(0.0, 1), window(0.0, 2)], {}, now=1000.0)
+    assert [d["action"] for d in calm] == ["ok", "ok"] and state["streak"] == 0
+    drifted, state = evaluate_windows(spec, reference, [window(1.0, 3), window(1.0, 4)], {}, now=1000.0)
+    assert [d["action"] for d in drifted] == ["wait", "retrain"]
+    assert {"amount", "channel"} <= set(drifted[-1]["drifted_columns"])
+    again, _ = evaluate_windows(spec, reference, [window(1.0, 5), window(1.0, 6)], state, now=1060.0)
+    assert [d["action"] for d in again] == ["cooldown", "cooldown"]

@@ -1,0 +1,340 @@
+"""The fraud lifecycle on Dagster vs the same compute in plain Python: what the platform costs.
+
+In a throwaway KILN_HOME (its own DAGSTER_HOME, MLflow SQLite, BentoML store and a copy of
+``fraud.yaml`` on a free port) this script times, with ``platform_defs.lifecycle``:
+
+1. simulate: write ``--days`` daily parquet files of ``--rows`` rows (reported, not compared);
+2. ingest: one run per partition materializing ``fraud/raw`` + ``fraud/validated`` and their
+   blocking great-expectations checks;
+3. retrain: one run of features -> model -> champion -> bento -> endpoint (+ live smoke test).
+
+It stops the endpoint, then times the bare compute on the same files: polars read, ``conform``,
+concat + time sort + ``compute_features``, ``train_lightgbm`` on the ``split_holdout`` train rows,
+``predict`` on the holdout. ``overhead_ratio = (ingest + retrain) / bare``.
+
+Run: ``.venv/bin/python benchmarks/lifecycle.py`` (1,000,000 rows) or ``--days 2 --rows 5000`` for a
+quick run. Goals are reported, never enforced; exit 1 only when a lifecycle run fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+REPO = Path(__file__).resolve().parent.parent
+FRAUD_SPEC = REPO / "platform_defs" / "pipelines" / "fraud.yaml"  # copied, with serving.port changed
+GOAL_OVERHEAD = 1.5
+PIPELINE = "fraud"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def isolate(home: Path) -> Path:
+    """Point every Kiln, Dagster and BentoML path at ``home`` (before any of them is imported); return the spec folder."""
+    import yaml
+
+    for name in ("KILN_SOURCE_ROOT", "MLFLOW_TRACKING_URI", "KILN_STATE_ROOT", "KILN_STORAGE_PREFIX"):
+        os.environ.pop(name, None)
+    spec_dir = home / "pipelines"
+    spec_dir.mkdir(parents=True)
+    data = yaml.safe_load(FRAUD_SPEC.read_text())
+    data["serving"]["port"] = free_port()
+    (spec_dir / "fraud.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    os.environ |= {
+        "KILN_PROFILE": "local",
+        "KILN_HOME": str(home),
+        "KILN_PIPELINES_DIR": str(spec_dir),
+        "DAGSTER_HOME": str(home / "dagster"),
+        "BENTOML_HOME": str(home / "bentoml"),
+        "BENTOML_DO_NOT_TRACK": "True",
+    }
+    (home / "dagster").mkdir()
+    return spec_dir
+
+
+@dataclass
+class RunTiming:
+    """One Dagster run: wall seconds around ``materialize`` and seconds per step (from the event log)."""
+
+    wall: float
+    success: bool
+    steps: dict[str, float] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def outside_steps(self) -> float:
+        """Run set-up, resource init, event-log writes between steps: the wall time no step accounts for."""
+        return self.wall - sum(self.steps.values())
+
+
+def run_timing(instance: Any, result: Any, wall: float, pipeline: str) -> RunTiming:
+    """Step durations (STEP_START -> STEP_SUCCESS/FAILURE) of a finished run, keyed by step name minus the pipeline prefix."""
+    import dagster as dg
+
+    kinds = {dg.DagsterEventType.STEP_START, dg.DagsterEventType.STEP_SUCCESS, dg.DagsterEventType.STEP_FAILURE}
+    started: dict[str, float] = {}
+    timing = RunTiming(wall=wall, success=bool(result.success))
+    for entry in instance.all_logs(result.run_id, of_type=kinds):
+        step = entry.step_key or "?"
+        if entry.dagster_event_type == dg.DagsterEventType.STEP_START:
+            started[step] = entry.timestamp
+            continue
+        name = step.removeprefix(f"{pipeline}__")
+        timing.steps[name] = entry.timestamp - started.get(step, entry.timestamp)
+        if entry.dagster_event_type == dg.DagsterEventType.STEP_FAILURE:
+            error = entry.dagster_event.step_failure_data.error if entry.dagster_event else None
+            timing.errors.append(f"{name}: {error.message.strip() if error else 'failed'}")
+    return timing
+
+
+@contextmanager
+def timed(into: dict[str, float], name: str) -> Iterator[None]:
+    started = time.perf_counter()
+    yield
+    into[name] = time.perf_counter() - started
+
+
+def bare_compute(files: list[Path], spec: Any) -> tuple[dict[str, float], dict[str, Any]]:
+    """The lifecycle's data work without Dagster, MLflow or BentoML; seconds per stage and a few facts."""
+    import polars as pl
+
+    from assets.evaluate import score, split_holdout
+    from assets.features import compute_features
+    from assets.train import predict, train_lightgbm
+    from assets.validate import conform
+
+    t: dict[str, float] = {}
+    with timed(t, "read parquet (polars)"):
+        raw = [pl.read_parquet(f) for f in files]
+    with timed(t, "validate (conform per file)"):
+        validated = [conform(frame, spec)[0] for frame in raw]
+    with timed(t, "featurize (concat, sort, compute_features)"):
+        source = pl.concat(validated, how="vertical_relaxed")
+        ts = spec.source.timestamp_column
+        if ts:
+            source = source.sort(ts)
+        keep = [c for c in (*spec.key_columns, ts, spec.target) if c]
+        features = pl.concat([source.select(keep), compute_features(source, spec)], how="horizontal")
+    train, holdout = split_holdout(features, spec)
+    with timed(t, "train (train_lightgbm)"):
+        booster = train_lightgbm(train, spec)
+    with timed(t, "predict holdout (predict)"):
+        y_pred = predict(booster, holdout, spec)
+    facts = {
+        "rows_in": sum(f.height for f in raw),
+        "rows_validated": features.height,
+        "train_rows": train.height,
+        "holdout_rows": holdout.height,
+        "metric": spec.evaluation.metric,
+        "score": score(spec.evaluation.metric, holdout[spec.target].to_numpy(), y_pred),
+    }
+    return t, facts
+
+
+def stop_endpoint(pipeline: str) -> str:
+    """Stop the pipeline's `bentoml serve` process (if any) from its recorded state; say what was done."""
+    from platform_defs.profiles import resources
+    from resources.serving import pid_alive, stop
+
+    state = resources("local")["serving"].state(pipeline)
+    if not state:
+        return "no endpoint recorded"
+    pid = state.get("pid")
+    alive = pid_alive(pid)
+    stop(pid)
+    return f"stopped pid {pid}" if alive else f"pid {pid} was not running"
+
+
+def fmt(seconds: float) -> str:
+    return f"{seconds:.2f}"
+
+
+def share(part: float, whole: float) -> str:
+    return f"{100 * part / whole:.0f}%" if whole else "-"
+
+
+def report(console: Console, args: argparse.Namespace, sim: float, ingest_runs: list[tuple[str, RunTiming]],
+           retrain_run: RunTiming, bare: dict[str, float], facts: dict[str, Any], model_score: Any) -> tuple[float, float]:
+    """Print the tables; return (lifecycle seconds excluding simulate, overhead ratio)."""
+    ingest_wall = sum(r.wall for _, r in ingest_runs)
+    lifecycle = ingest_wall + retrain_run.wall
+    bare_total = sum(bare.values())
+    ratio = lifecycle / bare_total if bare_total else float("inf")
+
+    stages = Table(title=f"fraud lifecycle, {args.days} days x {args.rows:,} rows = {args.days * args.rows:,} source rows")
+    stages.add_column("stage")
+    stages.add_column("wall s", justify="right")
+    stages.add_column("share", justify="right")
+    stages.add_row("simulate (excluded)", fmt(sim), "")
+    stages.add_row(f"ingest: {len(ingest_runs)} runs raw+validated+checks", fmt(ingest_wall), share(ingest_wall, lifecycle))
+    stages.add_row("retrain: features..endpoint (+checks)", fmt(retrain_run.wall), share(retrain_run.wall, lifecycle))
+    stages.add_row("[bold]lifecycle (ingest + retrain)[/bold]", f"[bold]{fmt(lifecycle)}[/bold]", "100%")
+    stages.add_section()
+    for name, seconds in bare.items():
+        stages.add_row(f"bare: {name}", fmt(seconds), share(seconds, bare_total))
+    stages.add_row("[bold]bare compute total[/bold]", f"[bold]{fmt(bare_total)}[/bold]", "100%")
+    stages.add_section()
+    verdict = "[green]PASS[/green]" if ratio <= GOAL_OVERHEAD else "[red]MISS[/red]"
+    stages.add_row(f"overhead_ratio (goal <= {GOAL_OVERHEAD})", f"{ratio:.2f}", verdict)
+    console.print(stages)
+
+    steps = sorted({s for _, r in ingest_runs for s in r.steps})
+    per_partition = Table(title="ingest runs: seconds per step (STEP_START -> STEP_SUCCESS)")
+    per_partition.add_column("partition")
+    per_partition.add_column("run wall", justify="right")
+    for s in steps:
+        per_partition.add_column(s, justify="right")
+    per_partition.add_column("outside steps", justify="right")
+    totals: dict[str, float] = defaultdict(float)
+    for partition, r in ingest_runs:
+        per_partition.add_row(partition + ("" if r.success else " FAILED"), fmt(r.wall),
+                              *[fmt(r.steps.get(s, 0.0)) for s in steps], fmt(r.outside_steps))
+        for s in steps:
+            totals[s] += r.steps.get(s, 0.0)
+    n = len(ingest_runs) or 1
+    per_partition.add_section()
+    per_partition.add_row("mean", fmt(ingest_wall / n), *[fmt(totals[s] / n) for s in steps],
+                          fmt(sum(r.outside_steps for _, r in ingest_runs) / n))
+    per_partition.add_row("total", fmt(ingest_wall), *[fmt(totals[s]) for s in steps],
+                          fmt(sum(r.outside_steps for _, r in ingest_runs)))
+    console.print(per_partition)
+
+    retrain_table = Table(title="retrain run: seconds per step")
+    retrain_table.add_column("step")
+    retrain_table.add_column("s", justify="right")
+    retrain_table.add_column("share of run", justify="right")
+    for s, seconds in retrain_run.steps.items():
+        retrain_table.add_row(s, fmt(seconds), share(seconds, retrain_run.wall))
+    retrain_table.add_row("outside steps (run set-up, event log, teardown)", fmt(retrain_run.outside_steps),
+                          share(retrain_run.outside_steps, retrain_run.wall))
+    retrain_table.add_row("[bold]run wall[/bold]", fmt(retrain_run.wall), "100%")
+    console.print(retrain_table)
+
+    # Where the lifecycle spends time the bare compute does not: each platform part next to its bare equivalent.
+    def step_sum(runs: list[RunTiming], predicate: Callable[[str], bool]) -> float:
+        return sum(sec for r in runs for s, sec in r.steps.items() if predicate(s))
+
+    ingest_only = [r for _, r in ingest_runs]
+    rs = retrain_run.steps
+    rows = [
+        ("ingest raw + validated steps", step_sum(ingest_only, lambda s: s in ("raw", "validated")),
+         bare["read parquet (polars)"] + bare["validate (conform per file)"]),
+        ("ingest GX check steps", step_sum(ingest_only, lambda s: s not in ("raw", "validated")), 0.0),
+        ("ingest outside steps", sum(r.outside_steps for r in ingest_only), 0.0),
+        ("features step", rs.get("features", 0.0), bare["featurize (concat, sort, compute_features)"]),
+        ("model step (train + MLflow log/register)", rs.get("model", 0.0),
+         bare["train (train_lightgbm)"] + bare["predict holdout (predict)"]),
+        ("champion step (reload, re-predict, gate)", rs.get("champion", 0.0), 0.0),
+        ("bento step (import model, build bento)", rs.get("bento", 0.0), 0.0),
+        ("endpoint step + smoke test", sum(v for k, v in rs.items() if k not in ("features", "model", "champion", "bento")), 0.0),
+        ("retrain outside steps", retrain_run.outside_steps, 0.0),
+    ]
+    attribution = Table(title="where the lifecycle time goes vs bare compute")
+    attribution.add_column("part")
+    attribution.add_column("lifecycle s", justify="right")
+    attribution.add_column("bare s", justify="right")
+    attribution.add_column("extra s", justify="right")
+    attribution.add_column("share of extra", justify="right")
+    extra_total = lifecycle - bare_total
+    for name, life, base in rows:
+        attribution.add_row(name, fmt(life), fmt(base) if base else "-", fmt(life - base), share(life - base, extra_total))
+    attribution.add_row("[bold]total[/bold]", fmt(lifecycle), fmt(bare_total), fmt(extra_total), "100%")
+    console.print(attribution)
+
+    console.print(f"rows: {facts['rows_in']:,} in, {facts['rows_validated']:,} validated, {facts['train_rows']:,} train, "
+                  f"{facts['holdout_rows']:,} holdout; bare {facts['metric']}={facts['score']:.4f}, "
+                  f"registered model {facts['metric']}={model_score}")
+    return lifecycle, ratio
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--days", type=int, default=10, help="daily source partitions (default 10)")
+    parser.add_argument("--rows", type=int, default=100_000, help="rows per day (default 100,000)")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--keep", action="store_true", help="keep the temporary KILN_HOME and print its path")
+    args = parser.parse_args()
+
+    console = Console(width=140)
+    home = Path(tempfile.mkdtemp(prefix="kiln-bench-lifecycle-"))
+    isolate(home)
+    quiet: Callable[[str], None] = lambda line: console.print(line, highlight=False)  # noqa: E731
+
+    import dagster as dg
+
+    from platform_defs.definitions import build_definitions
+    from platform_defs.lifecycle import ingest, prepare_local_env, retrain, simulate, source_partitions
+    from platform_defs.spec import load_specs
+
+    try:
+        paths = prepare_local_env()
+        (spec,) = load_specs()
+        defs = build_definitions([spec])
+        folder = paths["sources"] / spec.source.path
+        instance = dg.DagsterInstance.get()
+        console.print(f"KILN_HOME={home}  port={spec.serving.port}  dagster instance={instance.root_directory}")
+
+        started = time.perf_counter()
+        files = simulate(spec, folder, args.days, args.rows, seed=args.seed, start=date.fromisoformat(spec.source.start_date))
+        sim = time.perf_counter() - started
+        quiet(f"simulated {len(files)} file(s) in {sim:.1f}s")
+
+        partitions = source_partitions(spec, folder)
+        ingest_runs: list[tuple[str, RunTiming]] = []
+        for partition in partitions:
+            started = time.perf_counter()
+            (result,) = ingest(defs, spec, [partition], instance, progress=quiet)
+            ingest_runs.append((partition, run_timing(instance, result, time.perf_counter() - started, spec.name)))
+        failed = [(p, r) for p, r in ingest_runs if not r.success]
+        if failed:
+            for p, r in failed:
+                console.print(f"[red]ingest {p} failed[/red]: {'; '.join(r.errors) or 'a blocking check failed'}")
+            return 1
+
+        started = time.perf_counter()
+        result = retrain(defs, spec, instance, progress=quiet)
+        retrain_run = run_timing(instance, result, time.perf_counter() - started, spec.name)
+        if not retrain_run.success:
+            console.print(f"[red]retrain failed[/red]: {'; '.join(retrain_run.errors) or 'a blocking check failed'}")
+            return 1
+        model_record = result.output_for_node(f"{spec.name}__model")
+        model_score = f"{model_record['score']:.4f} (v{model_record['version']})"
+        del result
+        # The endpoint is idle from here on, but stop it anyway so the bare compute has the CPUs to itself.
+        quiet(f"endpoint: {stop_endpoint(spec.name)}")
+
+        bare, facts = bare_compute(files, spec)
+        lifecycle, ratio = report(console, args, sim, ingest_runs, retrain_run, bare, facts, model_score)
+    finally:
+        stop_endpoint(PIPELINE)
+        if args.keep:
+            console.print(f"kept {home}")
+        else:
+            shutil.rmtree(home, ignore_errors=True)
+
+    print(f"BENCH lifecycle seconds={lifecycle:.1f} overhead_ratio={ratio:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
