@@ -73,6 +73,8 @@ def build(spec: PipelineSpec, retrain_job: Any) -> dg.SensorDefinition:
         decisions, state = evaluate_windows(spec, reference, new, cursor.get("state", {}), time.time())
         context.update_cursor(json.dumps({"seen": len(lines), "state": state}))
         last = decisions[-1]
+        summary = {k: last[k] for k in ("action", "max_score", "share", "drifted_columns", "streak", "n", "window")}
+        (path.parent / "last_decision.json").write_text(json.dumps(summary | {"decided_at": time.time()}))
         context.log.info(f"{spec.name} drift decisions: {[(d['window'], d['action'], round(d['max_score'], 4)) for d in decisions]}")
         retrains = [d for d in decisions if d["action"] == "retrain"]
         if not retrains:

@@ -242,3 +242,14 @@ def test_drift_windows_from_the_log_and_the_sensor_decision(world: dict[str, Any
     assert {"amount", "channel"} <= set(drifted[-1]["drifted_columns"])
     again, _ = evaluate_windows(spec, reference, [window(1.0, 5), window(1.0, 6)], state, now=1060.0)
     assert [d["action"] for d in again] == ["cooldown", "cooldown"]
+
+
+def test_drift_sensor_tick_reads_stored_windows(world: dict[str, Any], kiln_home: Path) -> None:
+    sensor = next(s for s in world["defs"].sensors if s.name == "fraud_drift")
+    context = dg.build_sensor_context(instance=world["instance"], resources={"storage": world["defs"].resources["storage"]})
+    result = sensor.evaluate_tick(context)
+    # The windows so far hold a handful of logged rows: too few to judge, so no retrain is requested.
+    assert not result.run_requests
+    assert result.skip_message and result.skip_message.startswith("insufficient")
+    decision = json.loads((kiln_home / "state" / "drift" / "fraud" / "last_decision.json").read_text())
+    assert decision["action"] == "insufficient"
