@@ -78,6 +78,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
     def model(context, features: Any):
         mlflow: MlflowResource = context.resources.mlflow
         import mlflow as mlf
+        import polars as pl
         from mlflow.models import infer_signature
 
         from assets.evaluate import score, split_holdout
@@ -101,7 +102,8 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
             mlf.log_params({**spec.trainer.params, "train_rows": train.height, "holdout_rows": holdout.height})
             mlf.log_metrics(metrics)
             mlf.log_dict(spec.model_dump(mode="json", by_alias=True), "kiln/spec.json")
-            example = holdout.select(feature_columns(spec, holdout)).head(5).to_pandas()
+            # The booster sees floats (NaN for missing), so the signature says so too.
+            example = holdout.head(5).select([pl.col(c).cast(pl.Float64) for c in feature_columns(spec, holdout)]).to_pandas()
             info = mlf.lightgbm.log_model(
                 booster,
                 name="model",
