@@ -78,7 +78,13 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         _, holdout = split_holdout(features, spec)
         y = holdout[spec.target].to_numpy()
         metric = spec.evaluation.metric
-        challenger_score = score(metric, y, predict(load_booster(model["model_uri"]), holdout, spec))
+        from assets.features import data_version
+
+        # `model` scored itself on the holdout of these features; rescore only if the features changed since.
+        if model.get("features_data_version") == data_version(features):
+            challenger_score = float(model["score"])
+        else:
+            challenger_score = score(metric, y, predict(load_booster(model["model_uri"]), holdout, spec))
         current = mlflow.champion(spec.name)
         champion_score = None
         if current is not None:

@@ -111,6 +111,8 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
                 input_example=example,
                 registered_model_name=spec.name,
                 tags=tags,
+                # Explicit requirements: MLflow's inference runs a subprocess that costs seconds per retrain.
+                pip_requirements=[f"lightgbm=={lgb_version()}", f"mlflow=={mlf.__version__}"],
             )
         version = str(info.registered_model_version)
         mlflow.client().set_model_version_tag(spec.name, version, "dagster_run_id", context.run_id)
@@ -139,6 +141,12 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         )
 
     return model
+
+
+def lgb_version() -> str:
+    import lightgbm as lgb
+
+    return str(lgb.__version__)
 
 
 def _metrics(spec: PipelineSpec) -> list[str]:
