@@ -29,5 +29,4 @@ ui: $(STAMP)
 	DAGSTER_HOME=$${DAGSTER_HOME:-$(CURDIR)/.kiln/dagster} KILN_HOME=$${KILN_HOME:-$(CURDIR)/.kiln} $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1
 
 clean:
-	-$(BIN)/python -c "from resources.serving import ServingResource" 2>/dev/null
 	rm -rf .kiln
