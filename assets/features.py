@@ -75,6 +75,18 @@ def data_version(frame: pl.DataFrame) -> str:
     return digest.hexdigest()[:16]
 
 
+def feature_table(frames: list[pl.DataFrame], spec: PipelineSpec) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Validated partitions joined in time order, and their features with key, timestamp and target kept."""
+    import polars as pl
+
+    source = pl.concat(frames, how="vertical_relaxed")
+    ts = spec.source.timestamp_column
+    if ts:
+        source = source.sort(ts)
+    keep = [c for c in (*spec.key_columns, ts, spec.target) if c]
+    return source, pl.concat([source.select(keep), compute_features(source, spec)], how="horizontal")
+
+
 def build(spec: PipelineSpec) -> dg.AssetsDefinition:
     """The `<p>/features` asset: all validated partitions, featurized, plus the drift reference profile."""
     import dagster as dg
@@ -92,19 +104,13 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
     )
     def features(context, validated: Any):
         storage: KilnStorage = context.resources.storage
-        import polars as pl
 
         from assets.deploy import sample_rows
 
         frames = list(validated.values()) if isinstance(validated, dict) else [validated]
         if not frames:
             raise ValueError(f"{spec.name}: no validated partitions yet; materialize {spec.name}/validated first")
-        source = pl.concat(frames, how="vertical_relaxed")
-        ts = spec.source.timestamp_column
-        if ts:
-            source = source.sort(ts)
-        keep = [c for c in (*spec.key_columns, ts, spec.target) if c]
-        frame = pl.concat([source.select(keep), compute_features(source, spec)], how="horizontal")
+        source, frame = feature_table(frames, spec)
         version = data_version(frame)
         reference = _reference(spec, source, frame)
         ref_path = storage.state_dir(spec.name, "reference") / f"features-{version}.json"

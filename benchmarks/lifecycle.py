@@ -120,7 +120,7 @@ def bare_compute(files: list[Path], spec: Any) -> tuple[dict[str, float], dict[s
     import polars as pl
 
     from assets.evaluate import score, split_holdout
-    from assets.features import compute_features
+    from assets.features import feature_table
     from assets.train import predict, train_lightgbm
     from assets.validate import conform
 
@@ -130,12 +130,7 @@ def bare_compute(files: list[Path], spec: Any) -> tuple[dict[str, float], dict[s
     with timed(t, "validate (conform per file)"):
         validated = [conform(frame, spec)[0] for frame in raw]
     with timed(t, "featurize (concat, sort, compute_features)"):
-        source = pl.concat(validated, how="vertical_relaxed")
-        ts = spec.source.timestamp_column
-        if ts:
-            source = source.sort(ts)
-        keep = [c for c in (*spec.key_columns, ts, spec.target) if c]
-        features = pl.concat([source.select(keep), compute_features(source, spec)], how="horizontal")
+        _, features = feature_table(validated, spec)
     train, holdout = split_holdout(features, spec)
     with timed(t, "train (train_lightgbm)"):
         booster = train_lightgbm(train, spec)
