@@ -94,18 +94,22 @@ def run_rules(frame: pl.DataFrame, rules: list[Rule], suite_name: str, spec: Pip
     ``arrow=True`` hands GX Arrow-backed columns, so dtype rules see the spec's own type names (exact dtypes);
     value rules (ranges, sets, uniqueness) run much faster on NumPy-backed columns (``arrow=False``).
     """
-    import great_expectations as gx
-
     batch_def = _gx_batch_definition()
     if not rules:
         return []
-    suite = gx.ExpectationSuite(name=suite_name)
+    # GX drops null rows of the *whole batch* before each column rule, so a rule on a nullable column would copy every
+    # column. Column rules therefore run on one-column batches; table rules (column set, row count) on the whole frame.
+    groups: dict[str | None, list[Rule]] = {}
     for rule in rules:
-        suite.add_expectation(getattr(gx.expectations, rule.expectation)(**rule.kwargs))
-    pdf = frame.to_pandas(use_pyarrow_extension_array=arrow)
-    result = batch_def.get_batch(batch_parameters={"dataframe": pdf}).validate(suite, result_format="SUMMARY")
+        groups.setdefault(rule.column if rule.column in frame.columns else None, []).append(rule)
+    outcome: dict[int, Any] = {}
+    for column, group in groups.items():
+        part = frame if column is None else frame.select(column)
+        for rule, res in zip(group, _validate(batch_def, part, group, f"{suite_name}:{column or 'table'}", arrow), strict=True):
+            outcome[id(rule)] = res
+    results = [outcome[id(rule)] for rule in rules]
     failures = []
-    for rule, res in zip(rules, result.results, strict=True):
+    for rule, res in zip(rules, results, strict=True):
         if res.success:
             continue
         detail = res.result or {}
@@ -133,6 +137,17 @@ def run_rules(frame: pl.DataFrame, rules: list[Rule], suite_name: str, spec: Pip
             }
         )
     return failures
+
+
+def _validate(batch_def: Any, frame: pl.DataFrame, rules: list[Rule], suite_name: str, arrow: bool) -> list[Any]:
+    """One GX suite of these rules over the frame; the expectation results in rule order."""
+    import great_expectations as gx
+
+    suite = gx.ExpectationSuite(name=suite_name)
+    for rule in rules:
+        suite.add_expectation(getattr(gx.expectations, rule.expectation)(**rule.kwargs))
+    pdf = frame.to_pandas(use_pyarrow_extension_array=arrow)
+    return list(batch_def.get_batch(batch_parameters={"dataframe": pdf}).validate(suite, result_format="SUMMARY").results)
 
 
 def describe(failures: list[dict[str, Any]]) -> str:
