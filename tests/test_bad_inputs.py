@@ -222,3 +222,27 @@ def test_a_clean_partition_still_flows_end_to_end(world: dict[str, Any], kiln_ho
         assert day in stored
         served = _champion(world, pipeline)
         assert _served_version(world, pipeline, kiln_home) == served
+
+
+def test_schema_change_is_flagged_between_materializations(world: dict[str, Any]) -> None:
+    frame = _good_frame(world, "cards", seed=14)
+    _, result = _feed(world, "cards", _write_csv(frame.with_columns(pl.lit("none").alias("coupon"))))
+    change = _evaluation(result, "raw", "schema_change")
+    assert not change.passed and change.severity == dg.AssetCheckSeverity.WARN
+    assert "coupon" in change.metadata["added"].value
+    raw = [e for e in result.get_asset_materialization_events() if e.asset_key.path[-1] == "raw"][-1]
+    columns = raw.step_materialization_data.materialization.metadata["dagster/column_schema"].value.columns
+    assert [c.name for c in columns][-1] == "coupon"
+
+
+def test_a_warn_rule_reports_without_blocking(world: dict[str, Any], tmp_path: Path) -> None:
+    from assets.validate import cast_to_spec, quality_rules, run_rules, split_rows
+
+    spec = world["specs"]["cards"].model_copy(update={"validation": world["specs"]["cards"].validation.model_copy(
+        update={"severity": {"customer_age.range": "warn"}})})
+    frame = cast_to_spec(_good_frame(world, "cards", seed=15), spec).with_columns(
+        pl.when(pl.int_range(pl.len()) < 50).then(150).otherwise(pl.col("customer_age")).alias("customer_age"))
+    failures = run_rules(frame, quality_rules(spec), "warn_rule", spec, arrow=False)
+    assert [(f["column"], f["rule"], f["severity"], f["unexpected_count"]) for f in failures] == [("customer_age", "range", "warn", 50)]
+    good, bad = split_rows(frame, spec)
+    assert bad.height == 0 and good.height == frame.height  # a warn rule never rejects rows
