@@ -97,11 +97,13 @@ def run_rules(frame: pl.DataFrame, rules: list[Rule], suite_name: str, spec: Pip
     batch_def = _gx_batch_definition()
     if not rules:
         return []
-    # GX drops null rows of the *whole batch* before each column rule, so a rule on a nullable column would copy every
-    # column. Column rules therefore run on one-column batches; table rules (column set, row count) on the whole frame.
+    # GX drops the null rows of the *whole batch* before a value rule on a column that has nulls, copying every column.
+    # Such columns get one-column batches; table rules, null rules and columns without nulls share one batch.
+    null_counts = frame.null_count().row(0, named=True) if frame.width else {}
     groups: dict[str | None, list[Rule]] = {}
     for rule in rules:
-        groups.setdefault(rule.column if rule.column in frame.columns else None, []).append(rule)
+        alone = rule.column in null_counts and null_counts[rule.column] and rule.expectation != "ExpectColumnValuesToNotBeNull"
+        groups.setdefault(rule.column if alone else None, []).append(rule)
     outcome: dict[int, Any] = {}
     for column, group in groups.items():
         part = frame if column is None else frame.select(column)

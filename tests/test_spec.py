@@ -120,7 +120,7 @@ def test_kiln_validate_cli(tmp_path: Path) -> None:
     ("validation", "message"),
     [
         ({"on_bad_rows": "drop"}, r"validation\.on_bad_rows: 'drop' is not one of fail, quarantine"),
-        ({"severity": {"amount.rang": "warn"}}, r"validation\.severity: Value error, 'amount\.rang': unknown rule 'rang'|unknown rule 'rang'"),
+        ({"severity": {"amount.rang": "warn"}}, r"validation\.severity.*unknown rule 'rang'"),
         ({"severity": {"amout.range": "warn"}}, r"validation\.severity: 'amout' is not a schema column"),
         ({"max_bad_row_share": 1.5}, r"validation\.max_bad_row_share: "),
         ({"min_rows": 10, "max_rows": 5}, r"validation\.max_rows: smaller than min_rows"),
