@@ -26,8 +26,8 @@ class Rule:
 
 
 def schema_rules(spec: PipelineSpec, present: list[str]) -> list[Rule]:
-    """The raw-data schema contract: column set (exact, or the spec's extra-column policy), row count, exact dtypes,
-    required non-nulls and null fractions. Timestamps that do not parse stay text, so the dtype rule names them."""
+    """The raw-data schema contract: column set (exact, or the spec's extra-column policy), row count, exact dtypes and
+    required non-nulls. Timestamps that do not parse stay text, so the dtype rule names them."""
     policy = spec.validation
     rows: dict[str, Any] = {"min_value": policy.min_rows}
     if policy.max_rows is not None:
@@ -46,16 +46,19 @@ def schema_rules(spec: PipelineSpec, present: list[str]) -> list[Rule]:
             # Under quarantine a few null rows are set aside by `<p>/validated`; more than the limit fails here.
             mostly = {"mostly": 1 - policy.max_bad_row_share} if policy.on_bad_rows == "quarantine" and policy.max_bad_row_share else {}
             rules.append(Rule("not_null", name, "ExpectColumnValuesToNotBeNull", {"column": name, **mostly}))
-        elif col.max_null_fraction is not None:
-            kwargs = {"column": name, "mostly": 1 - col.max_null_fraction}
-            rules.append(Rule("null_fraction", name, "ExpectColumnValuesToNotBeNull", kwargs))
     return rules
 
 
 def quality_rules(spec: PipelineSpec) -> list[Rule]:
-    """The validated-data quality contract: ranges, allowed values, unique keys."""
-    rules = []
+    """The validated-data quality contract: row-count bounds, null fractions, ranges, allowed values, unique keys."""
+    rows: dict[str, Any] = {"min_value": spec.validation.min_rows}
+    if spec.validation.max_rows is not None:
+        rows["max_value"] = spec.validation.max_rows
+    rules = [Rule("row_count", None, "ExpectTableRowCountToBeBetween", rows)]
     for name, col in spec.schema_.items():
+        if col.nullable and col.max_null_fraction is not None:
+            kwargs = {"column": name, "mostly": 1 - col.max_null_fraction}
+            rules.append(Rule("null_fraction", name, "ExpectColumnValuesToNotBeNull", kwargs))
         if col.min is not None or col.max is not None:
             rules.append(
                 Rule("range", name, "ExpectColumnValuesToBeBetween", {"column": name, "min_value": col.min, "max_value": col.max})
@@ -67,6 +70,7 @@ def quality_rules(spec: PipelineSpec) -> list[Rule]:
     return rules
 
 
+AFTER_QUARANTINE = ("row_count", "null_fraction")  # judged on the rows that stay, not on the rows that arrived
 _GX_CONTEXT: Any = None
 
 
@@ -349,8 +353,12 @@ def build(spec: PipelineSpec) -> list[Any]:
         partition = context.partition_key if context.has_partition_key else None
         file = str(source_file(storage.source_dir(spec.source.path), spec, partition)) if partition else spec.source.path
         typed = cast_to_spec(raw, spec)
-        failures = run_rules(typed, quality_rules(spec), f"{spec.name}_validated_quality", spec, arrow=False)
+        rules = quality_rules(spec)
+        after = [r for r in rules if r.name in AFTER_QUARANTINE]
+        rows_rules = [r for r in rules if r.name not in AFTER_QUARANTINE]
+        failures = run_rules(typed, rows_rules, f"{spec.name}_validated_quality", spec, arrow=False)
         good, bad = split_rows(typed, spec)
+        failures += run_rules(good, after, f"{spec.name}_validated_table", spec, arrow=False)
         share = bad.height / typed.height if typed.height else 0.0
         if bad.height and share > limit:
             failures.append({

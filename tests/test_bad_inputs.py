@@ -246,3 +246,17 @@ def test_a_warn_rule_reports_without_blocking(world: dict[str, Any], tmp_path: P
     assert [(f["column"], f["rule"], f["severity"], f["unexpected_count"]) for f in failures] == [("customer_age", "range", "warn", 50)]
     good, bad = split_rows(frame, spec)
     assert bad.height == 0 and good.height == frame.height  # a warn rule never rejects rows
+
+
+def test_null_fraction_and_row_count_bounds_are_quality_rules(world: dict[str, Any]) -> None:
+    from assets.validate import cast_to_spec, quality_rules, run_rules
+
+    data = world["specs"]["cards"].model_dump(by_alias=True)
+    data["schema"]["customer_age"]["max_null_fraction"] = 0.1
+    data["validation"]["max_rows"] = 300
+    spec = type(world["specs"]["cards"]).model_validate(data)
+    frame = cast_to_spec(_good_frame(world, "cards", seed=16), spec).with_columns(
+        pl.when(pl.int_range(pl.len()) < 100).then(None).otherwise(pl.col("customer_age")).alias("customer_age"))
+    failures = {(f["column"], f["rule"]): f for f in run_rules(frame, quality_rules(spec), "bounds", spec, arrow=False)}
+    assert set(failures) == {(None, "row_count"), ("customer_age", "null_fraction")}
+    assert failures[("customer_age", "null_fraction")]["unexpected_count"] >= 100
