@@ -36,6 +36,7 @@ PROTECTED = ("/predict", "/metadata")
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 FLUSH_EVERY_S = 1.0
 FLUSH_ROWS = 200
+WARMUP_REQUESTS = 10
 
 
 def share_of(key: str) -> float:
@@ -72,7 +73,8 @@ class ArmStats:
         self.requests += 1
         self.errors += status >= 500
         self.client_errors += 400 <= status < 500
-        self.latencies.append(seconds)
+        if self.requests > WARMUP_REQUESTS:  # a fresh backend's first answers (lazy imports, caches) are not its latency
+            self.latencies.append(seconds)
         if predictions:
             self.rows += len(predictions)
             self.score_sum += float(sum(predictions))
@@ -109,12 +111,15 @@ class Router:
     # configuration -------------------------------------------------------------------------------------------
     def load(self) -> None:
         self.flush()
+        before = self._arm_upstreams()
         self.config = json.loads(self.config_path.read_text())
         self.generation += 1
-        self.arms = {k: v for k, v in self.arms.items() if k in self._arm_versions()}
+        after = self._arm_upstreams()
+        # An arm's live numbers belong to one backend: a new backend (even of the same version) starts from zero.
+        self.arms = {k: v for k, v in self.arms.items() if k in after and before.get(k) == after[k]}
 
-    def _arm_versions(self) -> set[str]:
-        return {f"{arm}:{u['version']}" for arm in ("champion", "challenger") if (u := self.config.get(arm))}
+    def _arm_upstreams(self) -> dict[str, str]:
+        return {f"{arm}:{u['version']}": u["url"] for arm in ("champion", "challenger") if (u := self.config.get(arm))}
 
     def api_key(self) -> str | None:
         return os.environ.get("KILN_API_KEY") or None
