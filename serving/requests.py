@@ -110,38 +110,54 @@ def parse_rows(rows: Any, spec: PipelineSpec, max_rows: int, unknown_category: s
             raise RequestError(f"{name}: expected {col.dtype}: {reason}") from None
         if series.null_count() != nulls:
             raise RequestError(f"{name}: expected {col.dtype}: a value does not convert")
-        if col.dtype == "float" and (series.is_nan() | series.is_infinite()).any():
-            raise RequestError(f"{name}: must be a finite number")
         columns[name] = series
     frame = pl.DataFrame(columns)
     _check_rules(frame, spec, unknown_category)
     return frame
 
 
-def _check_rules(frame: pl.DataFrame, spec: PipelineSpec, unknown_category: str) -> None:
-    """Null, range and allowed-value rules of the schema over the whole batch; the first broken one is raised."""
+_RULES: dict[tuple[int, str], tuple[PipelineSpec, list[Any], list[Any]]] = {}
+
+
+def _rules(spec: PipelineSpec, unknown_category: str) -> tuple[list[Any], list[Any]]:
+    """Per input column, a polars expression flagging rows that break its rule, and one counting them (built once per spec)."""
     import polars as pl
 
-    conditions = []
-    for name in frame.columns:
+    cached = _RULES.get((id(spec), unknown_category))
+    if cached is not None and cached[0] is spec:
+        return cached[1], cached[2]
+    flags = []
+    for name in spec.input_columns:
         col = spec.schema_[name]
         c = pl.col(name)
         bad = c.is_null() if not col.nullable else pl.lit(False)
+        if col.dtype == "float":
+            bad = bad | (c.is_nan() | c.is_infinite()).fill_null(False)
         if col.min is not None:
             bad = bad | (c < col.min).fill_null(False)
         if col.max is not None:
             bad = bad | (c > col.max).fill_null(False)
         if col.allowed is not None and unknown_category == "reject":
             bad = bad | (~c.is_in(col.allowed)).fill_null(False)
-        conditions.append(bad.alias(name))
-    flags = frame.select(conditions)
-    counts = flags.sum().row(0, named=True)
-    for name, bad in counts.items():
+        flags.append(bad.alias(name))
+    counts = [f.sum() for f in flags]
+    if len(_RULES) > 64:
+        _RULES.clear()
+    _RULES[(id(spec), unknown_category)] = (spec, flags, counts)
+    return flags, counts
+
+
+def _check_rules(frame: pl.DataFrame, spec: PipelineSpec, unknown_category: str) -> None:
+    """Null, finiteness, range and allowed-value rules over the whole batch in one pass; the first broken one is raised."""
+    flags, counts = _rules(spec, unknown_category)
+    found = frame.select(counts).row(0, named=True)
+    for (name, bad), flag in zip(found.items(), flags, strict=True):
         if bad:
             col = spec.schema_[name]
-            first = frame.filter(flags[name])[name][0]
+            first = frame.filter(flag)[name][0]
             rule = (
                 "must not be null" if first is None
+                else "must be a finite number" if isinstance(first, float) and not math.isfinite(first)
                 else f"is not an allowed category (one of {col.allowed})" if col.allowed is not None
                 else f"must be within [{_num(col.min, '-inf')}, {_num(col.max, 'inf')}]"
             )

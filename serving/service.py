@@ -66,8 +66,9 @@ class PredictionLog:
             pl.Series("_prediction", predictions),
         )
         path = self.folder / f"{time.strftime('%Y%m%d%H', time.gmtime(now))}-{os.getpid()}.jsonl"
+        data = out.write_ndjson().encode()  # serialized in memory first: one small append per request
         with path.open("ab") as fh:
-            out.write_ndjson(fh)
+            fh.write(data)
         if path != self._current:  # a new hourly file: drop the oldest beyond the bound
             self._current = path
             self._rotate()
