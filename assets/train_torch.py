@@ -331,8 +331,8 @@ def train_and_register(context: Any, features: pl.DataFrame, spec: PipelineSpec,
         mlf.set_tags({f"kiln.{k}": str(v) for k, v in training.items()})
         mlf.log_dict(spec.model_dump(mode="json", by_alias=True), "kiln/spec.json")
         example = features_matrix(holdout.head(5), spec)
-        signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(names)), "features")]),
-                                   outputs=Schema([TensorSpec(np.dtype(np.float32), (-1,), "prediction")]))
+        signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(names)))]),
+                                   outputs=Schema([TensorSpec(np.dtype(np.float32), (-1,))]))
         info = mlf.pytorch.log_model(
             result.model,
             name="model",
