@@ -42,6 +42,11 @@ CHECKPOINT_FORMAT = 1
 class StandardizedMLP(nn.Module):
     """Raw feature matrix in, prediction out: standardise (missing -> the training mean), MLP, sigmoid or de-standardise."""
 
+    mean: torch.Tensor
+    scale: torch.Tensor
+    target_mean: torch.Tensor
+    target_scale: torch.Tensor
+
     def __init__(self, n_features: int, hidden: list[int], dropout: float, classification: bool,
                  mean: np.ndarray, scale: np.ndarray, target_mean: float = 0.0, target_scale: float = 1.0) -> None:
         super().__init__()
@@ -145,7 +150,7 @@ def _standardisation(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fit(x: np.ndarray, y: np.ndarray, spec: PipelineSpec, checkpoint: Path | None = None, checkpoint_id: str = "",
-        on_epoch: Callable[[int, dict[str, float]], None] | None = None, device: str | None = None,
+        on_epoch: Callable[[int, dict[str, float]], Any] | None = None, device: str | None = None,
         extra_state: dict[str, Any] | None = None) -> FitResult:
     """Train on a float feature matrix (NaN = missing) and targets; resume from ``checkpoint`` when it matches ``checkpoint_id``.
 
@@ -207,7 +212,7 @@ def fit(x: np.ndarray, y: np.ndarray, spec: PipelineSpec, checkpoint: Path | Non
             epochs_run += 1
             model.train()
             order = torch.randperm(len(xt), generator=shuffle).to(dev)
-            total, seen = 0.0, 0
+            total, seen = torch.zeros((), device=dev), 0  # summed on the device: no host sync per step
             for i in range(0, len(order), params.batch_size):
                 idx = order[i : i + params.batch_size]
                 with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=amp):
@@ -217,7 +222,7 @@ def fit(x: np.ndarray, y: np.ndarray, spec: PipelineSpec, checkpoint: Path | Non
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
-                total += float(loss.detach()) * len(idx)
+                total += loss.detach() * len(idx)
                 seen += len(idx)
             samples += seen
             model.eval()
@@ -225,7 +230,7 @@ def fit(x: np.ndarray, y: np.ndarray, spec: PipelineSpec, checkpoint: Path | Non
                 val_out = model.logits(xv).float()
                 val_loss = float(loss_fn(val_out, yv))
                 val_pred = (torch.sigmoid(val_out) if classification else val_out * target_scale + target_mean).cpu().double().numpy()
-            metrics = {"train_loss": total / max(seen, 1), "val_loss": val_loss}
+            metrics = {"train_loss": float(total) / max(seen, 1), "val_loss": val_loss}
             try:
                 metrics[f"val_{spec.evaluation.metric}"] = score(spec.evaluation.metric, y_val, val_pred)
             except ValueError:
@@ -322,7 +327,7 @@ def train_and_register(context: Any, features: pl.DataFrame, spec: PipelineSpec,
         y_pred = predict_module(result.model, features_matrix(holdout, spec))
         y_true = holdout[spec.target].to_numpy()
         metrics = {m: score(m, y_true, y_pred) for m in _metrics(spec)}
-        training = {"start_epoch": result.start_epoch, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
+        training: dict[str, Any] = {"start_epoch": result.start_epoch, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
                     "last_epoch": result.last_epoch, "stopped_early": result.stopped_early, "device": result.device,
                     "mixed_precision": result.amp}
         mlf.log_params({**params.model_dump(mode="json"), "train_rows": train.height, "holdout_rows": holdout.height,
