@@ -101,6 +101,12 @@ def pick_device(requested: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def cpu_threads(cpu: str) -> int:
+    """Intra-op threads for a Kubernetes CPU quantity ('2', '1.5', '500m'): torch would otherwise use every core of the node."""
+    value = float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
+    return max(1, int(value))
+
+
 def fingerprint(spec: PipelineSpec, features_version: str, feature_names: list[str]) -> str:
     """What a checkpoint must match to be resumed: data version, features, task and trainer parameters."""
     payload = {"data": features_version, "features": feature_names, "task": spec.task, "target": spec.target,
@@ -151,11 +157,12 @@ def _standardisation(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def fit(x: np.ndarray, y: np.ndarray, spec: PipelineSpec, checkpoint: Path | None = None, checkpoint_id: str = "",
         on_epoch: Callable[[int, dict[str, float]], Any] | None = None, device: str | None = None,
-        extra_state: dict[str, Any] | None = None) -> FitResult:
+        extra_state: dict[str, Any] | None = None, threads: int | None = None) -> FitResult:
     """Train on a float feature matrix (NaN = missing) and targets; resume from ``checkpoint`` when it matches ``checkpoint_id``.
 
     ``x`` rows are in time order: the newest ``val_fraction`` of them are the early-stopping validation split.
     ``extra_state`` is stored in every checkpoint (the MLflow run id, so a resumed run can name the crashed one).
+    CPU training uses ``threads`` intra-op threads (default: the spec's ``trainer.resources.cpu``), restored afterwards.
     """
     from assets.evaluate import score
 
@@ -168,9 +175,10 @@ def fit(x: np.ndarray, y: np.ndarray, spec: PipelineSpec, checkpoint: Path | Non
     mean, scale = _standardisation(x_train)
     target_mean, target_scale = (0.0, 1.0) if classification else (float(np.mean(y_train)), float(np.std(y_train) or 1.0))
 
-    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    deterministic_before, threads_before = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     if dev.type == "cpu":
         torch.use_deterministic_algorithms(True)
+        torch.set_num_threads(threads or cpu_threads(spec.trainer.resources.cpu))
     try:
         torch.manual_seed(params.seed)
         model = StandardizedMLP(x.shape[1], params.hidden, params.dropout, classification, mean, scale, target_mean, target_scale).to(dev)
@@ -258,6 +266,7 @@ def fit(x: np.ndarray, y: np.ndarray, spec: PipelineSpec, checkpoint: Path | Non
         seconds = time.perf_counter() - started
     finally:
         torch.use_deterministic_algorithms(deterministic_before)
+        torch.set_num_threads(threads_before)
     model.load_state_dict(best_state)
     model = model.cpu().eval()
     last = int(history[-1]["epoch"]) if history else -1
