@@ -101,6 +101,8 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         kinds={"polars"},
         required_resource_keys={"storage"},
         description="Model-ready features of every validated partition, and the drift reference profile.",
+        check_specs=[dg.AssetCheckSpec("schema_change", asset=key(spec.name, "features"),
+                                       description="Feature columns or dtypes changed since the last training set.")],
     )
     def features(context, validated: Any):
         storage: KilnStorage = context.resources.storage
@@ -111,17 +113,22 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         if not frames:
             raise ValueError(f"{spec.name}: no validated partitions yet; materialize {spec.name}/validated first")
         source, frame = feature_table(frames, spec)
+        from assets.validate import column_schema, schema_change
+
+        schema = column_schema(frame)
+        unchanged, change = schema_change(context, dg.AssetKey(key(spec.name, "features")), schema)
         version = data_version(frame)
         reference = _reference(spec, source, frame)
         ref_path = storage.state_dir(spec.name, "reference") / f"features-{version}.json"
         ref_path.write_text(json.dumps(reference))
         (ref_path.parent / "reference.json").write_text(json.dumps(reference))
         (ref_path.parent / "sample_rows.json").write_text(json.dumps(sample_rows(source, spec)))
-        return dg.Output(
+        yield dg.Output(
             frame,
             data_version=dg.DataVersion(version),
             metadata={
                 "dagster/row_count": frame.height,
+                "dagster/column_schema": schema,
                 "partitions": len(frames),
                 "feature_names": ", ".join(feature_columns(spec, frame)),
                 "positive_rate": float(frame[spec.target].mean() or 0.0) if spec.task == "classification" else 0.0,
@@ -129,6 +136,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
                 "reference_profile": dg.MetadataValue.path(str(ref_path)),
             },
         )
+        yield dg.AssetCheckResult(check_name="schema_change", passed=unchanged, severity=dg.AssetCheckSeverity.WARN, metadata=change)
 
     return features
 

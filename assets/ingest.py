@@ -31,26 +31,43 @@ def source_file(folder: UPath, spec: PipelineSpec, partition: str | None) -> UPa
     return folder / f"{partition}.{spec.source.format}"
 
 
+class SourceReadError(ValueError):
+    """A source file cannot be read at all (empty, truncated, not UTF-8, not the declared format)."""
+
+
 def read_source(path: UPath, spec: PipelineSpec) -> pl.DataFrame:
     """Read one source file; CSV text is typed by the spec where every value converts cleanly."""
+    return read_source_with_report(path, spec)[0]
+
+
+def read_source_with_report(path: UPath, spec: PipelineSpec) -> tuple[pl.DataFrame, dict[str, list[str]]]:
+    """Read one source file, and for CSV columns left as text, a few values that did not convert to the spec's dtype."""
     import polars as pl
 
     if not path.exists():
-        raise FileNotFoundError(f"{spec.name}: source file {path} does not exist")
+        raise SourceReadError(f"{spec.name}: source file {path} does not exist")
     with path.open("rb") as fh:
         data = fh.read()
     if not data:
-        raise ValueError(f"{spec.name}: source file {path} is empty (0 bytes)")
+        raise SourceReadError(f"{spec.name}: source file {path} is empty (0 bytes)")
     try:
         if spec.source.format == "parquet":
-            return pl.read_parquet(data)
+            return pl.read_parquet(data), {}
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = data[: exc.start].count(b"\n") + 1
+            raise SourceReadError(f"{spec.name}: {path} is not UTF-8 text: byte {data[exc.start]:#04x} at offset {exc.start} "
+                                  f"(line {line})") from None
         frame = pl.read_csv(data, infer_schema=False)
+    except SourceReadError:
+        raise
     except Exception as exc:  # polars raises several error types for unreadable files
-        raise ValueError(f"{spec.name}: cannot read {spec.source.format} file {path}: {exc}") from exc
+        raise SourceReadError(f"{spec.name}: cannot read {spec.source.format} file {path}: {str(exc).splitlines()[0][:300]}") from exc
     return _type_csv(frame, spec)
 
 
-def _type_csv(frame: pl.DataFrame, spec: PipelineSpec) -> pl.DataFrame:
+def _type_csv(frame: pl.DataFrame, spec: PipelineSpec) -> tuple[pl.DataFrame, dict[str, list[str]]]:
     import polars as pl
 
     casts: list[Any] = []
@@ -59,55 +76,89 @@ def _type_csv(frame: pl.DataFrame, spec: PipelineSpec) -> pl.DataFrame:
             continue
         text = pl.col(name)
         if col.dtype == "datetime":
-            typed = text.str.to_datetime(strict=False)
+            typed = text.str.to_datetime(strict=False, time_unit="us")
         elif col.dtype == "bool":
             typed = text.str.to_lowercase().replace_strict({"true": True, "false": False, "1": True, "0": False}, default=None)
         else:
             typed = text.cast(getattr(pl, POLARS_DTYPES[col.dtype]), strict=False)
         casts.append((name, typed))
-    checks = frame.select([(pl.col(n).is_not_null() & t.is_null()).sum().alias(n) for n, t in casts])
-    clean = [t.alias(n) for n, t in casts if checks[n][0] == 0]
-    # A column with values that do not convert stays text, so the schema check names it.
-    return frame.with_columns(clean) if clean else frame
+    if not casts:
+        return frame, {}
+    broken = frame.select([(pl.col(n).is_not_null() & t.is_null()).alias(n) for n, t in casts])
+    counts = broken.sum().row(0, named=True)
+    clean = [t.alias(n) for n, t in casts if counts[n] == 0]
+    unparsed = {n: [str(v) for v in frame.filter(broken[n])[n].unique(maintain_order=True).head(5).to_list()]
+                for n, _ in casts if counts[n]}
+    # A column with values that do not convert stays text, so the schema check names it (with these samples).
+    return (frame.with_columns(clean) if clean else frame), unparsed
 
 
 def build(spec: PipelineSpec) -> dg.AssetsDefinition:
-    """The `<p>/raw` asset."""
+    """The `<p>/raw` asset, with its blocking GX schema check and a schema-change check run in the same step."""
     import dagster as dg
 
     from resources.storage import KilnStorage
 
+    raw_key = dg.AssetKey(key(spec.name, "raw"))
+
     @dg.asset(
-        key=key(spec.name, "raw"),
+        key=raw_key,
         group_name=spec.name,
         partitions_def=partitions_def(spec),
         io_manager_key="parquet_io_manager",
         kinds={"polars", "parquet"},
         required_resource_keys={"storage"},
+        output_required=False,
         description=f"{spec.name} source data as it arrived ({spec.source.format}, {spec.source.partitions}).",
         metadata={"source": spec.source.path, "format": spec.source.format},
+        check_specs=[
+            dg.AssetCheckSpec("schema_contract", asset=raw_key, blocking=True,
+                              description="great-expectations: column set, exact dtypes, required non-nulls, row count; "
+                                          "unreadable files fail it too."),
+            dg.AssetCheckSpec("schema_change", asset=raw_key, description="Columns or dtypes changed since the last file."),
+        ],
     )
     def raw(context):
+        import polars as pl
+
+        from assets.validate import check_result, column_schema, raw_schema_check, schema_change
+
         storage: KilnStorage = context.resources.storage
         folder = storage.source_dir(spec.source.path)
         partition = context.partition_key if context.has_partition_key else None
-        if partition is None:
-            import polars as pl
-
-            files = sorted(folder.glob(f"*.{spec.source.format}"))
-            frame = pl.concat([read_source(f, spec) for f in files], how="diagonal_relaxed")
-            path = str(folder)
-        else:
-            path_obj = source_file(folder, spec, partition)
-            frame = read_source(path_obj, spec)
-            path = str(path_obj)
-        return dg.Output(
+        try:
+            if partition is None:
+                files = sorted(folder.glob(f"*.{spec.source.format}"))
+                if not files:
+                    raise SourceReadError(f"{spec.name}: no *.{spec.source.format} files in {folder}")
+                reads = [read_source_with_report(f, spec) for f in files]
+                frame = pl.concat([r[0] for r in reads], how="diagonal_relaxed")
+                unparsed = {k: v for r in reads for k, v in r[1].items()}
+                path = str(folder)
+            else:
+                path = str(source_file(folder, spec, partition))
+                frame, unparsed = read_source_with_report(source_file(folder, spec, partition), spec)
+        except SourceReadError as exc:
+            failure = {"rule": "readable", "column": "(file)", "severity": "error", "expectation": "the file reads as "
+                       f"{spec.source.format}", "unexpected_count": None, "unexpected_percent": 0.0, "sample_values": [],
+                       "observed": str(exc), "error": str(exc)}
+            where = str(source_file(folder, spec, partition)) if partition else str(folder)
+            yield check_result("schema_contract", raw_key, [failure], 0, partition, where)
+            yield dg.AssetCheckResult(asset_key=raw_key, check_name="schema_change", passed=True, metadata={"skipped": "unreadable"})
+            return
+        schema = column_schema(frame)
+        unchanged, change = schema_change(context, raw_key, schema)
+        yield dg.Output(
             frame,
             metadata={
                 "dagster/row_count": frame.height,
+                "dagster/column_schema": schema,
                 "source_file": path,
-                "columns": ", ".join(frame.columns),
+                "partition": partition or "none",
             },
         )
+        yield raw_schema_check(context, spec, frame, partition, path, unparsed)
+        yield dg.AssetCheckResult(asset_key=raw_key, check_name="schema_change", passed=unchanged,
+                                  severity=dg.AssetCheckSeverity.WARN, metadata=change)
 
     return raw

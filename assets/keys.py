@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 STAGES = ("raw", "validated", "features", "model", "champion", "bento", "endpoint", "predictions")
+EXTRA_STAGES = ("quarantine",)  # beyond the contract: rejected rows with their reasons (issue: data contracts)
 
 
 def key(pipeline: str, stage: str) -> list[str]:
     """The asset key path of a stage, e.g. ``["fraud", "raw"]``."""
-    if stage not in STAGES:
+    if stage not in STAGES and stage not in EXTRA_STAGES:
         raise ValueError(f"unknown stage '{stage}', expected one of {', '.join(STAGES)}")
     return [pipeline, stage]

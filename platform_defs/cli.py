@@ -166,6 +166,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_new(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from platform_defs.infer import write_spec
+    from platform_defs.spec import load_spec
+
+    out = write_spec(args.name, Path(args.sample), pipelines_dir(), target=args.target, source_path=args.source, force=args.force)
+    spec = load_spec(out)
+    print(f"wrote {out}: {len(spec.schema_)} columns, target {spec.target} ({spec.task}), "
+          f"key {', '.join(spec.key_columns) or 'none'}, {len(spec.feature_names)} features")
+    print(f"put source files in the '{spec.source.path}' folder of the source root, then `kiln validate` and `dagster dev`")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kiln", description="Kiln: one YAML spec per ML pipeline, raw data to a live endpoint.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -187,6 +201,13 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("serve", help="(re)start the endpoint of a pipeline's champion")
     v.add_argument("pipeline")
     v.set_defaults(func=cmd_serve)
+    n = sub.add_parser("new", help="infer a pipeline spec from a CSV or parquet sample")
+    n.add_argument("name")
+    n.add_argument("--from", dest="sample", required=True, help="a CSV or parquet sample of the source data")
+    n.add_argument("--target", help="the label column (default: guessed from its name)")
+    n.add_argument("--source", help="source folder, relative to the source root or absolute (default: the name)")
+    n.add_argument("--force", action="store_true", help="replace an existing spec of that name")
+    n.set_defaults(func=cmd_new)
     st = sub.add_parser("status", help="champion, endpoint health, drift and retrain per pipeline")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)

@@ -38,7 +38,7 @@ def pipeline_definitions(spec: PipelineSpec) -> dg.Definitions:
     )
     ingest_job = dg.define_asset_job(
         f"{spec.name}_ingest",
-        selection=dg.AssetSelection.assets(key(spec.name, "raw"), key(spec.name, "validated")),
+        selection=dg.AssetSelection.assets(key(spec.name, "raw"), key(spec.name, "validated")).required_multi_asset_neighbors(),
         partitions_def=ingest.partitions_def(spec),
         description="Ingest and validate one source partition.",
         tags={"kiln/pipeline": spec.name},

@@ -80,7 +80,7 @@ def ingest(defs: Any, spec: PipelineSpec, partitions: list[str] | list[str | Non
     """Materialize raw + validated (and their blocking checks) for each partition (None: unpartitioned); returns the run results."""
     import dagster as dg
 
-    selection = dg.AssetSelection.assets([spec.name, "raw"], [spec.name, "validated"])
+    selection = dg.AssetSelection.assets([spec.name, "raw"], [spec.name, "validated"]).required_multi_asset_neighbors()
     results = []
     for partition in partitions:
         started = time.perf_counter()

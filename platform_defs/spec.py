@@ -37,6 +37,7 @@ class ColumnSpec(_Strict):
     max: float | None = None
     allowed: list[str] | None = None
     key: bool = False
+    max_null_fraction: float | None = Field(default=None, ge=0, le=1, description="nullable columns: most nulls allowed")
 
     @model_validator(mode="after")
     def _check_bounds(self) -> ColumnSpec:
@@ -67,6 +68,40 @@ class SourceSpec(_Strict):
         if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
             raise ValueError(f"'{value}' is not a YYYY-MM-DD date")
         return value
+
+
+RULES = ("readable", "columns_match", "row_count", "dtype", "not_null", "null_fraction", "range", "allowed_values", "unique_key",
+         "bad_row_share")
+
+
+class ValidationSpec(_Strict):
+    """How the data contract treats bad input: which rules block, and what happens to bad rows."""
+
+    on_bad_rows: Literal["fail", "quarantine"] = Field(
+        default="quarantine", description="fail: any bad row fails the partition; quarantine: bad rows go to <p>/quarantine"
+    )
+    max_bad_row_share: float = Field(default=0.05, ge=0, le=1, description="over this share of quarantined rows the partition fails")
+    extra_columns: Literal["fail", "ignore"] = Field(default="fail", description="ignore: extra source columns are dropped, with a warning")
+    min_rows: int = Field(default=1, ge=0)
+    max_rows: int | None = Field(default=None, ge=1)
+    severity: dict[str, Literal["error", "warn"]] = Field(
+        default_factory=dict, description="per rule ('range') or column rule ('amount.range'): error blocks, warn reports"
+    )
+
+    @field_validator("severity")
+    @classmethod
+    def _known_rules(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            rule = name.rsplit(".", 1)[-1]
+            if rule not in RULES:
+                raise ValueError(f"'{name}': unknown rule '{rule}' (rules: {', '.join(RULES)})")
+        return value
+
+    def severity_of(self, rule: str, column: str | None) -> str:
+        """``error`` (blocks) or ``warn`` (reports) for a rule on a column."""
+        if column and f"{column}.{rule}" in self.severity:
+            return self.severity[f"{column}.{rule}"]
+        return self.severity.get(rule, "error")
 
 
 class FeaturesSpec(_Strict):
@@ -176,6 +211,7 @@ class PipelineSpec(_Strict):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     serving: ServingSpec = Field(default_factory=ServingSpec)
     drift: DriftSpec = Field(default_factory=DriftSpec)
+    validation: ValidationSpec = Field(default_factory=ValidationSpec)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -206,6 +242,15 @@ class PipelineSpec(_Strict):
             raise ValueError(f"features.expressions: {sorted(overlap)} also listed as columns")
         if not (self.features.passthrough or self.features.expressions or self.features.categorical or self.features.function):
             raise ValueError("features: no features declared")
+        for name in self.validation.severity:
+            column = name.rsplit(".", 1)[0] if "." in name else None
+            if column is not None and column not in columns:
+                raise ValueError(f"validation.severity: '{column}' is not a schema column")
+        for name, col in columns.items():
+            if col.max_null_fraction is not None and not col.nullable:
+                raise ValueError(f"schema.{name}.max_null_fraction: only nullable columns can have nulls")
+        if self.validation.max_rows is not None and self.validation.max_rows < self.validation.min_rows:
+            raise ValueError("validation.max_rows: smaller than min_rows")
         ts = self.source.timestamp_column
         if ts is not None and (ts not in columns or columns[ts].dtype != "datetime"):
             raise ValueError(f"source.timestamp_column: '{ts}' is not a datetime schema column")

@@ -114,3 +114,35 @@ def test_kiln_validate_cli(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "platform_defs.cli", "validate"], cwd=REPO, env=env, capture_output=True, text=True)
     assert bad.returncode == 1
     assert "schema.amount.dtype: 'flaot' is not one of" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("validation", "message"),
+    [
+        ({"on_bad_rows": "drop"}, r"validation\.on_bad_rows: 'drop' is not one of fail, quarantine"),
+        ({"severity": {"amount.rang": "warn"}}, r"validation\.severity.*unknown rule 'rang'"),
+        ({"severity": {"amout.range": "warn"}}, r"validation\.severity: 'amout' is not a schema column"),
+        ({"max_bad_row_share": 1.5}, r"validation\.max_bad_row_share: "),
+        ({"min_rows": 10, "max_rows": 5}, r"validation\.max_rows: smaller than min_rows"),
+    ],
+)
+def test_validation_policy_errors_name_the_field(tmp_path: Path, validation: dict, message: str) -> None:
+    data = fraud() | {"validation": validation}
+    with pytest.raises(SpecError, match=message):
+        load_spec(write(tmp_path, "fraud", data))
+
+
+def test_severity_lookup_prefers_the_column_rule() -> None:
+    from platform_defs.spec import ValidationSpec
+
+    policy = ValidationSpec(severity={"range": "warn", "amount.range": "error"})
+    assert policy.severity_of("range", "amount") == "error"
+    assert policy.severity_of("range", "customer_age") == "warn"
+    assert policy.severity_of("allowed_values", "country") == "error"
+
+
+def test_max_null_fraction_needs_a_nullable_column(tmp_path: Path) -> None:
+    data = fraud()
+    data["schema"]["amount"]["max_null_fraction"] = 0.1
+    with pytest.raises(SpecError, match=r"schema\.amount\.max_null_fraction: only nullable columns"):
+        load_spec(write(tmp_path, "fraud", data))

@@ -1,0 +1,122 @@
+"""Throughput of Kiln's generated great-expectations suites on 1M rows x 20 columns.
+
+The suites are the ones `<p>/raw` (schema: column set, row count, exact dtypes, non-nulls, null fractions) and
+`<p>/validated` (quality: ranges, allowed values, key uniqueness) run, built from a 20-column spec. The one-off
+``import great_expectations`` and context creation are excluded (warmed up on a tiny frame first). As a baseline,
+the same rules are counted with plain polars expressions in the same run (the floor any engine could reach).
+
+    python benchmarks/validation.py [--rows 1000000] [--repeat 3]
+
+Ends with ``BENCH validation rows_per_s=<n>`` (goal >= 2,000,000).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+CATEGORIES = {"cat_a": ["red", "green", "blue"], "cat_b": [f"b{i}" for i in range(8)], "cat_c": ["x", "y"],
+              "cat_d": [f"d{i}" for i in range(20)]}
+
+
+def spec_20() -> Any:
+    from platform_defs.spec import PipelineSpec
+
+    schema: dict[str, Any] = {"row_id": {"dtype": "str", "key": True}, "ts": {"dtype": "datetime"}}
+    for i in range(7):
+        schema[f"f{i}"] = {"dtype": "float", "min": -1000, "max": 1000, "nullable": i < 2}
+    for i in range(5):
+        schema[f"n{i}"] = {"dtype": "int", "min": 0, "max": 10_000}
+    for name, values in CATEGORIES.items():
+        schema[name] = {"dtype": "str", "allowed": values}
+    schema["flag"] = {"dtype": "bool"}
+    schema["label"] = {"dtype": "int", "min": 0, "max": 1}
+    assert len(schema) == 20
+    return PipelineSpec.model_validate({
+        "name": "bench20", "source": {"path": "bench20"}, "schema": schema, "target": "label", "task": "classification",
+        "features": {"passthrough": [f"f{i}" for i in range(7)]},
+    })
+
+
+def frame_20(rows: int) -> Any:
+    import numpy as np
+    import polars as pl
+
+    rng = np.random.default_rng(0)
+    data: dict[str, Any] = {
+        "row_id": pl.int_range(0, rows, eager=True).cast(pl.String),
+        "ts": pl.datetime_range(datetime(2026, 1, 1), datetime(2026, 1, 1) + timedelta(seconds=rows - 1), "1s", eager=True),
+    }
+    for i in range(7):
+        values = rng.normal(0, 100, rows)
+        data[f"f{i}"] = pl.Series(values).set(pl.Series(rng.random(rows) < 0.01), None) if i < 2 else values
+    for i in range(5):
+        data[f"n{i}"] = rng.integers(0, 10_000, rows)
+    for name, values in CATEGORIES.items():
+        data[name] = pl.Series(rng.choice(values, rows)).cast(pl.String)
+    data["flag"] = rng.random(rows) < 0.5
+    data["label"] = (rng.random(rows) < 0.1).astype(np.int64)
+    return pl.DataFrame(data)
+
+
+def timed(fn: Any, repeat: int) -> tuple[float, Any]:
+    times, out = [], None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+
+    import polars as pl
+
+    from assets.validate import cast_to_spec, quality_rules, run_rules, schema_rules, split_rows
+
+    spec = spec_20()
+    frame = frame_20(args.rows)
+    schema = schema_rules(spec, frame.columns)
+    quality = quality_rules(spec)
+
+    start = time.perf_counter()
+    run_rules(frame.head(100), schema, "warmup", spec)  # the one-off import and ephemeral context
+    import_s = time.perf_counter() - start
+
+    typed = cast_to_spec(frame, spec)
+    schema_s, schema_failures = timed(lambda: run_rules(frame, schema, "schema", spec, arrow=True), args.repeat)
+    quality_s, quality_failures = timed(lambda: run_rules(typed, quality, "quality", spec, arrow=False), args.repeat)
+    assert not schema_failures and not quality_failures, (schema_failures, quality_failures)
+
+    def polars_floor() -> Any:
+        nulls = frame.select([pl.col(c).null_count() for c in spec.schema_ if not spec.schema_[c].nullable])
+        return nulls, split_rows(typed, spec)
+
+    floor_s, _ = timed(polars_floor, args.repeat)
+    gx_s = schema_s + quality_s
+    rows_per_s = args.rows / gx_s
+    print(f"{args.rows:,} rows x {frame.width} columns; {len(schema)} schema + {len(quality)} quality expectations; "
+          f"median of {args.repeat}")
+    print(f"{'stage':<40}{'seconds':>10}{'rows/s':>16}{'vs polars floor':>18}")
+    for name, seconds in [("one-off GX import + context (excluded)", import_s), ("GX schema suite (raw)", schema_s),
+                          ("GX quality suite (validated)", quality_s), ("GX suites total", gx_s),
+                          ("polars floor (same rules, no GX)", floor_s)]:
+        ratio = f"{seconds / floor_s:.1f}x" if "excluded" not in name else "-"
+        print(f"{name:<40}{seconds:>10.3f}{args.rows / seconds:>16,.0f}{ratio:>18}")
+    print(f"BENCH validation rows_per_s={rows_per_s:.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

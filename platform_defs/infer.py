@@ -1,0 +1,165 @@
+"""`kiln new <name> --from <file>`: infer a pipeline spec from a CSV or parquet sample.
+
+It guesses what a person would write by hand: each column's dtype, nullability, numeric range, categories
+(text columns with few distinct values), a key (a unique text or int column named like an id) and the target
+(``--target``, else a column named like a label). The result is a normal spec that validates and loads; the
+person then reviews it (ranges are the observed ones, widened a little).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from platform_defs.spec import NAME_PATTERN, PipelineSpec, SpecError
+
+if TYPE_CHECKING:
+    import polars as pl
+
+MAX_CATEGORIES = 30
+TARGET_NAMES = ("target", "label", "y", "class", "outcome", "churn", "churned", "default", "fraud", "is_fraud")
+KEY_PATTERN = re.compile(r"(^id$|_id$|^id_|^key$|_key$|^uuid$)")
+RANGE_MARGIN = 0.1
+
+
+def read_sample(path: Path) -> pl.DataFrame:
+    """A CSV (dtypes and dates inferred) or parquet file, with a clear error for anything else."""
+    import polars as pl
+
+    if not path.is_file():
+        raise SpecError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            frame = pl.read_parquet(path)
+        elif suffix in (".csv", ".txt"):
+            frame = pl.read_csv(path, try_parse_dates=True, infer_schema_length=10_000)
+        else:
+            raise SpecError(f"{path}: expected a .csv or .parquet file, not '{suffix or 'no extension'}'")
+    except SpecError:
+        raise
+    except Exception as exc:  # polars raises several error types for unreadable files
+        raise SpecError(f"{path}: cannot read: {str(exc).splitlines()[0]}") from exc
+    if frame.height == 0:
+        raise SpecError(f"{path}: the sample has no rows; types and ranges cannot be inferred")
+    return frame
+
+
+def _dtype(series: pl.Series) -> str:
+    import polars as pl
+
+    dtype = series.dtype
+    if dtype == pl.Boolean:
+        return "bool"
+    if dtype.is_integer():
+        return "int"
+    if dtype.is_float():
+        return "float"
+    if dtype in (pl.Datetime, pl.Date) or isinstance(dtype, pl.Datetime):
+        return "datetime"
+    return "str"
+
+
+def _bounds(series: pl.Series, dtype: str) -> dict[str, Any]:
+    """Observed min/max widened by a margin (never below zero for non-negative data)."""
+    low, high = series.min(), series.max()
+    if low is None or high is None:
+        return {}
+    low_f, high_f = float(low), float(high)  # type: ignore[arg-type]
+    span = (high_f - low_f) or abs(high_f) or 1.0
+    lo = low_f - RANGE_MARGIN * span if low_f < 0 else max(0.0, low_f - RANGE_MARGIN * span)
+    hi = high_f + RANGE_MARGIN * span
+    if dtype == "int":
+        return {"min": int(math.floor(lo)), "max": int(math.ceil(hi))}
+    return {"min": round(lo, 6), "max": round(hi, 6)}
+
+
+def infer_spec(name: str, frame: pl.DataFrame, fmt: str, source_path: str, target: str | None = None) -> dict[str, Any]:
+    """A spec dict for the sample: schema, key, target, task and features (validated by the caller)."""
+    if not NAME_PATTERN.fullmatch(name):
+        raise SpecError(f"name: '{name}' must match {NAME_PATTERN.pattern}")
+    columns = list(frame.columns)
+    if target is None:
+        target = next((c for c in columns if c.lower() in TARGET_NAMES), None)
+    if target is None:
+        raise SpecError(f"target: no column looks like a label ({', '.join(TARGET_NAMES)}); pass --target <column>")
+    if target not in columns:
+        raise SpecError(f"target: '{target}' is not a column of the sample (columns: {', '.join(columns)})")
+
+    schema: dict[str, dict[str, Any]] = {}
+    categorical: list[str] = []
+    passthrough: list[str] = []
+    expressions: dict[str, str] = {}
+    timestamp: str | None = None
+    key_found = False
+    for col in columns:
+        series = frame[col]
+        dtype = _dtype(series)
+        entry: dict[str, Any] = {"dtype": dtype}
+        if series.null_count():
+            entry["nullable"] = True
+        distinct = series.n_unique()
+        if dtype in ("int", "float"):
+            entry.update(_bounds(series, dtype))
+        if (not key_found and col != target and dtype in ("str", "int") and KEY_PATTERN.search(col.lower())
+                and distinct == frame.height and not series.null_count()):
+            entry = {"dtype": dtype, "key": True}
+            key_found = True
+        elif dtype == "str" and col != target:
+            values = series.drop_nulls().unique().sort().to_list()
+            if len(values) <= MAX_CATEGORIES and len(values) < max(2, frame.height // 2):
+                entry["allowed"] = [str(v) for v in values]
+                categorical.append(col)
+        elif dtype == "datetime" and col != target:
+            timestamp = timestamp or col
+            expressions[f"{col}_hour"] = f"EXTRACT(HOUR FROM {col})"
+            expressions[f"{col}_dow"] = f"EXTRACT(DOW FROM {col})"
+        elif dtype in ("int", "float", "bool") and col != target:
+            passthrough.append(col)
+        schema[col] = entry
+
+    target_type = schema[target]["dtype"]
+    target_values = frame[target].n_unique()
+    if target_type == "bool" or (target_type == "int" and target_values <= 2):
+        task = "classification"
+        schema[target].pop("nullable", None)
+        metric = "roc_auc"
+    elif target_type in ("int", "float"):
+        task, metric = "regression", "rmse"
+    else:
+        raise SpecError(f"target: '{target}' is {target_type}; Kiln trains binary classifiers (int 0/1 or bool) "
+                        "and regressors (numbers)")
+    if not (passthrough or categorical or expressions):
+        raise SpecError("features: the sample has no usable feature columns besides the target and key")
+    return {
+        "name": name,
+        "description": f"Inferred by `kiln new` from a {fmt} sample of {frame.height} rows; review ranges and categories.",
+        "owner": "unknown",
+        "source": {"path": source_path, "format": fmt, "partitions": "none", **({"timestamp_column": timestamp} if timestamp else {})},
+        "schema": schema,
+        "target": target,
+        "task": task,
+        "features": {"passthrough": passthrough, "categorical": categorical, "expressions": expressions},
+        "trainer": {"kind": "lightgbm", "params": {"num_boost_round": 200, "learning_rate": 0.05, "num_leaves": 31, "seed": 7}},
+        "evaluation": {"metric": metric, "min_improvement": 0.0, "holdout": 0.2},
+    }
+
+
+def write_spec(name: str, sample: Path, folder: Path, target: str | None = None, source_path: str | None = None,
+               force: bool = False) -> Path:
+    """Infer, validate and write ``<folder>/<name>.yaml``; refuses to overwrite unless ``force``."""
+    import yaml
+
+    frame = read_sample(sample)
+    fmt = "parquet" if sample.suffix.lower() == ".parquet" else "csv"
+    data = infer_spec(name, frame, fmt, source_path or name, target)
+    PipelineSpec.model_validate(data)  # a bug here is ours, not the user's: fail loudly before writing
+    out = folder / f"{name}.yaml"
+    if out.exists() and not force:
+        raise SpecError(f"{out}: already exists (use --force to replace it)")
+    folder.mkdir(parents=True, exist_ok=True)
+    header = f"# Inferred by `kiln new {name} --from {sample.name}`: review ranges, categories, key and target.\n"
+    out.write_text(header + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120))
+    return out

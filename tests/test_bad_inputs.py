@@ -1,0 +1,262 @@
+"""The bad-input gauntlet: each bad source file goes through the real raw/validated assets and their GX checks.
+
+Two pipelines built from the fraud spec, each with a trained champion and a live `bentoml serve` endpoint:
+``cards`` reads CSV and quarantines bad rows up to 5%; ``cardspq`` reads parquet and fails a partition on any bad
+row. For every case: the partition's `validated` is not materialized (or only the good rows, within the quarantine
+limit), the check's message names the column and rule, the champion alias does not move and the endpoint keeps
+serving the same version. A clean partition then still flows end to end.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import httpx
+import polars as pl
+import pytest
+import yaml
+
+from tests.conftest import FRAUD_SPEC, free_port
+
+TRAIN_DAYS = 2
+ROWS = 1500
+START = date(2026, 1, 1)
+
+
+def _spec_file(folder: Path, name: str, fmt: str, validation: dict[str, Any]) -> Path:
+    data = yaml.safe_load(FRAUD_SPEC.read_text())
+    data.update(name=name, validation=validation)
+    data["source"].update(path=name, format=fmt)
+    data["serving"]["port"] = free_port()
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(kiln_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    from platform_defs.definitions import build_definitions
+    from platform_defs.lifecycle import ingest, retrain, simulate, source_partitions
+    from platform_defs.profiles import local_paths, resources
+    from platform_defs.spec import load_spec
+    from resources.serving import stop
+
+    spec_dir = tmp_path_factory.mktemp("bad-input-pipelines")
+    specs = {
+        "cards": load_spec(_spec_file(spec_dir, "cards", "csv", {"on_bad_rows": "quarantine", "max_bad_row_share": 0.05})),
+        "cardspq": load_spec(_spec_file(spec_dir, "cardspq", "parquet", {"on_bad_rows": "fail"})),
+    }
+    os.environ["KILN_PIPELINES_DIR"] = str(spec_dir)
+    defs = build_definitions(list(specs.values()))
+    instance = dg.DagsterInstance.get()
+    serving = resources("local")["serving"]
+    folders = {}
+    try:
+        for name, spec in specs.items():
+            folder = folders[name] = local_paths()["sources"] / spec.source.path
+            simulate(spec, folder, TRAIN_DAYS, ROWS, seed=5, start=START)
+            assert all(r.success for r in ingest(defs, spec, source_partitions(spec, folder), instance, progress=lambda _: None))
+            assert retrain(defs, spec, instance, progress=lambda _: None).success
+        yield {"specs": specs, "defs": defs, "instance": instance, "folders": folders, "serving": serving,
+               "mlflow": resources("local")["mlflow"], "storage": local_paths()["storage"], "days": iter(range(100))}
+    finally:
+        for name in specs:
+            state = serving.state(name)
+            if state:
+                stop(state["pid"])
+        os.environ.pop("KILN_PIPELINES_DIR", None)
+
+
+def _good_frame(world: dict[str, Any], name: str, seed: int = 11, rows: int = 400) -> pl.DataFrame:
+    from platform_defs.simulators.fraud import generate_day
+
+    return generate_day(START, rows, seed, 0.0)
+
+
+def _write_csv(frame: pl.DataFrame) -> bytes:
+    return frame.write_csv().encode()
+
+
+def _feed(world: dict[str, Any], name: str, content: bytes) -> tuple[str, dg.ExecuteInProcessResult]:
+    """Write the bytes as a new day's source file of the pipeline and ingest that partition."""
+    from platform_defs.lifecycle import ingest
+
+    spec = world["specs"][name]
+    day = (START + timedelta(days=TRAIN_DAYS + 1 + next(world["days"]))).isoformat()
+    (world["folders"][name] / f"{day}.{spec.source.format}").write_bytes(content)
+    result = ingest(world["defs"], spec, [day], world["instance"], progress=lambda _: None)[0]
+    return day, result
+
+
+def _evaluation(result: dg.ExecuteInProcessResult, asset: str, check: str) -> Any:
+    found = [e for e in result.get_asset_check_evaluations() if e.check_name == check and e.asset_key.path[-1] == asset]
+    assert found, f"check {asset}:{check} did not run"
+    return found[-1]
+
+
+def _champion(world: dict[str, Any], name: str) -> str:
+    return str(world["mlflow"].client().get_model_version_by_alias(name, "champion").version)
+
+
+def _served_version(world: dict[str, Any], name: str, kiln_home: Path) -> str:
+    import json
+
+    rows = json.loads((kiln_home / "state" / "reference" / name / "sample_rows.json").read_text())[:2]
+    response = httpx.post(f"{world['serving'].state(name)['url']}/predict", json={"rows": rows}, timeout=30)
+    assert response.status_code == 200, response.text
+    return str(response.json()["model_version"])
+
+
+def _materialized(result: dg.ExecuteInProcessResult, stage: str) -> bool:
+    return any(e.asset_key.path[-1] == stage for e in result.get_asset_materialization_events())
+
+
+def _with(frame: pl.DataFrame, column: str, values: list[Any] | Any, rows: int | None = None) -> pl.DataFrame:
+    """The frame with ``column`` replaced: all rows (rows=None) or the first ``rows`` rows, as text."""
+    text = frame.with_columns(pl.col(column).cast(pl.String))
+    if rows is None:
+        return text.with_columns(pl.lit(values, dtype=pl.String).alias(column))
+    return text.with_columns(
+        pl.when(pl.int_range(pl.len()) < rows).then(pl.lit(values, dtype=pl.String)).otherwise(pl.col(column)).alias(column)
+    )
+
+
+def _parquet(frame: pl.DataFrame) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    frame.write_parquet(buffer)
+    return buffer.getvalue()
+
+
+# (case id, pipeline, bad file content builder, failing check (asset, name), words the message must contain)
+Case = tuple[str, str, Callable[[pl.DataFrame], bytes], tuple[str, str], list[str]]
+CASES: list[Case] = [
+    ("missing_column", "cards", lambda f: _write_csv(f.drop("amount")), ("raw", "schema_contract"), ["amount", "columns_match"]),
+    ("renamed_column", "cards", lambda f: _write_csv(f.rename({"amount": "amt"})), ("raw", "schema_contract"),
+     ["amount", "amt", "columns_match"]),
+    ("extra_column", "cards", lambda f: _write_csv(f.with_columns(pl.lit(1).alias("promo_code"))), ("raw", "schema_contract"),
+     ["promo_code", "columns_match"]),
+    ("text_in_numeric_column", "cards", lambda f: _write_csv(_with(f, "amount", "twelve dollars")), ("raw", "schema_contract"),
+     ["amount", "dtype", "twelve dollars"]),
+    ("all_null_required_column", "cards", lambda f: _write_csv(_with(f, "country", None)), ("raw", "schema_contract"),
+     ["country", "not_null"]),
+    ("zero_byte_file", "cards", lambda f: b"", ("raw", "schema_contract"), ["(file)", "readable", "0 bytes"]),
+    ("header_only_file", "cards", lambda f: _write_csv(f.head(0)), ("raw", "schema_contract"), ["table", "row_count"]),
+    ("truncated_parquet", "cardspq", lambda f: _parquet(f)[: len(_parquet(f)) // 2], ("raw", "schema_contract"),
+     ["(file)", "readable", "parquet"]),
+    ("duplicate_keys", "cards", lambda f: _write_csv(pl.concat([f, f.head(200)])), ("validated", "quality_contract"),
+     ["txn_id", "unique_key", "bad_row_share"]),
+    ("out_of_range_values", "cardspq", lambda f: _parquet(f.with_columns(
+        pl.when(pl.int_range(pl.len()) < 3).then(-50.0).otherwise(pl.col("amount")).alias("amount"))),
+     ("validated", "quality_contract"), ["amount", "range", "-50"]),
+    ("unknown_category", "cards", lambda f: _write_csv(_with(f, "country", "XX", rows=120)), ("validated", "quality_contract"),
+     ["country", "allowed_values", "XX"]),
+    ("unparseable_timestamps", "cards", lambda f: _write_csv(_with(f, "ts", "31/02/2026 25:61", rows=7)), ("raw", "schema_contract"),
+     ["ts", "dtype", "31/02/2026 25:61"]),
+    ("non_utf8_bytes", "cards", lambda f: _write_csv(f).replace(b"grocery", b"groc\xe9ry\xff", 1), ("raw", "schema_contract"),
+     ["(file)", "readable", "UTF-8"]),
+    ("mixed_types_in_one_column", "cards", lambda f: _write_csv(_with(f, "txns_last_24h", "n/a", rows=5)), ("raw", "schema_contract"),
+     ["txns_last_24h", "dtype", "n/a"]),
+]
+
+
+@pytest.mark.parametrize(("case", "pipeline", "build", "check", "words"), CASES, ids=[c[0] for c in CASES])
+def test_bad_file_is_stopped_and_the_champion_keeps_serving(world: dict[str, Any], kiln_home: Path, case: str, pipeline: str,
+                                                            build: Callable[[pl.DataFrame], bytes], check: tuple[str, str],
+                                                            words: list[str]) -> None:
+    champion = _champion(world, pipeline)
+    day, result = _feed(world, pipeline, build(_good_frame(world, pipeline)))
+    assert not result.success, f"{case}: the bad partition {day} passed"
+    evaluation = _evaluation(result, *check)
+    assert not evaluation.passed
+    assert evaluation.severity == dg.AssetCheckSeverity.ERROR
+    summary = evaluation.metadata["summary"].value
+    for word in words:
+        assert word in summary, f"{case}: {word!r} not in {summary!r}"
+    assert evaluation.metadata["partition"].value == day
+    assert day in evaluation.metadata["file"].value
+    failures = evaluation.metadata["failures"].value
+    assert all({"rule", "column", "unexpected_count", "unexpected_percent", "sample_values"} <= set(f) for f in failures)
+    assert not _materialized(result, "validated")
+    assert not (world["storage"] / pipeline / "validated" / f"{day}.parquet").exists()
+    assert _champion(world, pipeline) == champion
+    assert _served_version(world, pipeline, kiln_home) == champion
+
+
+def test_few_bad_rows_are_quarantined_with_reasons_within_the_limit(world: dict[str, Any], kiln_home: Path) -> None:
+    frame = _good_frame(world, "cards", seed=12)
+    bad = frame.with_columns(pl.when(pl.int_range(pl.len()) < 6).then(99999.0).otherwise(pl.col("amount")).alias("amount"))
+    day, result = _feed(world, "cards", _write_csv(bad))
+    assert result.success
+    evaluation = _evaluation(result, "validated", "quality_contract")
+    assert not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.WARN  # reported, not blocking
+    assert "amount" in evaluation.metadata["summary"].value and "range" in evaluation.metadata["summary"].value
+    validated = pl.read_parquet(world["storage"] / "cards" / "validated" / f"{day}.parquet")
+    quarantine = pl.read_parquet(world["storage"] / "cards" / "quarantine" / f"{day}.parquet")
+    assert validated.height == frame.height - 6 and quarantine.height == 6
+    assert set(quarantine["_reasons"].to_list()) == {"amount.range"}
+    assert quarantine["amount"].to_list() == [99999.0] * 6
+
+
+def test_a_clean_partition_still_flows_end_to_end(world: dict[str, Any], kiln_home: Path) -> None:
+    from platform_defs.lifecycle import retrain
+
+    for pipeline in ("cards", "cardspq"):
+        spec = world["specs"][pipeline]
+        frame = _good_frame(world, pipeline, seed=13)
+        day, result = _feed(world, pipeline, _write_csv(frame) if spec.source.format == "csv" else _parquet(frame))
+        assert result.success, pipeline
+        assert _evaluation(result, "raw", "schema_contract").passed
+        assert (world["storage"] / pipeline / "validated" / f"{day}.parquet").exists()
+        again = retrain(world["defs"], spec, world["instance"], progress=lambda _: None)
+        assert again.success
+        features = [e for e in again.get_asset_materialization_events() if e.asset_key.path[-1] == "features"][-1]
+        stored = sorted(p.stem for p in (world["storage"] / pipeline / "validated").glob("*.parquet"))
+        assert features.step_materialization_data.materialization.metadata["partitions"].value == len(stored)
+        assert day in stored
+        served = _champion(world, pipeline)
+        assert _served_version(world, pipeline, kiln_home) == served
+
+
+def test_schema_change_is_flagged_between_materializations(world: dict[str, Any]) -> None:
+    frame = _good_frame(world, "cards", seed=14)
+    _, result = _feed(world, "cards", _write_csv(frame.with_columns(pl.lit("none").alias("coupon"))))
+    change = _evaluation(result, "raw", "schema_change")
+    assert not change.passed and change.severity == dg.AssetCheckSeverity.WARN
+    assert "coupon" in change.metadata["added"].value
+    raw = [e for e in result.get_asset_materialization_events() if e.asset_key.path[-1] == "raw"][-1]
+    columns = raw.step_materialization_data.materialization.metadata["dagster/column_schema"].value.columns
+    assert [c.name for c in columns][-1] == "coupon"
+
+
+def test_a_warn_rule_reports_without_blocking(world: dict[str, Any], tmp_path: Path) -> None:
+    from assets.validate import cast_to_spec, quality_rules, run_rules, split_rows
+
+    spec = world["specs"]["cards"].model_copy(update={"validation": world["specs"]["cards"].validation.model_copy(
+        update={"severity": {"customer_age.range": "warn"}})})
+    frame = cast_to_spec(_good_frame(world, "cards", seed=15), spec).with_columns(
+        pl.when(pl.int_range(pl.len()) < 50).then(150).otherwise(pl.col("customer_age")).alias("customer_age"))
+    failures = run_rules(frame, quality_rules(spec), "warn_rule", spec, arrow=False)
+    assert [(f["column"], f["rule"], f["severity"], f["unexpected_count"]) for f in failures] == [("customer_age", "range", "warn", 50)]
+    good, bad = split_rows(frame, spec)
+    assert bad.height == 0 and good.height == frame.height  # a warn rule never rejects rows
+
+
+def test_null_fraction_and_row_count_bounds_are_quality_rules(world: dict[str, Any]) -> None:
+    from assets.validate import cast_to_spec, quality_rules, run_rules
+
+    data = world["specs"]["cards"].model_dump(by_alias=True)
+    data["schema"]["customer_age"]["max_null_fraction"] = 0.1
+    data["validation"]["max_rows"] = 300
+    spec = type(world["specs"]["cards"]).model_validate(data)
+    frame = cast_to_spec(_good_frame(world, "cards", seed=16), spec).with_columns(
+        pl.when(pl.int_range(pl.len()) < 100).then(None).otherwise(pl.col("customer_age")).alias("customer_age"))
+    failures = {(f["column"], f["rule"]): f for f in run_rules(frame, quality_rules(spec), "bounds", spec, arrow=False)}
+    assert set(failures) == {(None, "row_count"), ("customer_age", "null_fraction")}
+    assert failures[("customer_age", "null_fraction")]["unexpected_count"] >= 100
