@@ -40,23 +40,31 @@ CHECKPOINT_FORMAT = 1
 
 
 class StandardizedMLP(nn.Module):
-    """Raw feature matrix in, prediction out: standardise (missing -> the training mean), MLP, sigmoid or de-standardise."""
+    """Raw feature matrix in, prediction out: numeric columns standardised (missing -> the training mean), categorical
+    codes one-hot (unknown or missing -> all zeros), an MLP, then sigmoid (classification) or de-standardisation."""
 
     mean: torch.Tensor
     scale: torch.Tensor
     target_mean: torch.Tensor
     target_scale: torch.Tensor
+    numeric_index: torch.Tensor
+    codes: torch.Tensor
 
     def __init__(self, n_features: int, hidden: list[int], dropout: float, classification: bool,
-                 mean: np.ndarray, scale: np.ndarray, target_mean: float = 0.0, target_scale: float = 1.0) -> None:
+                 mean: np.ndarray, scale: np.ndarray, target_mean: float = 0.0, target_scale: float = 1.0,
+                 categorical: dict[int, int] | None = None) -> None:
         super().__init__()
         self.classification = classification
+        self.categorical = sorted((categorical or {}).items())  # (column index, number of categories)
+        numeric = [i for i in range(n_features) if i not in dict(self.categorical)]
+        self.register_buffer("numeric_index", torch.tensor(numeric, dtype=torch.long))
+        self.register_buffer("codes", torch.arange(max([n for _, n in self.categorical], default=1), dtype=torch.float32))
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
         self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32))
         self.register_buffer("target_mean", torch.tensor(float(target_mean)))
         self.register_buffer("target_scale", torch.tensor(float(target_scale)))
         layers: list[nn.Module] = []
-        width = n_features
+        width = len(numeric) + sum(n for _, n in self.categorical)
         for size in hidden:
             layers += [nn.Linear(width, size), nn.ReLU()]
             if dropout:
@@ -67,8 +75,11 @@ class StandardizedMLP(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The raw output the loss sees (before sigmoid / de-standardisation)."""
-        z = (x.to(self.mean.dtype) - self.mean) / self.scale
-        return self.net(torch.nan_to_num(z, nan=0.0)).squeeze(-1)
+        x = x.to(self.mean.dtype)
+        parts = [torch.nan_to_num((x.index_select(1, self.numeric_index) - self.mean) / self.scale, nan=0.0)]
+        for column, size in self.categorical:
+            parts.append((x[:, column : column + 1] == self.codes[:size]).to(x.dtype))
+        return self.net(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]).squeeze(-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.logits(x)
@@ -139,6 +150,11 @@ def load_checkpoint(path: Path | None, expected_fingerprint: str) -> dict[str, A
     return state
 
 
+def categorical_columns(spec: PipelineSpec) -> dict[int, int]:
+    """Column index -> number of categories of the spec's categorical features (codes from ``compute_features``)."""
+    return {i: len(spec.schema_[n].allowed or []) for i, n in enumerate(spec.feature_names) if n in spec.features.categorical}
+
+
 def _split_validation(n: int, fraction: float, spec: PipelineSpec) -> int:
     cut = int(round(n * (1 - fraction)))
     if cut < 1 or cut >= n:
@@ -172,7 +188,8 @@ def fit(x: np.ndarray, y: np.ndarray, spec: PipelineSpec, checkpoint: Path | Non
     classification = spec.task == "classification"
     cut = _split_validation(len(x), params.val_fraction, spec)
     x_train, y_train, x_val, y_val = x[:cut], y[:cut], x[cut:], y[cut:]
-    mean, scale = _standardisation(x_train)
+    categorical = categorical_columns(spec)
+    mean, scale = _standardisation(x_train[:, [i for i in range(x.shape[1]) if i not in categorical]])
     target_mean, target_scale = (0.0, 1.0) if classification else (float(np.mean(y_train)), float(np.std(y_train) or 1.0))
 
     deterministic_before, threads_before = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
@@ -181,7 +198,8 @@ def fit(x: np.ndarray, y: np.ndarray, spec: PipelineSpec, checkpoint: Path | Non
         torch.set_num_threads(threads or cpu_threads(spec.trainer.resources.cpu))
     try:
         torch.manual_seed(params.seed)
-        model = StandardizedMLP(x.shape[1], params.hidden, params.dropout, classification, mean, scale, target_mean, target_scale).to(dev)
+        model = StandardizedMLP(x.shape[1], params.hidden, params.dropout, classification, mean, scale, target_mean, target_scale,
+                                categorical).to(dev)
         optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
         scaler = torch.amp.GradScaler("cuda", enabled=amp)
         shuffle = torch.Generator().manual_seed(params.seed)

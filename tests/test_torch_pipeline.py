@@ -283,3 +283,31 @@ def test_torch_params_are_validated_with_the_field_named(tmp_path: Path) -> None
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(SpecError, match=r"trainer: params\.hiden: unknown torch parameter"):
         load_spec(path)
+
+
+def test_categorical_features_are_one_hot_inside_the_model() -> None:
+    from datetime import date
+
+    from assets.evaluate import split_holdout
+    from assets.features import feature_table
+    from assets.train_torch import categorical_columns, features_matrix, fit, predict_module
+    from platform_defs.simulators.fraud import generate_day
+    from platform_defs.spec import load_spec
+
+    fraud = load_spec(REPO / "platform_defs" / "pipelines" / "fraud.yaml")
+    spec = fraud.model_copy(update={"trainer": fraud.trainer.model_copy(update={"kind": "torch", "params": {"epochs": 2, "seed": 3}})})
+    _, features = feature_table([generate_day(date(2026, 1, d), 1500, 1) for d in (1, 2)], spec)
+    train, holdout = split_holdout(features, spec)
+    result = fit(features_matrix(train, spec), train[spec.target].cast(float).to_numpy(), spec, device="cpu")
+    columns = categorical_columns(spec)
+    assert columns == {5: 8, 6: 8, 7: 3}  # merchant_category, country, channel after the five passthrough columns
+    first = result.model.net[0]
+    assert first.in_features == len(spec.feature_names) - len(columns) + sum(columns.values())
+    x = features_matrix(holdout.head(50), spec)
+    base = predict_module(result.model, x)
+    other = x.copy()
+    other[:, 7] = (other[:, 7] + 1) % 3  # another channel
+    unknown = x.copy()
+    unknown[:, 5] = np.nan  # a category the model never saw (compute_features makes it null)
+    assert np.isfinite(base).all() and np.isfinite(predict_module(result.model, unknown)).all()
+    assert not np.allclose(base, predict_module(result.model, other))
