@@ -358,7 +358,8 @@ def train_and_register(context: Any, features: pl.DataFrame, spec: PipelineSpec,
                     "last_epoch": result.last_epoch, "stopped_early": result.stopped_early, "device": result.device,
                     "mixed_precision": result.amp}
         mlf.log_params({**params.model_dump(mode="json"), "train_rows": train.height, "holdout_rows": holdout.height,
-                        "device": result.device, "mixed_precision": result.amp})
+                        "device": result.device, "mixed_precision": result.amp,
+                        "cpu_threads": cpu_threads(spec.trainer.resources.cpu) if result.device == "cpu" else None})
         mlf.log_metrics(metrics)
         mlf.set_tags({f"kiln.{k}": str(v) for k, v in training.items()})
         mlf.log_dict(spec.model_dump(mode="json", by_alias=True), "kiln/spec.json")

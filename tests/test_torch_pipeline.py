@@ -200,13 +200,15 @@ def test_sigkill_mid_training_resumes_from_the_checkpoint(world: dict[str, Any],
             "spec, = load_specs()\n"
             "retrain(build_definitions([spec]), spec, dg.DagsterInstance.get(), stages=('model',))\n")
     env = os.environ | {"KILN_PIPELINES_DIR": str(spec_dir)}
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    log = tmp_path / "killed_run.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     try:
         deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
         while time.monotonic() < deadline and proc.poll() is None and _latest_checkpoint_epoch(checkpoints) < KILL_AFTER_EPOCH:
             time.sleep(0.02)
-        assert proc.poll() is None, f"training ended (rc {proc.returncode}) before it could be killed"
+        assert proc.poll() is None, f"training ended (rc {proc.returncode}) before it could be killed:\n{log.read_text()[-3000:]}"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
