@@ -49,7 +49,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     import dagster as dg
 
-    from platform_defs.lifecycle import ingest, prepare_local_env, retrain, simulate, source_partitions
+    from platform_defs.lifecycle import ingest, ingest_keys, prepare_local_env, retrain, simulate, source_partitions
 
     paths = prepare_local_env()
     from platform_defs.definitions import build_definitions
@@ -58,12 +58,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     defs = build_definitions([spec])
     folder = paths["sources"] / spec.source.path
     have = source_partitions(spec, folder)
-    if len(have) < args.days:
-        print(f"simulating {args.days - len(have)} day(s) of {spec.name} data into {folder}")
-        simulate(spec, folder, args.days - len(have), args.rows_per_day, seed=args.seed)
+    want = args.days if spec.source.partitions == "daily" else 1  # an unpartitioned source is one snapshot
+    if len(have) < want:
+        print(f"simulating {want - len(have)} file(s) of {spec.name} data into {folder}")
+        simulate(spec, folder, want - len(have), args.rows_per_day, seed=args.seed)
     instance = dg.DagsterInstance.get()
     print(f"materializing {spec.name} on {instance.root_directory}")
-    results = ingest(defs, spec, source_partitions(spec, folder), instance)
+    results = ingest(defs, spec, ingest_keys(spec, folder), instance)
     if not any(r.success for r in results):
         print("kiln demo: no partition passed validation", file=sys.stderr)
         return 1
