@@ -140,7 +140,7 @@ def status_rows() -> list[dict[str, Any]]:
                 "champion_metric": metric,
                 "endpoint_url": url,
                 "endpoint_model_version": state.get("model_version"),
-                "healthy": bool(url) and healthy(url),
+                "healthy": bool(url) and healthy(str(url)),
                 "last_drift": json.loads(drift_path.read_text()) if drift_path.exists() else None,
                 "last_retrain": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(event.timestamp)) if event else None,
             }
