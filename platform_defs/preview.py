@@ -392,4 +392,8 @@ def run(pipeline: str, spec_file: Path | None = None, sample_rows: int = DEFAULT
 
     if current_profile() == "local":
         prepare_local_env()
-    return render(preview(load_changed_spec(pipeline, spec_file), resources(), sample_rows))
+    spec = load_changed_spec(pipeline, spec_file)
+    # Outside a Dagster run, resources are initialized here: that resolves the prod profile's dg.EnvVar fields.
+    profile_resources = resources()
+    ready = {name: profile_resources[name].process_config_and_initialize() for name in ("storage", "mlflow")}
+    return render(preview(spec, ready, sample_rows))

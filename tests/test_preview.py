@@ -82,7 +82,14 @@ def previews(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
         out = changed_dir / "preview.md"
         rc = main(["preview", "fraud", "--spec", str(changed_dir / "fraud.yaml"), "--out", str(out), "--sample-rows", str(SAMPLE)])
         changed = preview(load_spec(changed_dir / "fraud.yaml"), resources("local"), SAMPLE)
-        yield {"before_champion": before_champion, "champion": champion, "unchanged": unchanged,
+        with pytest.MonkeyPatch.context() as prod:
+            # The PR workflow runs previews in the prod profile: every location comes from environment variables.
+            prod.setenv("KILN_PROFILE", "prod")
+            prod.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+            prod.setenv("KILN_SOURCE_ROOT", str(home / "sources"))
+            prod.setenv("KILN_STATE_ROOT", str(home / "state"))
+            prod_md = run("fraud", changed_dir / "fraud.yaml", SAMPLE)
+        yield {"prod_md": prod_md, "before_champion": before_champion, "champion": champion, "unchanged": unchanged,
                "unchanged_md": render(unchanged), "rc": rc, "changed_md": out.read_text() if out.exists() else "",
                "changed": changed, "changed_dir": changed_dir}
 
@@ -137,6 +144,11 @@ def test_changed_spec_preview_markdown(previews: dict[str, Any]) -> None:
     assert float(amount[2]) > 0.2 and amount[3] == "**yes**"
     assert _drift_row(md, "channel")[3] == "**yes**"
     assert _drift_row(md, DROPPED)[3] == "in the reference, not in this change"
+
+
+def test_prod_profile_preview_reads_the_same_registry_and_data(previews: dict[str, Any]) -> None:
+    assert f"champion v{previews['champion']['version']}" in previews["prod_md"]
+    assert previews["prod_md"] == previews["changed_md"]  # same sample, same deterministic training, same champion
 
 
 def test_preview_refuses_a_spec_of_another_pipeline(previews: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
