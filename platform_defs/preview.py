@@ -91,14 +91,18 @@ def load_changed_spec(pipeline: str, spec_file: Path | None) -> PipelineSpec:
 
 def source_files(spec: PipelineSpec, storage: Any) -> list[UPath]:
     """The pipeline's source files, oldest first (daily files sort by their date names)."""
-    folder = storage.source_dir(spec.source.path)
+    path = spec.source.path
+    pattern = f"*.{spec.source.format}"
+    if any(ch in path for ch in "*?["):  # a glob: the folder part, then the file pattern
+        path, _, pattern = path.rpartition("/")
+    folder = storage.source_dir(path or ".")
     if folder.is_file():
         return [folder]
     if not folder.exists():
         raise PreviewError(f"{spec.name}: source folder {folder} does not exist (source.path: '{spec.source.path}')")
-    files = sorted(folder.glob(f"*.{spec.source.format}"), key=lambda p: p.name)
+    files = sorted(folder.glob(pattern), key=lambda p: p.name)
     if not files:
-        raise PreviewError(f"{spec.name}: no *.{spec.source.format} files in {folder}")
+        raise PreviewError(f"{spec.name}: no {pattern} files in {folder}")
     return files
 
 
@@ -261,9 +265,13 @@ def preview(spec: PipelineSpec, resources: dict[str, Any], sample_rows: int = DE
 
     raw, files = read_sample(spec, source_files(spec, storage), sample_rows)
     keep = passing_rows(raw, spec, "this change")
-    if champion_spec is not None:
+    if champion is not None and champion_spec is not None:
         # Both models are judged on the same rows: those that pass both data contracts.
-        keep = keep & passing_rows(raw, champion_spec, f"champion v{champion.version if champion else '?'} spec")
+        try:
+            keep = keep & passing_rows(raw, champion_spec, f"champion v{champion.version} spec")
+        except PreviewError as exc:
+            notes.append(f"the champion cannot be scored on this data ({exc}): no champion holdout metrics")
+            champion_spec = None
     rejected = raw.height - int(keep.sum())
     if rejected:
         notes.append(f"{rejected} of {raw.height} sampled rows break the data contract and are left out")
@@ -296,16 +304,19 @@ def preview(spec: PipelineSpec, resources: dict[str, Any], sample_rows: int = DE
     diff: list[tuple[str, Any, Any]] = []
     added: list[str] = []
     removed: list[str] = []
-    if champion_spec is not None:
-        diff = spec_diff(champion_spec, spec)
-        before, after = set(champion_spec.feature_names), set(spec.feature_names)
+    if champion is not None and champion.spec is not None:
+        diff = spec_diff(champion.spec, spec)
+        before, after = set(champion.spec.feature_names), set(spec.feature_names)
         added, removed = sorted(after - before), sorted(before - after)
 
     drift: list[DriftRow] = []
     drift_note = None
     ref_path = UPath(storage.state_root) / "reference" / spec.name / "reference.json"
     if ref_path.exists():
-        drift = drift_rows(spec, typed, frame, json.loads(ref_path.read_text()))
+        try:
+            drift = drift_rows(spec, typed, frame, json.loads(ref_path.read_text()))
+        except (ValueError, KeyError, TypeError) as exc:  # an old or foreign profile: say so, keep the rest
+            drift_note = f"the reference profile {ref_path} cannot be compared with this sample: {exc}"
     else:
         drift_note = f"no reference profile at {ref_path} yet (it is written when {spec.name}/features is materialized)"
     return PreviewResult(

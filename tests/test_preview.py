@@ -169,3 +169,14 @@ def test_preview_of_unknown_pipeline_names_the_folder(capsys: pytest.CaptureFixt
         mp.setenv("KILN_PIPELINES_DIR", str(tmp_path))
         assert main(["preview", "nosuch"]) == 1
     assert f"no pipeline 'nosuch' in {tmp_path} (have: fraud)" in capsys.readouterr().err
+
+
+def test_changed_spec_with_a_column_the_data_lacks_fails_naming_it(previews: dict[str, Any]) -> None:
+    from platform_defs.preview import PreviewError, preview
+    from platform_defs.profiles import resources
+    from platform_defs.spec import PipelineSpec
+
+    data = yaml.safe_load(FRAUD_SPEC.read_text())
+    data["schema"]["merchant_id"] = {"dtype": "str"}
+    with pytest.raises(PreviewError, match=r"this change: schema columns \['merchant_id'\] are not in the source data"):
+        preview(PipelineSpec.model_validate(data), resources("local"), SAMPLE)
