@@ -55,6 +55,9 @@ def previews(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
         mp.setenv("KILN_HOME", str(home))
         mp.setenv("KILN_PIPELINES_DIR", str(spec_dir))
         mp.delenv("KILN_SOURCE_ROOT", raising=False)
+        # mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI, so an earlier test module's registry would win.
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
         spec = load_spec(spec_dir / "fraud.yaml")
         folder = local_paths()["sources"] / spec.source.path
         simulate(spec, folder, DAYS, ROWS, seed=5, start=date(2026, 1, 1))
