@@ -170,9 +170,25 @@ def score_all(names: list[str], y_true: Any, y_pred: Any, notes: list[str], who:
     return out
 
 
+def fit_sample(train: pl.DataFrame, spec: PipelineSpec) -> Any:
+    """A predictor trained on the sample's training rows with the spec's trainer (LightGBM or torch), as `<p>/model` does."""
+    from assets.predictors import LightGBMPredictor, TorchPredictor
+
+    if spec.trainer.kind == "lightgbm":
+        from assets.train import train_lightgbm
+
+        return LightGBMPredictor(train_lightgbm(train, spec), spec)
+    if spec.trainer.kind == "torch":
+        from assets.train_torch import features_matrix, fit
+
+        result = fit(features_matrix(train, spec), train[spec.target].cast(float).to_numpy(), spec)
+        return TorchPredictor(result.model, spec)
+    raise PreviewError(f"{spec.name}: trainer.kind '{spec.trainer.kind}' is not one kiln preview can train")
+
+
 def load_champion(spec: PipelineSpec, mlflow: Any) -> tuple[Champion | None, Any, str]:
-    """The champion version, its spec and booster, or None with the reason (no registry entry, no alias)."""
-    from assets.train import load_booster
+    """The champion version, its spec and predictor (LightGBM or torch), or None with the reason (no registry entry, no alias)."""
+    from assets.predictors import load_predictor
 
     try:
         current = mlflow.champion(spec.name)
@@ -189,10 +205,11 @@ def load_champion(spec: PipelineSpec, mlflow: Any) -> tuple[Champion | None, Any
             champion_spec = PipelineSpec.model_validate(json.loads(Path(path).read_text()))
         except Exception as exc:  # missing artifact (older model) or a spec that no longer validates
             problem = f"{SPEC_ARTIFACT} of run {current.run_id}: {str(exc).splitlines()[0][:300]}"
-    booster = load_booster(f"models:/{spec.name}/{current.version}")
+    # The champion predicts from features computed with its own spec; without that spec it is not scored.
+    predictor = load_predictor(f"models:/{spec.name}/{current.version}", champion_spec) if champion_spec is not None else None
     champion = Champion(version=str(current.version), run_id=str(current.run_id), spec=champion_spec, spec_problem=problem,
                         training_metrics={k: float(v) for k, v in run.data.metrics.items()})
-    return champion, booster, f"`models:/{spec.name}@champion` is version {current.version}"
+    return champion, predictor, f"`models:/{spec.name}@champion` is version {current.version}"
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -250,15 +267,13 @@ def preview(spec: PipelineSpec, resources: dict[str, Any], sample_rows: int = DE
     from upath import UPath
 
     from assets.evaluate import gate, split_holdout
-    from assets.train import _metrics, predict, train_lightgbm
+    from assets.train import _metrics
 
     if sample_rows < 10:
         raise PreviewError(f"--sample-rows: {sample_rows} is too few to train and hold out rows (at least 10)")
-    if spec.trainer.kind != "lightgbm":
-        raise PreviewError(f"{spec.name}: trainer.kind '{spec.trainer.kind}': kiln preview trains lightgbm models only so far")
     storage, mlflow = resources["storage"], resources["mlflow"]
     notes: list[str] = []
-    champion, champion_booster, lookup = load_champion(spec, mlflow)
+    champion, champion_predictor, lookup = load_champion(spec, mlflow)
     champion_spec = champion.spec if champion is not None else None
     if champion is not None and champion_spec is None:
         notes.append(f"the champion's spec could not be read ({champion.spec_problem}): no schema diff, no champion holdout metrics")
@@ -282,9 +297,9 @@ def preview(spec: PipelineSpec, resources: dict[str, Any], sample_rows: int = DE
     except ValueError as exc:
         raise PreviewError(f"{exc}; raise --sample-rows") from exc
     metric_names = _metrics(spec)
-    booster = train_lightgbm(train, spec)
+    model = fit_sample(train, spec)
     y_true = holdout[spec.target].to_numpy()
-    metrics = score_all(metric_names, y_true, predict(booster, holdout, spec), notes, "this change")
+    metrics = score_all(metric_names, y_true, model.predict(holdout), notes, "this change")
 
     verdict = None
     if champion is not None and champion_spec is not None:
@@ -295,7 +310,7 @@ def preview(spec: PipelineSpec, resources: dict[str, Any], sample_rows: int = DE
             _, champion_frame = feature_frame(raw, champion_spec)
             champion_holdout = champion_frame.slice(train.height)  # the same rows as `holdout`, in the same order
             champion.holdout_metrics = score_all(
-                metric_names, y_true, predict(champion_booster, champion_holdout, champion_spec), notes, f"champion v{champion.version}")
+                metric_names, y_true, champion_predictor.predict(champion_holdout), notes, f"champion v{champion.version}")
             ours, theirs = metrics.get(spec.evaluation.metric), champion.holdout_metrics.get(spec.evaluation.metric)
             if ours is not None and theirs is not None:
                 promote, reason = gate(ours, theirs, spec.evaluation)

@@ -14,7 +14,7 @@ import dagster as dg
 import pytest
 import yaml
 
-from tests.conftest import FRAUD_SPEC
+from tests.conftest import FRAUD_SPEC, REPO
 
 DAYS = 3
 ROWS = 1500
@@ -183,3 +183,20 @@ def test_changed_spec_with_a_column_the_data_lacks_fails_naming_it(previews: dic
     data["schema"]["merchant_id"] = {"dtype": "str"}
     with pytest.raises(PreviewError, match=r"this change: schema columns \['merchant_id'\] are not in the source data"):
         preview(PipelineSpec.model_validate(data), resources("local"), SAMPLE)
+
+
+def test_torch_pipeline_preview_on_an_unpartitioned_snapshot(previews: dict[str, Any], tmp_path: Path) -> None:
+    """The shipped torch pipeline (one CSV snapshot, no daily partitions) previews with the torch trainer."""
+    from platform_defs.lifecycle import simulate
+    from platform_defs.preview import run
+    from platform_defs.profiles import local_paths
+    from platform_defs.spec import load_spec
+
+    spec_file = tmp_path / "breast_cancer.yaml"
+    shutil.copy(REPO / "platform_defs" / "pipelines" / "breast_cancer.yaml", spec_file)
+    spec = load_spec(spec_file)
+    simulate(spec, local_paths()["sources"] / spec.source.path, 1, 569, seed=1)
+    md = run("breast_cancer", spec_file, 1000)
+    assert "A torch model trained on a sample of 569 source rows from 1 file(s)" in md
+    assert "No production champion yet" in md
+    assert 0.9 < float(_metric_row(md, "roc_auc")[1]) <= 1.0  # the Wisconsin data separates well
