@@ -1,6 +1,6 @@
 # Kiln code-location image: the Dagster code server for platform_defs.definitions (gRPC on port 4000).
 # The same image runs launched runs (K8sRunLauncher / Dagster+ hybrid agent), so it carries the ML stack; torch is the
-# CPU wheel here, which keeps the image free of CUDA libraries.
+# CPU wheel by default (build arg TORCH_INDEX), which keeps the image free of CUDA libraries.
 #
 #   docker build -t kiln-code-location:dev .
 #   docker run --rm -p 4000:4000 kiln-code-location:dev
@@ -9,6 +9,9 @@
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
+# CPU wheels by default; for a GPU variant (torch trainers on GPU nodes) pass the CUDA index of the pinned torch,
+# e.g. --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu<NNN>
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH
@@ -16,12 +19,12 @@ WORKDIR /src
 RUN python -m venv /opt/venv
 
 # Dependencies first, from pyproject.toml alone: this layer is rebuilt only when the dependency list changes,
-# not on every pipeline-spec or code change. torch comes from the CPU wheel index (no CUDA libraries, ~4 GB smaller).
+# not on every pipeline-spec or code change. torch comes from TORCH_INDEX (CPU wheels: no CUDA libraries, ~4 GB smaller).
 COPY pyproject.toml ./
 RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
 open('torch.txt', 'w').write('\n'.join(d for d in deps if d.startswith('torch'))); \
 open('requirements.txt', 'w').write('\n'.join(d for d in deps if not d.startswith('torch')))" \
- && pip install --index-url https://download.pytorch.org/whl/cpu -r torch.txt \
+ && pip install --index-url "${TORCH_INDEX}" -r torch.txt \
  && pip install -r requirements.txt
 
 # Then the code: only Kiln's packages (see .dockerignore), installed without touching the dependency layer.

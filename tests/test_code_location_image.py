@@ -43,7 +43,8 @@ def test_build_installs_dependencies_before_code_and_runs_non_root() -> None:
     install_deps = next(i for i, (op, a) in enumerate(ops) if op == "RUN" and "-r requirements.txt" in a)
     copy_code = next(i for i, (op, a) in enumerate(ops) if op == "COPY" and a.startswith("platform_defs"))
     assert copy_pyproject < install_deps < copy_code  # a code or spec change reuses the dependency layer
-    assert "--index-url https://download.pytorch.org/whl/cpu -r torch.txt" in ops[install_deps][1]
+    assert '--index-url "${TORCH_INDEX}" -r torch.txt' in ops[install_deps][1]
+    assert ("ARG", "TORCH_INDEX=https://download.pytorch.org/whl/cpu") in ops  # CPU torch unless asked otherwise
     assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim", DOCKERFILE, re.M)
     runtime = _runtime_stage()
     user = [a for op, a in runtime if op == "USER"]
