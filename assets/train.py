@@ -49,7 +49,7 @@ def train_lightgbm(train: pl.DataFrame, spec: PipelineSpec) -> lgb.Booster:
 
 def predict(booster: lgb.Booster, frame: pl.DataFrame, spec: PipelineSpec) -> np.ndarray:
     """Positive-class probability (classification) or value (regression) for featurized rows."""
-    return booster.predict(matrix(frame, spec), num_threads=0)
+    return booster.predict(matrix(frame, spec), num_threads=0)  # type: ignore[return-value]  # a 1-d array for one model
 
 
 def load_booster(model_uri: str) -> lgb.Booster:

@@ -65,7 +65,7 @@ class KilnService:
         tag = os.environ["KILN_MODEL_TAG"]
         self.model_ref = bentoml.models.get(tag)
         info = self.model_ref.info
-        self.spec = PipelineSpec.from_json(info.metadata["kiln_spec"])
+        self.spec = PipelineSpec.from_json(str(info.metadata["kiln_spec"]))
         self.labels = dict(info.labels)
         self.version = self.labels["mlflow_model_version"]
         self.predictor = load_predictor(self.model_ref.path, self.spec, num_threads=1)  # LightGBM or torch, from the MLmodel
