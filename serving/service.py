@@ -124,18 +124,16 @@ class KilnService:
 
     def _load_model(self) -> Any:
         """A function from a features frame to a 1-D array of predictions (the one place a model is loaded)."""
-        import lightgbm as lgb
+        from assets.predictors import load_predictor
 
-        from assets.train import matrix
-
-        model_file = next(Path(self.model_ref.path).rglob("model.lgb"))
-        booster = lgb.Booster(model_file=str(model_file))
-        spec = self.spec
-        return lambda features: booster.predict(matrix(features, spec), num_threads=1)
+        self.predictor = load_predictor(self.model_ref.path, self.spec, num_threads=1)  # LightGBM or torch, from the MLmodel
+        return self.predictor.predict
 
     @app.post("/predict")
     async def predict(self, request: Request) -> Response:
         """Score rows: ``{"rows": [...]}`` -> ``{"predictions": [...], "model_version": "<n>"}``; 4xx names the field."""
+        import numpy as np
+
         started = time.perf_counter()
         if not api_key_ok(request.headers, self.api_key):
             self.metrics.request(401, time.perf_counter() - started)
@@ -145,7 +143,7 @@ class KilnService:
         except RequestError as exc:
             self.metrics.request(exc.status, time.perf_counter() - started)
             return json_response({"error": str(exc)}, exc.status, self.version)
-        predictions = self.predict_features(compute_features(frame, self.spec))
+        predictions = np.asarray(self.predict_features(compute_features(frame, self.spec)), dtype=float).ravel()
         self.log.write(frame, predictions, self.version)
         self.metrics.scored(predictions)
         response = json_response({"predictions": predictions.tolist(), "model_version": self.version}, 200, self.version)
