@@ -144,10 +144,11 @@ class ServingResource(dg.ConfigurableResource):
                 "log": str(log_path)}
 
     def _wait_ready(self, pipeline: str, proc: subprocess.Popen[bytes], url: str, log_path: Path, path: str = "/readyz") -> None:
+        what = "the router" if "serving.router" in proc.args else "bentoml serve"  # type: ignore[operator]
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise EndpointError(f"{pipeline}: {proc.args[2:4]} exited with {proc.returncode}:\n{tail(log_path)}")
+                raise EndpointError(f"{pipeline}: {what} exited with {proc.returncode}:\n{tail(log_path)}")
             if healthy(url, path=path):
                 return
             time.sleep(0.3)

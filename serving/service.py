@@ -112,7 +112,7 @@ class KilnService:
         tag = os.environ["KILN_MODEL_TAG"]
         self.model_ref = bentoml.models.get(tag)
         info = self.model_ref.info
-        self.spec = PipelineSpec.from_json(info.metadata["kiln_spec"])
+        self.spec = PipelineSpec.from_json(str(info.metadata["kiln_spec"]))
         self.labels = dict(info.labels)
         self.version = self.labels["mlflow_model_version"]
         self.predict_features = self._load_model()
