@@ -359,11 +359,15 @@ def stop_backends(config: dict[str, Any]) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """Running (a zombie left for its parent, the process that deployed it, to reap counts as stopped)."""
     try:
         os.kill(pid, 0)
     except (ProcessLookupError, PermissionError):
         return False
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def main(argv: list[str] | None = None) -> None:
