@@ -441,10 +441,11 @@ def validate_objects(objects: Mapping[str, Mapping[str, Any]], version: str = KU
         try:
             kubernetes_validate.validate(dict(obj), version, strict=True)
         except kubernetes_validate.ValidationError as exc:
-            path = ".".join(str(p) for p in exc.caught.absolute_path) or "(top level)"
-            errors[name] = f"{path}: {exc.caught.message}"
-        except (kubernetes_validate.SchemaNotFoundError, kubernetes_validate.InvalidSchemaError) as exc:
-            errors[name] = str(exc)
+            path = ".".join(str(p) for p in exc.absolute_path) or "(top level)"
+            errors[name] = f"{path}: {exc.message}"
+        except (kubernetes_validate.SchemaNotFoundError, kubernetes_validate.InvalidSchemaError,
+                kubernetes_validate.utils.VersionNotSupportedError) as exc:
+            errors[name] = exc.message
     return errors
 
 
@@ -457,7 +458,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.add_argument("--kubernetes-version", default=KUBERNETES_VERSION)
     args = parser.parse_args(argv)
     os.environ["KILN_PROFILE"] = "prod"
-    objects = render_all()
+    try:
+        objects = render_all()
+    except (K8sConfigError, ValueError) as exc:  # SpecError and dagster's config errors are ValueErrors too
+        print(f"ERROR: {exc}", file=sys.stderr)
+        return 1
     if args.command == "render":
         import yaml
 
