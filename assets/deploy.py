@@ -32,13 +32,13 @@ def smoke_test(url: str, rows: list[dict[str, Any]], model_uri: str, spec: Pipel
     import numpy as np
 
     from assets.features import compute_features
-    from assets.train import load_booster, matrix
+    from assets.predictors import load_predictor
     from serving.requests import parse_rows
 
     response = httpx.post(f"{url}/predict", json={"rows": rows}, timeout=30)
     response.raise_for_status()
     body = response.json()
-    offline = load_booster(model_uri).predict(matrix(compute_features(parse_rows(rows, spec, len(rows)), spec), spec))
+    offline = load_predictor(model_uri, spec, num_threads=None).predict(compute_features(parse_rows(rows, spec, len(rows)), spec))
     online = np.asarray(body["predictions"], dtype=float)
     diff = float(np.max(np.abs(online - offline))) if len(online) == len(offline) else float("inf")
     return {"rows": len(rows), "max_abs_diff": diff, "model_version": body.get("model_version"), "status": response.status_code}

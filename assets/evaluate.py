@@ -75,7 +75,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
     )
     def champion(context, model: Any, features: Any):
         mlflow: MlflowResource = context.resources.mlflow
-        from assets.train import load_booster, predict
+        from assets.predictors import load_predictor
 
         client = mlflow.client()
         _, holdout = split_holdout(features, spec)
@@ -87,11 +87,11 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         if model.get("features_data_version") == data_version(features):
             challenger_score = float(model["score"])
         else:
-            challenger_score = score(metric, y, predict(load_booster(model["model_uri"]), holdout, spec))
+            challenger_score = score(metric, y, load_predictor(model["model_uri"], spec).predict(holdout))
         current = mlflow.champion(spec.name)
         champion_score = None
         if current is not None:
-            champion_score = score(metric, y, predict(load_booster(f"models:/{spec.name}/{current.version}"), holdout, spec))
+            champion_score = score(metric, y, load_predictor(f"models:/{spec.name}/{current.version}", spec).predict(holdout))
         if current is not None and str(current.version) == str(model["version"]):
             promote, reason = False, "challenger is already the champion"
         else:

@@ -134,7 +134,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
                 "dagster/column_schema": schema,
                 "partitions": len(frames),
                 "feature_names": ", ".join(feature_columns(spec, frame)),
-                "positive_rate": float(frame[spec.target].mean() or 0.0) if spec.task == "classification" else 0.0,
+                "positive_rate": float(frame[spec.target].mean() or 0.0) if spec.task == "classification" else 0.0,  # type: ignore[arg-type]
                 "data_version": version,
                 "reference_profile": dg.MetadataValue.path(str(ref_path)),
             },

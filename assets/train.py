@@ -49,7 +49,7 @@ def train_lightgbm(train: pl.DataFrame, spec: PipelineSpec) -> lgb.Booster:
 
 def predict(booster: lgb.Booster, frame: pl.DataFrame, spec: PipelineSpec) -> np.ndarray:
     """Positive-class probability (classification) or value (regression) for featurized rows."""
-    return booster.predict(matrix(frame, spec), num_threads=0)
+    return booster.predict(matrix(frame, spec), num_threads=0)  # type: ignore[return-value]  # a 1-d array for one model
 
 
 def load_booster(model_uri: str) -> lgb.Booster:
@@ -74,7 +74,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         kinds={spec.trainer.kind, "mlflow"},
         op_tags={"kiln/trainer": spec.trainer.kind, **k8s.op_tags(spec, "model")},
         pool=k8s.pool(spec, "model"),
-        required_resource_keys={"mlflow"},
+        required_resource_keys={"mlflow", "storage"},
         description=f"A {spec.trainer.kind} challenger, tracked and registered in MLflow as '{spec.name}'.",
     )
     def model(context, features: Any):
@@ -86,6 +86,10 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         from assets.evaluate import score, split_holdout
         from assets.features import data_version, feature_columns
 
+        if spec.trainer.kind == "torch":
+            from assets.train_torch import train_and_register
+
+            return train_and_register(context, features, spec, mlflow, context.resources.storage)
         if spec.trainer.kind != "lightgbm":
             raise NotImplementedError(f"{spec.name}: trainer.kind '{spec.trainer.kind}' is not available yet")
         train, holdout = split_holdout(features, spec)

@@ -64,7 +64,7 @@ def build(spec: PipelineSpec, retrain_job: Any) -> dg.SensorDefinition:
         reference_path = Path(state_root) / "reference" / spec.name / "reference.json"
         if not path.exists() or not reference_path.exists():
             return dg.SkipReason("no prediction windows observed yet")
-        cursor = json.loads(context.cursor) if context.cursor else {"seen": 0, "state": {}}
+        cursor: dict[str, Any] = json.loads(context.cursor) if context.cursor else {"seen": 0, "state": {}}
         lines = path.read_text().splitlines()
         new = [json.loads(line) for line in lines[cursor["seen"]:] if line.strip()]
         if not new:
