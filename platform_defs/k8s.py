@@ -86,12 +86,12 @@ def stage_resources(spec: PipelineSpec, stage: str) -> tuple[str, str, int]:
 def parse_quantity(value: str | int | float) -> Decimal:
     """A Kubernetes quantity (``500m``, ``2``, ``4Gi``, ``1e3``) as a number, to compare requests with limits."""
     text = str(value).strip()
-    suffixes = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
-                "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "k": 10**3, "M": 10**6, "G": 10**9,
-                "T": 10**12, "P": 10**15, "E": 10**18}
+    suffixes = {name: Decimal(2) ** (10 * i) for i, name in enumerate(("Ki", "Mi", "Gi", "Ti", "Pi", "Ei"), start=1)}
+    suffixes |= {name: Decimal(10) ** exp for name, exp in (("n", -9), ("u", -6), ("m", -3), ("k", 3), ("M", 6), ("G", 9),
+                                                           ("T", 12), ("P", 15), ("E", 18))}
     for suffix in sorted(suffixes, key=len, reverse=True):
         if text.endswith(suffix) and text[: -len(suffix)]:
-            number, factor = text[: -len(suffix)], Decimal(suffixes[suffix])
+            number, factor = text[: -len(suffix)], suffixes[suffix]
             break
     else:
         number, factor = text, Decimal(1)

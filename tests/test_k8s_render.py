@@ -64,6 +64,11 @@ def test_every_step_of_every_real_pipeline_renders_a_valid_cpu_job(prod: None) -
         model = _container(jobs[f"{spec.name}__model"])
         assert model["resources"]["limits"]["cpu"] == spec.trainer.resources.cpu
         assert model["resources"]["requests"]["memory"] == spec.trainer.resources.memory
+        if spec.trainer.resources.gpu:  # e.g. breast_cancer (torch, gpu: 1)
+            assert model["resources"]["limits"]["nvidia.com/gpu"] == str(spec.trainer.resources.gpu)
+            assert GPU_TOLERATION in jobs[f"{spec.name}__model"]["spec"]["template"]["spec"]["tolerations"]
+            assert tags[f"{spec.name}__model"][1] == "gpu"
+    assert any(s.trainer.resources.gpu for s in specs), "the real specs include a GPU pipeline (breast_cancer)"
     for step, job in jobs.items():
         assert job["kind"] == "Job" and job["metadata"]["labels"]["dagster/op"] == step
         pod = job["spec"]["template"]["spec"]
