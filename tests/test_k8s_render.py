@@ -284,3 +284,22 @@ def test_strict_validation_names_the_bad_field(prod: None) -> None:
     assert list(errors) == ["typo"]
     assert errors["typo"].startswith("spec.template.spec.containers.0.resources: Additional properties are not allowed ('limit'")
     assert "Couldn't find schema" in k8s.validate_objects({"x": {"apiVersion": "v1", "kind": "Bogus"}})["x"]
+
+
+def test_serving_images_freeze_to_the_dockerfiles_bentoml_builds(tmp_path: Path) -> None:
+    from serving.images import CUDA_BASE_IMAGE, image_for
+
+    specs = {s.name: s for s in load_specs()}
+    built = {}
+    for name, spec in (("fraud", specs["fraud"]), ("breast_cancer", specs["breast_cancer"])):
+        bento_fs = tmp_path / name
+        (bento_fs / "src").mkdir(parents=True)
+        image_for(spec).freeze(bento_fs, [], None)
+        built[name] = ((bento_fs / "env/docker/Dockerfile").read_text(), (bento_fs / "env/python/requirements.txt").read_text())
+    cpu_dockerfile, cpu_requirements = built["fraud"]
+    gpu_dockerfile, gpu_requirements = built["breast_cancer"]  # torch trainer with gpu: 1
+    assert "FROM python:3.11-slim AS base-container" in cpu_dockerfile and "torch" not in cpu_requirements
+    assert f"FROM {CUDA_BASE_IMAGE} AS base-container" in gpu_dockerfile
+    assert gpu_dockerfile.index("pip install --break-system-packages uv") < gpu_dockerfile.index("uv venv --python 3.11")
+    assert "torch==2.13.0" in gpu_requirements.splitlines() and "lightgbm>=4,<5" in gpu_requirements.splitlines()
+    assert "USER bentoml" in gpu_dockerfile  # uid 1034: the endpoint Deployment runs as it (runAsNonRoot)
