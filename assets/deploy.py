@@ -52,6 +52,7 @@ def build(spec: PipelineSpec) -> list[Any]:
     """The `<p>/endpoint` asset and its live smoke-test check."""
     import dagster as dg
 
+    from platform_defs import k8s
     from resources.serving import ServingResource, healthy
     from resources.storage import KilnStorage
 
@@ -60,13 +61,22 @@ def build(spec: PipelineSpec) -> list[Any]:
     @dg.asset(
         key=endpoint_key,
         group_name=spec.name,
+        op_tags=k8s.op_tags(spec, "endpoint"),
+        pool=k8s.pool(spec, "endpoint"),
         ins={"bento": dg.AssetIn(key(spec.name, "bento"), input_manager_key="json_io_manager")},
         io_manager_key="json_io_manager",
         kinds={"bentoml"},
-        required_resource_keys={"serving"},
+        required_resource_keys={"serving", "storage"},
         description="The served endpoint: URL, model version, bento, health (local: a `bentoml serve` process).",
     )
     def endpoint(context, bento: Any):
+        from platform_defs.profiles import current_profile
+
+        if current_profile() == "prod":  # Kubernetes: render and record the Deployment + Service, no local process
+            record = k8s.endpoint_record(spec, bento, context.resources.storage.state_root)
+            return dg.Output(record, metadata={"url": dg.MetadataValue.url(record["url"]), "image": record["image"],
+                                               "manifests": record["manifests"], "objects": ", ".join(record["objects"]),
+                                               "model_version": record["model_version"], "bento": record["bento"]})
         serving: ServingResource = context.resources.serving
         record = serving.deploy(spec.name, bento["tag"], bento["model_tag"], bento["model_version"], spec.serving.port)
         record["healthy"] = healthy(record["url"])

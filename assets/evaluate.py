@@ -52,6 +52,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
     """The `<p>/champion` asset with its champion-vs-challenger gate check."""
     import dagster as dg
 
+    from platform_defs import k8s
     from resources.mlflow import CHAMPION_ALIAS, MlflowResource
 
     champion_key = dg.AssetKey(key(spec.name, "champion"))
@@ -59,6 +60,8 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
     @dg.asset(
         key=champion_key,
         group_name=spec.name,
+        op_tags=k8s.op_tags(spec, "champion"),
+        pool=k8s.pool(spec, "champion"),
         ins={
             "model": dg.AssetIn(key(spec.name, "model"), input_manager_key="json_io_manager"),
             "features": dg.AssetIn(key(spec.name, "features")),

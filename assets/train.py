@@ -63,6 +63,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
     """The `<p>/model` asset."""
     import dagster as dg
 
+    from platform_defs import k8s
     from resources.mlflow import MlflowResource
 
     @dg.asset(
@@ -71,7 +72,8 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         ins={"features": dg.AssetIn(key(spec.name, "features"))},
         io_manager_key="json_io_manager",
         kinds={spec.trainer.kind, "mlflow"},
-        op_tags={"kiln/trainer": spec.trainer.kind},
+        op_tags={"kiln/trainer": spec.trainer.kind, **k8s.op_tags(spec, "model")},
+        pool=k8s.pool(spec, "model"),
         required_resource_keys={"mlflow", "storage"},
         description=f"A {spec.trainer.kind} challenger, tracked and registered in MLflow as '{spec.name}'.",
     )
