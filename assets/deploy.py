@@ -28,6 +28,8 @@ def sample_rows(frame: pl.DataFrame, spec: PipelineSpec, n: int = SMOKE_ROWS) ->
 
 def smoke_test(url: str, rows: list[dict[str, Any]], model_uri: str, spec: PipelineSpec) -> dict[str, Any]:
     """POST rows to the endpoint and compare with offline predictions of the same rows by the same model."""
+    import os
+
     import httpx
     import numpy as np
 
@@ -35,7 +37,9 @@ def smoke_test(url: str, rows: list[dict[str, Any]], model_uri: str, spec: Pipel
     from assets.predictors import load_predictor
     from serving.requests import parse_rows
 
-    response = httpx.post(f"{url}/predict", json={"rows": rows}, timeout=30)
+    key = os.environ.get("KILN_API_KEY")  # the platform's own smoke test authenticates like any client
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    response = httpx.post(f"{url}/predict", json={"rows": rows}, headers=headers, timeout=30)
     response.raise_for_status()
     body = response.json()
     offline = load_predictor(model_uri, spec, num_threads=None).predict(compute_features(parse_rows(rows, spec, len(rows)), spec))

@@ -175,11 +175,23 @@ class EvaluationSpec(_Strict):
         return self.metric not in ("log_loss", "rmse", "mae")
 
 
+class ReleaseSpec(_Strict):
+    """How a challenger meets live traffic: canary (a stable hash-based share is served by it) or shadow (mirrored, never served)."""
+
+    mode: Literal["none", "canary", "shadow"] = "none"
+    challenger_share: float = Field(default=0.1, ge=0, le=1, description="canary: share of traffic the challenger serves")
+
+
 class ServingSpec(_Strict):
     port: int = Field(default=3000, ge=1024, le=65535)
     max_batch_rows: int = Field(default=1000, ge=1)
     max_latency_ms: int = Field(default=20, ge=1)
-    workers: int = Field(default=1, ge=1)
+    workers: int = Field(default=0, ge=0, description="server worker processes; 0 = one per CPU")
+    unknown_category: Literal["reject", "allow"] = Field(
+        default="reject", description="reject: a category outside schema.allowed gets 400; allow: it is scored as missing"
+    )
+    access_log: bool = False
+    release: ReleaseSpec = Field(default_factory=ReleaseSpec)
     replicas: int = Field(default=1, ge=1)
     cpu: str = "1"
     memory: str = "1Gi"

@@ -1,0 +1,326 @@
+"""The same LightGBM model served four ways: Kiln's endpoint vs `mlflow models serve` vs a bare Starlette app vs in-process.
+
+In a throwaway KILN_HOME this script trains the fraud pipeline (``platform_defs.lifecycle``: simulate, ingest,
+retrain -> a live Kiln endpoint: the router on the public port in front of `bentoml serve`), then serves the
+champion's booster with:
+
+- **kiln**: ``POST /predict`` ``{"rows": [<raw input row>]}`` through the router (validation, ``compute_features``,
+  predict, prediction log, metrics) - and **kiln-backend**, the `bentoml serve` process without the router hop;
+- **mlflow**: ``mlflow models serve --env-manager local`` of ``models:/fraud/<v>`` with ``dataframe_split`` of the
+  already-computed feature row (so it does less work than Kiln: no validation, no feature code);
+- **uvicorn**: a bare Starlette app under uvicorn calling ``booster.predict`` on a JSON feature row (the HTTP floor);
+- **in-process**: ``booster.predict`` on one feature row, and Kiln's whole request path (parse, features, predict).
+
+Every server runs one worker process. Load comes from a separate process (asyncio + aiohttp, keep-alive) at 1, 16
+and 64 connections for ``--seconds`` each, one row per request; then Kiln soaks at 16 connections for ``--soak``
+seconds (default 300) with the RSS of all its processes before and after. Run:
+``.venv/bin/python benchmarks/serving.py`` (or ``--seconds 5 --soak 60`` for a quick run). The load generator
+shares the machine's cores with the servers, so absolute numbers are a floor on a busy machine. Ends with
+``BENCH serving rps_kiln=<n> rps_mlflow=<n> rps_uvicorn=<n> p99_ms_kiln=<ms> errors=<n>`` (16 connections).
+Goals (reported, not enforced): rps_kiln >= 4x mlflow and >= 0.7x uvicorn, p99 <= 25 ms, 0 errors, RSS growth <= 10%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+# This file is named like Kiln's `serving` package: keep its folder off the import path so `serving.*` is the package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+FRAUD_SPEC = REPO / "platform_defs" / "pipelines" / "fraud.yaml"
+CONNECTIONS = (1, 16, 64)
+READY_S = 180.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ---------------------------------------------------------------------------------------------------- load generator
+async def _load(url: str, body: bytes, headers: dict[str, str], conns: int, seconds: float) -> dict[str, Any]:
+    import aiohttp
+
+    latencies: list[float] = []
+    errors = 0
+    deadline = time.perf_counter() + seconds
+    connector = aiohttp.TCPConnector(limit=conns)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30), headers=headers) as http:
+
+        async def worker() -> None:
+            nonlocal errors
+            while time.perf_counter() < deadline:
+                started = time.perf_counter()
+                try:
+                    async with http.post(url, data=body) as response:
+                        await response.read()
+                        ok = response.status == 200
+                except (aiohttp.ClientError, TimeoutError):
+                    ok = False
+                latencies.append(time.perf_counter() - started)
+                errors += not ok
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(conns)))
+        wall = time.perf_counter() - started
+    latencies.sort()
+    n = len(latencies)
+    return {"requests": n, "errors": errors, "rps": n / wall,
+            "p50_ms": latencies[n // 2] * 1000 if n else None, "p99_ms": latencies[min(n - 1, int(0.99 * n))] * 1000 if n else None}
+
+
+def load(url: str, body: bytes, conns: int, seconds: float, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run the load generator in its own process; returns requests, errors, rps, p50_ms, p99_ms."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
+        fh.write(body)
+    cmd = [sys.executable, __file__, "load", "--url", url, "--body", fh.name, "--conns", str(conns), "--seconds", str(seconds),
+           "--headers", json.dumps(headers or {})]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=seconds + 120)
+    os.unlink(fh.name)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------------- the HTTP floor
+def floor_app(model_file: str) -> Any:
+    import lightgbm as lgb
+    import numpy as np
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    booster = lgb.Booster(model_file=model_file)
+
+    async def predict(request: Request) -> Response:
+        rows = json.loads(await request.body())["rows"]
+        predictions = booster.predict(np.asarray(rows, dtype=float), num_threads=1)
+        return Response(json.dumps({"predictions": predictions.tolist()}), media_type="application/json")
+
+    async def ready(request: Request) -> Response:
+        return Response("ok")
+
+    return Starlette(routes=[Route("/predict", predict, methods=["POST"]), Route("/readyz", ready)])
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
+    import httpx
+
+    deadline = time.monotonic() + READY_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} not ready after {READY_S:.0f}s")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def tree_rss_mb(pids: list[int]) -> float:
+    import psutil
+
+    total = 0
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            for p in [root, *root.children(recursive=True)]:
+                total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            continue
+    return total / 2**20
+
+
+# ---------------------------------------------------------------------------------------------------- the benchmark
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="load duration per server and connection count")
+    parser.add_argument("--soak", type=float, default=300.0, help="soak duration in seconds (Kiln at 16 connections)")
+    parser.add_argument("--days", type=int, default=3)
+    parser.add_argument("--rows", type=int, default=5000)
+    args = parser.parse_args(argv)
+
+    import yaml
+
+    home = Path(tempfile.mkdtemp(prefix="kiln-bench-serving-"))
+    spec_dir = home / "pipelines"
+    spec_dir.mkdir()
+    data = yaml.safe_load(FRAUD_SPEC.read_text())
+    data["serving"].update(port=free_port(), workers=1)
+    (spec_dir / "fraud.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    for name in ("KILN_SOURCE_ROOT", "MLFLOW_TRACKING_URI", "KILN_STATE_ROOT", "KILN_STORAGE_PREFIX", "KILN_API_KEY"):
+        os.environ.pop(name, None)
+    os.environ |= {"KILN_PROFILE": "local", "KILN_HOME": str(home), "KILN_PIPELINES_DIR": str(spec_dir),
+                   "DAGSTER_HOME": str(home / "dagster"), "BENTOML_HOME": str(home / "bentoml"), "BENTOML_DO_NOT_TRACK": "True"}
+    (home / "dagster").mkdir()
+
+    import dagster as dg
+    import numpy as np
+
+    from assets.features import compute_features, feature_columns
+    from assets.train import load_booster, matrix
+    from platform_defs.definitions import build_definitions
+    from platform_defs.lifecycle import ingest, retrain, simulate, source_partitions
+    from platform_defs.profiles import local_paths, resources
+    from platform_defs.spec import load_spec
+    from serving.requests import parse_body
+
+    spec = load_spec(spec_dir / "fraud.yaml")
+    defs = build_definitions([spec])
+    folder = local_paths()["sources"] / spec.source.path
+    print(f"training fraud on {args.days} x {args.rows} rows in {home}")
+    simulate(spec, folder, args.days, args.rows, seed=1, start=date(2026, 1, 1))
+    instance = dg.DagsterInstance.get()
+    import logging
+
+    logging.getLogger("dagster").setLevel(logging.WARNING)
+    ingest(defs, spec, source_partitions(spec, folder), instance)
+    if not retrain(defs, spec, instance).success:
+        print("retrain failed", file=sys.stderr)
+        return 1
+    serving = resources("local")["serving"]
+    state = serving.state("fraud")
+    sample = json.loads((local_paths()["state"] / "reference" / "fraud" / "sample_rows.json").read_text())
+    row = next(r for r in sample if all(v is not None for v in r.values()))
+    kiln_body = json.dumps({"rows": [row]}).encode()
+    frame = parse_body(kiln_body, spec, 10)
+    features = compute_features(frame, spec)
+    feature_row = matrix(features, spec)[0].tolist()
+    columns = feature_columns(spec, features)
+    booster = load_booster(f"models:/fraud/{state['model_version']}")
+    model_file = home / "model.lgb"
+    booster.save_model(str(model_file))
+
+    procs: list[subprocess.Popen[bytes]] = []
+    results: dict[str, dict[int, dict[str, Any]]] = {}
+    try:
+        mlflow_port, floor_port = free_port(), free_port()
+        env = os.environ | {"MLFLOW_TRACKING_URI": resources("local")["mlflow"].tracking_uri,
+                             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        mlflow_cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/fraud/{state['model_version']}",
+                      "--env-manager", "local", "-h", "127.0.0.1", "-p", str(mlflow_port), "-w", "1"]
+        with (home / "mlflow-serve.log").open("ab") as log:
+            procs.append(subprocess.Popen(mlflow_cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        wait_ready(f"http://127.0.0.1:{mlflow_port}/health", procs[-1])
+        floor_cmd = [sys.executable, __file__, "floor", "--model", str(model_file), "--port", str(floor_port)]
+        with (home / "floor.log").open("ab") as log:
+            procs.append(subprocess.Popen(floor_cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        wait_ready(f"http://127.0.0.1:{floor_port}/readyz", procs[-1])
+
+        targets = {
+            "kiln": (f"{state['url']}/predict", kiln_body),
+            "kiln-backend": (f"{state['backend_url']}/predict", kiln_body),
+            "mlflow": (f"http://127.0.0.1:{mlflow_port}/invocations",
+                       json.dumps({"dataframe_split": {"columns": columns, "data": [feature_row]}}).encode()),
+            "uvicorn": (f"http://127.0.0.1:{floor_port}/predict", json.dumps({"rows": [feature_row]}).encode()),
+        }
+        for name, (url, body) in targets.items():
+            load(url, body, 4, 2.0)  # warm-up
+            results[name] = {}
+            for conns in CONNECTIONS:
+                results[name][conns] = load(url, body, conns, args.seconds)
+                r = results[name][conns]
+                print(f"  {name:<13} {conns:>3} conns: {r['rps']:8.0f} rps  p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  "
+                      f"errors {r['errors']}")
+
+        # in-process
+        x = np.asarray([feature_row])
+        n = 2000
+        t0 = time.perf_counter()
+        for _ in range(n):
+            booster.predict(x, num_threads=1)
+        predict_us = (time.perf_counter() - t0) / n * 1e6
+        t0 = time.perf_counter()
+        for _ in range(n // 4):
+            booster.predict(matrix(compute_features(parse_body(kiln_body, spec, 10), spec), spec), num_threads=1)
+        path_us = (time.perf_counter() - t0) / (n // 4) * 1e6
+
+        # soak
+        pids = [p for p in (state.get("router_pid"), state.get("backend_pid")) if p]
+        rss_before = tree_rss_mb(pids)
+        soak = load(targets["kiln"][0], kiln_body, 16, args.soak)
+        rss_after = tree_rss_mb(pids)
+    finally:
+        for proc in procs:
+            stop(proc)
+        serving.shutdown("fraud")
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Serving one row per request, 1 worker each, {args.seconds:.0f} s per cell (load from a separate process)")
+    for col in ("server", "conns", "rps", "p50 ms", "p99 ms", "errors"):
+        table.add_column(col, justify="right" if col != "server" else "left")
+    for name, by_conns in results.items():
+        for conns, r in by_conns.items():
+            table.add_row(name, str(conns), f"{r['rps']:.0f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", str(r["errors"]))
+    table.add_row("in-process booster.predict", "-", f"{1e6 / predict_us:.0f}", f"{predict_us / 1000:.3f}", "-", "-")
+    table.add_row("in-process kiln path", "-", f"{1e6 / path_us:.0f}", f"{path_us / 1000:.3f}", "-", "-")
+    Console(width=140).print(table)
+    growth = (rss_after - rss_before) / rss_before if rss_before else float("nan")
+    print(f"soak: {args.soak:.0f} s at 16 connections: {soak['requests']} requests, {soak['rps']:.0f} rps, p99 {soak['p99_ms']:.2f} ms, "
+          f"errors {soak['errors']}; RSS (router + bentoml serve tree) {rss_before:.0f} MB -> {rss_after:.0f} MB ({growth:+.1%})")
+    k, m, u = results["kiln"][16], results["mlflow"][16], results["uvicorn"][16]
+    print(f"ratios at 16 connections: kiln/mlflow {k['rps'] / m['rps']:.2f}x (goal >= 4), kiln/uvicorn {k['rps'] / u['rps']:.2f}x "
+          f"(goal >= 0.7); p99 kiln {k['p99_ms']:.1f} ms (goal <= 25); RSS growth {growth:+.1%} (goal <= 10%)")
+    errors = sum(r["errors"] for by in results.values() for r in by.values()) + soak["errors"]
+    print(f"BENCH serving rps_kiln={k['rps']:.0f} rps_mlflow={m['rps']:.0f} rps_uvicorn={u['rps']:.0f} "
+          f"p99_ms_kiln={k['p99_ms']:.1f} errors={errors}")
+    return 0
+
+
+def cli() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "load":
+        parser = argparse.ArgumentParser()
+        parser.add_argument("cmd")
+        parser.add_argument("--url", required=True)
+        parser.add_argument("--body", required=True)
+        parser.add_argument("--conns", type=int, required=True)
+        parser.add_argument("--seconds", type=float, required=True)
+        parser.add_argument("--headers", default="{}")
+        a = parser.parse_args()
+        result = asyncio.run(_load(a.url, Path(a.body).read_bytes(), json.loads(a.headers) | {"Content-Type": "application/json"},
+                                   a.conns, a.seconds))
+        print(json.dumps(result))
+        return 0
+    if len(sys.argv) > 1 and sys.argv[1] == "floor":
+        import uvicorn
+
+        parser = argparse.ArgumentParser()
+        parser.add_argument("cmd")
+        parser.add_argument("--model", required=True)
+        parser.add_argument("--port", type=int, required=True)
+        a = parser.parse_args()
+        uvicorn.run(floor_app(a.model), host="127.0.0.1", port=a.port, access_log=False, log_level="warning")
+        return 0
+    return main()
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

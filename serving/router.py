@@ -1,0 +1,386 @@
+"""The router: a small ASGI app (its own uvicorn process) that owns an endpoint's public port.
+
+It proxies every request to the pipeline's current backend (a `bentoml serve` process on an internal
+port), so a deploy can start a new backend, switch the router to it and stop the old one without the
+public URL ever refusing a request (zero-downtime roll). With a challenger it runs a release:
+
+- ``canary``: a stable, hash-based share of requests (hash of ``X-Kiln-Request-Key`` or of the first
+  row's key column) is served by the challenger;
+- ``shadow``: every ``/predict`` is mirrored to the challenger and its answer is logged, never served.
+
+Both arms are logged (arm, model version, status, latency, predictions) as JSON lines for the gate, and
+counted in memory for ``/_kiln/arms``. Configuration is a JSON file written by ``ServingResource``;
+``POST /_kiln/reload`` (loopback only, ``X-Kiln-Admin`` token from that file) makes the router re-read it.
+On SIGTERM the router stops the backends it fronts.
+
+Series at the router's ``/metrics`` (appended to the champion backend's own): ``kiln_router_requests_total``
+``{arm, model_version, status}`` and ``kiln_router_request_duration_seconds{arm}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import json
+import os
+import signal
+import time
+import zlib
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+HOP_HEADERS = {b"host", b"content-length", b"connection", b"transfer-encoding", b"keep-alive"}
+PROTECTED = ("/predict", "/metadata")
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+FLUSH_EVERY_S = 1.0
+FLUSH_ROWS = 200
+WARMUP_REQUESTS = 10
+
+
+def share_of(key: str) -> float:
+    """A stable number in [0, 1) for a request key: the same key always lands in the same arm."""
+    return zlib.crc32(key.encode("utf-8", "replace")) / 2**32
+
+
+def request_key(headers: dict[bytes, bytes], body: bytes, key_column: str | None) -> str:
+    """The request's routing key: ``X-Kiln-Request-Key``, else the first row's key column, else the body itself."""
+    given = headers.get(b"x-kiln-request-key")
+    if given:
+        return given.decode("latin-1")
+    if key_column:
+        try:
+            rows = json.loads(body)["rows"]
+            return str(rows[0][key_column])
+        except (ValueError, KeyError, IndexError, TypeError):
+            pass
+    return body.decode("latin-1")
+
+
+class ArmStats:
+    """Live counts of one arm: requests, server errors, latencies (recent window) and prediction scores."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.errors = 0
+        self.client_errors = 0
+        self.rows = 0
+        self.score_sum = 0.0
+        self.latencies: deque[float] = deque(maxlen=10_000)
+
+    def add(self, status: int, seconds: float, predictions: list[float] | None) -> None:
+        self.requests += 1
+        self.errors += status >= 500
+        self.client_errors += 400 <= status < 500
+        if self.requests > WARMUP_REQUESTS:  # a fresh backend's first answers (lazy imports, caches) are not its latency
+            self.latencies.append(seconds)
+        if predictions:
+            self.rows += len(predictions)
+            self.score_sum += float(sum(predictions))
+
+    def summary(self) -> dict[str, Any]:
+        lat = sorted(self.latencies)
+
+        def p(q: float) -> float | None:
+            return lat[min(len(lat) - 1, int(q * len(lat)))] * 1000 if lat else None
+
+        return {
+            "requests": self.requests, "server_errors": self.errors, "client_errors": self.client_errors, "rows": self.rows,
+            "error_rate": self.errors / self.requests if self.requests else 0.0,
+            "mean_score": self.score_sum / self.rows if self.rows else None, "p50_ms": p(0.5), "p99_ms": p(0.99),
+        }
+
+
+class Router:
+    """The ASGI app. ``config_path`` holds the upstreams and release settings (see ``ServingResource``)."""
+
+    def __init__(self, config_path: Path) -> None:
+        self.config_path = config_path
+        self.config: dict[str, Any] = {}
+        self.generation = 0
+        self.session: Any = None
+        self.in_flight: dict[str, int] = {}
+        self.arms: dict[str, ArmStats] = {}
+        self.buffer: list[str] = []
+        self.last_flush = time.monotonic()
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.metrics: Any = None
+        self.load()
+
+    # configuration -------------------------------------------------------------------------------------------
+    def load(self) -> None:
+        self.flush()
+        before = self._arm_upstreams()
+        self.config = json.loads(self.config_path.read_text())
+        self.generation += 1
+        after = self._arm_upstreams()
+        # An arm's live numbers belong to one backend: a new backend (even of the same version) starts from zero.
+        self.arms = {k: v for k, v in self.arms.items() if k in after and before.get(k) == after[k]}
+
+    def _arm_upstreams(self) -> dict[str, str]:
+        return {f"{arm}:{u['version']}": u["url"] for arm in ("champion", "challenger") if (u := self.config.get(arm))}
+
+    def api_key(self) -> str | None:
+        return os.environ.get("KILN_API_KEY") or None
+
+    # ASGI ----------------------------------------------------------------------------------------------------
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        path = scope["path"]
+        if path == "/livez":
+            await self._send(send, 200, b'{"status":"ok","router":true}')
+            return
+        headers = dict(scope["headers"])
+        body = await self._body(receive)
+        if path.startswith("/_kiln/"):
+            await self._admin(scope, headers, path, send)
+            return
+        if path in PROTECTED and not self._authorized(headers):
+            await self._send(send, 401, b'{"error":"unauthorized: send the API key as \'Authorization: Bearer <key>\'"}')
+            return
+        if path == "/metrics":
+            await self._metrics(scope, headers, send)
+            return
+        arm = "champion"
+        challenger = self.config.get("challenger")
+        mode = self.config.get("mode", "none")
+        if path == "/predict" and scope["method"] == "POST" and challenger:
+            if mode == "canary" and share_of(request_key(headers, body, self.config.get("key_column"))) < self.config.get("share", 0):
+                arm = "challenger"
+            elif mode == "shadow":
+                task = asyncio.create_task(self._mirror(scope, headers, body))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+        status, out_headers, content = await self._forward(arm, scope, headers, body)
+        await self._send(send, status, content, out_headers + [(b"x-kiln-arm", arm.encode())])
+
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                import aiohttp
+
+                self.session = aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=30), timeout=aiohttp.ClientTimeout(total=60)
+                )
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                for task in list(self.tasks):
+                    task.cancel()
+                self.flush()
+                await self.session.close()
+                stop_backends(self.config)
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    @staticmethod
+    async def _body(receive: Any) -> bytes:
+        chunks = []
+        more = True
+        while more:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        return b"".join(chunks)
+
+    @staticmethod
+    async def _send(send: Any, status: int, content: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        headers = headers or [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [*headers, (b"content-length", str(len(content)).encode())]})
+        await send({"type": "http.response.body", "body": content})
+
+    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+        key = self.api_key()
+        if not key:
+            return True
+        given = headers.get(b"x-api-key", b"").decode("latin-1")
+        auth = headers.get(b"authorization", b"").decode("latin-1")
+        if auth[:7].lower() == "bearer ":
+            given = auth[7:].strip()
+        return hmac.compare_digest(given.encode(), key.encode())
+
+    # proxying ------------------------------------------------------------------------------------------------
+    async def _forward(self, arm: str, scope: dict[str, Any], headers: dict[bytes, bytes],
+                       body: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """Send the request to an arm's upstream; on a refused connection retry once on the (possibly new) upstream."""
+        import aiohttp
+
+        for attempt in range(3):
+            upstream = self.config.get(arm) or self.config.get("champion")
+            if not upstream:
+                return 503, [(b"content-type", b"application/json")], b'{"error":"no backend is serving yet"}'
+            url = upstream["url"]
+            self.in_flight[url] = self.in_flight.get(url, 0) + 1
+            started = time.perf_counter()
+            try:
+                target = url + scope["path"] + (("?" + scope["query_string"].decode("latin-1")) if scope.get("query_string") else "")
+                send_headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers.items() if k not in HOP_HEADERS}
+                async with self.session.request(scope["method"], target, data=body, headers=send_headers) as response:
+                    content = await response.read()
+                    status = response.status
+                    out = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in response.headers.items()
+                           if k.lower().encode("latin-1") not in HOP_HEADERS]
+            except (TimeoutError, aiohttp.ClientConnectionError) as exc:
+                if attempt < 2:
+                    await asyncio.sleep(0.05)
+                    continue
+                return 503, [(b"content-type", b"application/json")], json.dumps({"error": f"backend unavailable: {exc}"}).encode()
+            finally:
+                self.in_flight[url] -= 1
+            if scope["path"] == "/predict":
+                self._record(arm if self.config.get(arm) else "champion", upstream["version"], status, time.perf_counter() - started,
+                             content, served=True)
+            return status, out, content
+        raise AssertionError("unreachable")
+
+    async def _mirror(self, scope: dict[str, Any], headers: dict[bytes, bytes], body: bytes) -> None:
+        """Shadow: the challenger scores the same request; its answer is logged and dropped."""
+        challenger = self.config.get("challenger")
+        if not challenger:
+            return
+        try:
+            await self._forward("challenger", scope, headers, body)
+        except Exception:  # noqa: BLE001 - a failing shadow must never affect the served answer
+            self.arms.setdefault(f"challenger:{challenger['version']}", ArmStats()).add(599, 0.0, None)
+
+    def _record(self, arm: str, version: str, status: int, seconds: float, content: bytes, served: bool) -> None:
+        if self.metrics is None:
+            self.metrics = RouterMetrics()
+        self.metrics.observe(arm, version, status, seconds)
+        if self.config.get("mode", "none") == "none" or not self.config.get("challenger"):
+            return
+        predictions = None
+        if status == 200:
+            try:
+                predictions = json.loads(content)["predictions"]
+            except (ValueError, KeyError, TypeError):
+                predictions = None
+        served = served and not (arm == "challenger" and self.config.get("mode") == "shadow")
+        self.arms.setdefault(f"{arm}:{version}", ArmStats()).add(status, seconds, predictions)
+        self.buffer.append(json.dumps({"ts": time.time(), "arm": arm, "model_version": version, "status": status,
+                                       "latency_ms": round(seconds * 1000, 3), "served": served, "predictions": predictions}))
+        if len(self.buffer) >= FLUSH_ROWS or time.monotonic() - self.last_flush > FLUSH_EVERY_S:
+            self.flush()
+
+    def flush(self) -> None:
+        self.last_flush = time.monotonic()
+        if not self.buffer or not self.config.get("arm_log"):
+            self.buffer.clear()
+            return
+        path = Path(self.config["arm_log"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as fh:
+            fh.write("\n".join(self.buffer) + "\n")
+        self.buffer.clear()
+
+    async def _metrics(self, scope: dict[str, Any], headers: dict[bytes, bytes], send: Any) -> None:
+        status, out, content = await self._forward("champion", scope, headers, b"")
+        if self.metrics is not None:
+            content = content.rstrip(b"\n") + b"\n" + self.metrics.render()
+        await self._send(send, status, content, [(k, v) for k, v in out if k == b"content-type"])
+
+    # admin ---------------------------------------------------------------------------------------------------
+    async def _admin(self, scope: dict[str, Any], headers: dict[bytes, bytes], path: str, send: Any) -> None:
+        client = (scope.get("client") or ("", 0))[0]
+        token = str(self.config.get("admin_token", ""))
+        given = headers.get(b"x-kiln-admin", b"").decode("latin-1")
+        if client not in LOOPBACK or not token or not hmac.compare_digest(given.encode(), token.encode()):
+            await self._send(send, 403, b'{"error":"admin endpoints are for the local ServingResource only"}')
+            return
+        if path == "/_kiln/reload" and scope["method"] == "POST":
+            try:
+                self.load()
+            except (OSError, ValueError) as exc:
+                await self._send(send, 400, json.dumps({"error": f"config: {exc}"}).encode())
+                return
+        elif path == "/_kiln/flush":
+            self.flush()
+        elif path != "/_kiln/state":
+            await self._send(send, 404, b'{"error":"unknown admin path"}')
+            return
+        state = {
+            "generation": self.generation,
+            "champion": self.config.get("champion"),
+            "challenger": self.config.get("challenger"),
+            "mode": self.config.get("mode", "none"),
+            "share": self.config.get("share", 0),
+            "in_flight": self.in_flight,
+            "arms": {k: v.summary() for k, v in self.arms.items()},
+        }
+        await self._send(send, 200, json.dumps(state).encode())
+
+
+class RouterMetrics:
+    """The router's own Prometheus series (one process, its own registry)."""
+
+    def __init__(self) -> None:
+        import prometheus_client as prom
+
+        self.registry = prom.CollectorRegistry()
+        self.requests = prom.Counter("kiln_router_requests", "Requests proxied to /predict by arm", ["arm", "model_version", "status"],
+                                     registry=self.registry)
+        self.latency = prom.Histogram("kiln_router_request_duration_seconds", "Upstream /predict time by arm", ["arm"],
+                                      registry=self.registry,
+                                      buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
+
+    def observe(self, arm: str, version: str, status: int, seconds: float) -> None:
+        self.requests.labels(arm, version, str(status)).inc()
+        self.latency.labels(arm).observe(seconds)
+
+    def render(self) -> bytes:
+        import prometheus_client as prom
+
+        return bytes(prom.generate_latest(self.registry))
+
+
+def stop_backends(config: dict[str, Any]) -> None:
+    """Stop the backends the router fronts (each `bentoml serve` is its own process group)."""
+    pids = [u["pid"] for arm in ("champion", "challenger") if (u := config.get(arm)) and u.get("pid")]
+    for pid in pids:
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            continue
+    deadline = time.monotonic() + 20
+    for pid in pids:
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.1)
+        if _alive(pid):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie left for its parent, the process that deployed it, to reap counts as stopped)."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description="Kiln endpoint router (proxy, roll, canary, shadow)")
+    parser.add_argument("--config", required=True, type=Path)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args(argv)
+    uvicorn.run(Router(args.config), host=args.host, port=args.port, access_log=False, log_level="warning", lifespan="on",
+                timeout_keep_alive=30)
+
+
+if __name__ == "__main__":
+    main()

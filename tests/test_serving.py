@@ -1,0 +1,303 @@
+"""A live endpoint (router + `bentoml serve`) for a small pipeline: strict input, fuzzing, metrics, API-key auth,
+a zero-downtime roll under a concurrent client, canary share and shadow mirroring."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import httpx
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import FRAUD_SPEC, free_port
+
+NAME = "servetest"
+DAYS = 2
+ROWS = 1500
+API_KEY = "test-key-3f9a"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def world(kiln_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    from platform_defs.definitions import build_definitions
+    from platform_defs.lifecycle import ingest, retrain, simulate, source_partitions
+    from platform_defs.profiles import local_paths, resources
+    from platform_defs.spec import load_spec
+
+    spec_dir = tmp_path_factory.mktemp("serving-pipelines")
+    data = yaml.safe_load(FRAUD_SPEC.read_text())
+    data["name"] = NAME
+    data["source"]["path"] = NAME
+    data["trainer"]["params"]["num_boost_round"] = 30
+    data["evaluation"]["min_improvement"] = 0.0  # a retrain on the same data ties, so it is promoted: a real roll
+    data["serving"].update(port=free_port(), workers=1, max_batch_rows=50)
+    (spec_dir / f"{NAME}.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    os.environ["KILN_PIPELINES_DIR"] = str(spec_dir)
+    os.environ["KILN_API_KEY"] = API_KEY
+    spec = load_spec(spec_dir / f"{NAME}.yaml")
+    defs = build_definitions([spec])
+    folder = local_paths()["sources"] / spec.source.path
+    simulate(spec, folder, DAYS, ROWS, seed=4, start=date(2026, 1, 1))
+    instance = dg.DagsterInstance.get()
+    serving = resources("local")["serving"]
+    try:
+        assert all(r.success for r in ingest(defs, spec, source_partitions(spec, folder), instance, progress=lambda _: None))
+        trained = retrain(defs, spec, instance, progress=lambda _: None)
+        assert trained.success
+        rows = json.loads((kiln_home / "state" / "reference" / NAME / "sample_rows.json").read_text())
+        yield {"spec": spec, "defs": defs, "instance": instance, "serving": serving, "rows": rows, "trained": trained,
+               "url": serving.state(NAME)["url"]}
+    finally:
+        serving.shutdown(NAME)
+        os.environ.pop("KILN_PIPELINES_DIR", None)
+        os.environ.pop("KILN_API_KEY", None)
+
+
+def _post(url: str, body: Any, headers: dict[str, str] | None = None, raw: bytes | None = None) -> httpx.Response:
+    hdrs = {**AUTH, "Content-Type": "application/json", **(headers or {})}
+    content = raw if raw is not None else json.dumps(body).encode()
+    return httpx.post(f"{url}/predict", content=content, headers=hdrs, timeout=30)
+
+
+def test_prediction_header_and_version(world: dict[str, Any]) -> None:
+    response = _post(world["url"], {"rows": world["rows"][:5]})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert len(body["predictions"]) == 5 and all(0.0 <= p <= 1.0 for p in body["predictions"])
+    assert response.headers["X-Kiln-Model-Version"] == body["model_version"] == world["serving"].state(NAME)["model_version"]
+
+
+def _row(world: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    return dict(world["rows"][0]) | changes
+
+
+@pytest.mark.parametrize(
+    ("make", "status", "field"),
+    [
+        (lambda w: {"rows": [{k: v for k, v in _row(w).items() if k != "amount"}]}, 400, "amount"),
+        (lambda w: {"rows": [_row(w, colour="red")]}, 400, "colour"),
+        (lambda w: {"rows": [_row(w, amount="lots")]}, 400, "amount"),
+        (lambda w: {"rows": [_row(w, txns_last_24h=True)]}, 400, "txns_last_24h"),
+        (lambda w: {"rows": [_row(w, customer_age=30.5)]}, 400, "customer_age"),
+        (lambda w: {"rows": [_row(w, amount=-5.0)]}, 400, "amount"),
+        (lambda w: {"rows": [_row(w, amount=10**400)]}, 400, "amount"),
+        (lambda w: {"rows": [_row(w, txns_last_24h=10**30)]}, 400, "txns_last_24h"),
+        (lambda w: {"rows": [_row(w, country="XX")]}, 400, "country"),
+        (lambda w: {"rows": [_row(w, ts="not a time")]}, 400, "ts"),
+        (lambda w: {"rows": [_row(w, channel={"nested": 1})]}, 400, "channel"),
+        (lambda w: {"rows": [_row(w, txn_id=None)]}, 400, "txn_id"),
+        (lambda w: {"rows": []}, 400, "rows"),
+        (lambda w: {"rows": [_row(w)] * 51}, 413, "rows"),
+        (lambda w: {"rows": "x"}, 400, "rows"),
+        (lambda w: [1, 2], 400, "body"),
+        (lambda w: {"rows": [_row(w)], "extra": 1}, 400, "extra"),
+    ],
+)
+def test_strict_input_gets_4xx_naming_the_field(world: dict[str, Any], make: Any, status: int, field: str) -> None:
+    response = _post(world["url"], make(world))
+    assert response.status_code == status, response.text
+    assert field in response.json()["error"]
+
+
+def test_non_finite_and_malformed_json_get_400(world: dict[str, Any]) -> None:
+    nan = json.dumps({"rows": [_row(world, amount=float("nan"))]}).encode()
+    for raw in (nan, b"{", b"", b"\xff\xfe\x00", b"[" * 50_000, b'{"rows": [' + b"1," * 1000 + b"1]}"):
+        response = _post(world["url"], None, raw=raw)
+        assert 400 <= response.status_code < 500 and response.json()["error"], (raw[:40], response.status_code, response.text[:200])
+
+
+JSON_LEAF = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(10**40), max_value=10**40),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=30),
+)
+JSON_VALUE = st.recursive(JSON_LEAF, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                          max_leaves=6)
+
+
+@st.composite
+def bad_body(draw: Any, rows: list[dict[str, Any]], columns: list[str]) -> bytes:
+    """A request derived from valid rows by one or more schema-breaking mutations, or junk bytes."""
+    kind = draw(st.sampled_from(["value", "drop", "extra", "toplevel", "bytes", "rowtype"]))
+    row = dict(draw(st.sampled_from(rows)))
+    if kind == "bytes":
+        return draw(st.binary(max_size=200))
+    if kind == "toplevel":
+        return json.dumps(draw(JSON_VALUE)).encode()
+    if kind == "rowtype":
+        return json.dumps({"rows": [row, draw(JSON_LEAF)]}).encode()
+    if kind == "drop":
+        row.pop(draw(st.sampled_from(columns)))
+    elif kind == "extra":
+        row[draw(st.text(min_size=1, max_size=10).filter(lambda k: k not in columns))] = draw(JSON_VALUE)
+    else:
+        for column in draw(st.lists(st.sampled_from(columns), min_size=1, max_size=3, unique=True)):
+            row[column] = draw(JSON_VALUE)
+    return json.dumps({"rows": [row]}).encode()
+
+
+def test_fuzz_500_malformed_requests_never_5xx(world: dict[str, Any]) -> None:
+    columns = world["spec"].input_columns
+    seen: dict[int, int] = {}
+    client = httpx.Client(timeout=30, headers={**AUTH, "Content-Type": "application/json"})
+
+    @settings(max_examples=600, deadline=None, database=None, derandomize=True,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(body=bad_body(world["rows"], columns))
+    def send(body: bytes) -> None:
+        status = client.post(f"{world['url']}/predict", content=body).status_code
+        seen[status] = seen.get(status, 0) + 1
+        assert status < 500, body[:300]
+
+    try:
+        send()
+    finally:
+        client.close()
+    assert sum(seen.values()) >= 500, seen
+    assert sum(n for s, n in seen.items() if 400 <= s < 500) >= 450, seen  # nearly all mutations break the contract
+    assert _post(world["url"], {"rows": world["rows"][:3]}).status_code == 200
+
+
+def test_api_key_required_but_health_open(world: dict[str, Any]) -> None:
+    url = world["url"]
+    body = json.dumps({"rows": world["rows"][:1]}).encode()
+    assert httpx.post(f"{url}/predict", content=body, timeout=30).status_code == 401
+    assert httpx.post(f"{url}/predict", content=body, headers={"Authorization": "Bearer wrong"}, timeout=30).status_code == 401
+    assert httpx.post(f"{url}/predict", content=body, headers={"X-API-Key": API_KEY}, timeout=30).status_code == 200
+    assert httpx.get(f"{url}/metadata", timeout=30).status_code == 401
+    for path in ("/livez", "/readyz", "/metrics"):
+        assert httpx.get(f"{url}{path}", timeout=30).status_code == 200, path
+
+
+def test_metrics_and_metadata(world: dict[str, Any]) -> None:
+    url = world["url"]
+    assert _post(url, {"rows": world["rows"][:4]}).status_code == 200
+    assert _post(url, {"rows": []}).status_code == 400
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    version = world["serving"].state(NAME)["model_version"]
+    for series in ("bentoml_service_request_total", "bentoml_service_request_duration_seconds", "kiln_requests_total",
+                   "kiln_request_duration_seconds_bucket", "kiln_batch_rows_bucket", "kiln_prediction_score_bucket",
+                   "kiln_router_requests_total"):
+        assert series in text, series
+    assert f'model_version="{version}"' in text and 'status="400"' in text
+    meta = httpx.get(f"{url}/metadata", headers=AUTH, timeout=30).json()
+    assert meta["pipeline"] == NAME and meta["model_version"] == version and meta["input_columns"] == world["spec"].input_columns
+
+
+def test_roll_to_a_new_version_under_load_has_no_failed_request(world: dict[str, Any]) -> None:
+    from platform_defs.lifecycle import retrain
+    from resources.serving import pid_alive
+
+    serving, url = world["serving"], world["url"]
+    before = serving.state(NAME)
+    results: list[tuple[int, str | None]] = []
+    errors: list[str] = []
+    stop = threading.Event()
+    body = json.dumps({"rows": world["rows"][:2]}).encode()
+
+    def client() -> None:
+        with httpx.Client(timeout=30, headers={**AUTH, "Content-Type": "application/json"}) as http:
+            while not stop.is_set():
+                try:
+                    r = http.post(f"{url}/predict", content=body)
+                    results.append((r.status_code, r.headers.get("X-Kiln-Model-Version")))
+                except httpx.HTTPError as exc:
+                    errors.append(repr(exc))
+                time.sleep(0.005)
+
+    threads = [threading.Thread(target=client) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        result = retrain(world["defs"], world["spec"], world["instance"], progress=lambda _: None)
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert result.success
+    after = serving.state(NAME)
+    assert after["model_version"] != before["model_version"] and after["url"] == before["url"]
+    assert after["router_pid"] == before["router_pid"] and not pid_alive(before["backend_pid"])
+    assert not errors, errors[:3]
+    statuses = {s for s, _ in results}
+    versions = [v for _, v in results]
+    assert statuses == {200}, statuses
+    assert versions[0] == before["model_version"] and versions[-1] == after["model_version"], (versions[0], versions[-1])
+    assert len(results) > 50
+    world["previous"] = before
+
+
+def test_canary_share_and_shadow_never_served(world: dict[str, Any]) -> None:
+    from resources.serving import pid_alive
+
+    serving, url = world["serving"], world["url"]
+    champion = serving.state(NAME)
+    previous = world.get("previous")
+    if previous is None:
+        pytest.skip("needs the roll test's previous version as the challenger")
+    challenger = serving.deploy_challenger(NAME, previous["bento"], previous["model_tag"], previous["model_version"],
+                                           mode="canary", share=0.3)
+    assert challenger["challenger"]["mode"] == "canary"
+    n = 400
+    arms: dict[str, str] = {}
+    with httpx.Client(timeout=30, headers={**AUTH, "Content-Type": "application/json"}) as http:
+        for i in range(n):
+            row = _row(world, txn_id=f"canary-{i}")
+            r = http.post(f"{url}/predict", content=json.dumps({"rows": [row]}).encode())
+            assert r.status_code == 200, r.text
+            arms[row["txn_id"]] = r.json()["model_version"]
+            assert r.headers["x-kiln-arm"] == ("challenger" if arms[row["txn_id"]] == previous["model_version"] else "champion")
+        share = sum(v == previous["model_version"] for v in arms.values()) / n
+        assert abs(share - 0.3) < 4 * (0.3 * 0.7 / n) ** 0.5, share  # 4 sigma
+        for key in list(arms)[:40]:  # stable: the same key always lands in the same arm
+            r = http.post(f"{url}/predict", content=json.dumps({"rows": [_row(world, txn_id=key)]}).encode())
+            assert r.json()["model_version"] == arms[key]
+
+        report = serving.challenger_report(NAME)
+        assert report["mode"] == "canary" and report["arms"][f"challenger:{previous['model_version']}"]["requests"] > 0
+
+        shadow = serving.deploy_challenger(NAME, previous["bento"], previous["model_tag"], previous["model_version"], mode="shadow")
+        assert not pid_alive(challenger["challenger"]["pid"])  # the canary backend was replaced
+        m = 100
+        for i in range(m):
+            r = http.post(f"{url}/predict", content=json.dumps({"rows": [_row(world, txn_id=f"shadow-{i}")]}).encode())
+            assert r.status_code == 200 and r.json()["model_version"] == champion["model_version"]
+            assert r.headers["x-kiln-arm"] == "champion"
+    deadline = time.monotonic() + 60
+    mirrored = 0
+    while time.monotonic() < deadline:
+        report = serving.challenger_report(NAME)
+        mirrored = report["arms"].get(f"challenger:{previous['model_version']}", {}).get("requests", 0)
+        if mirrored >= m:
+            break
+        time.sleep(0.5)
+    assert mirrored == m
+    log = [json.loads(line) for line in Path(serving.router_config(NAME)["arm_log"]).read_text().splitlines()]
+    shadow_rows = [e for e in log if e["arm"] == "challenger" and not e["served"]]
+    assert len(shadow_rows) >= m and all(e["predictions"] for e in shadow_rows if e["status"] == 200)
+    assert {e["arm"] for e in log} == {"champion", "challenger"}
+
+    serving.abort_challenger(NAME)
+    assert not pid_alive(shadow["challenger"]["pid"])
+    assert _post(url, {"rows": world["rows"][:1]}).json()["model_version"] == champion["model_version"]
+
+    # Promote from live metrics: a canary with full share that answers without errors is promoted, the old champion stops.
+    serving.deploy_challenger(NAME, previous["bento"], previous["model_tag"], previous["model_version"], mode="canary", share=1.0)
+    for _ in range(30):
+        assert _post(url, {"rows": world["rows"][:1]}).status_code == 200
+    decision = serving.judge_challenger(NAME, min_requests=20, max_p99_ratio=20.0)  # a noisy shared machine
+    assert decision["action"] == "promote", decision
+    assert serving.state(NAME)["model_version"] == previous["model_version"]
+    assert not pid_alive(champion["backend_pid"])
+    assert _post(url, {"rows": world["rows"][:1]}).json()["model_version"] == previous["model_version"]

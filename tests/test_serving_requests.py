@@ -1,0 +1,81 @@
+"""Pure request validation (serving/requests.py), the serving spec options and the router's routing key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from platform_defs.spec import PipelineSpec, SpecError, load_spec
+from serving.requests import RequestError, parse_body, parse_rows
+from serving.router import request_key, share_of
+from tests.conftest import FRAUD_SPEC
+
+ROW = {"txn_id": "t1", "ts": "2026-01-01T10:00:00", "amount": 12.5, "merchant_category": "grocery", "country": "US",
+       "channel": "pos", "card_present": True, "customer_age": None, "distance_from_home_km": 3, "txns_last_24h": 2}
+
+
+@pytest.fixture(scope="module")
+def spec() -> PipelineSpec:
+    return load_spec(FRAUD_SPEC)
+
+
+def test_valid_rows_become_typed_columns(spec: PipelineSpec) -> None:
+    frame = parse_body(json.dumps({"rows": [ROW, ROW | {"amount": 3, "customer_age": 40}]}).encode(), spec, 10)
+    assert frame.height == 2 and frame.columns == spec.input_columns
+    assert frame["amount"].to_list() == [12.5, 3.0] and frame["customer_age"].to_list() == [None, 40]
+    assert str(frame["ts"].dtype).startswith("Datetime")
+
+
+@pytest.mark.parametrize(
+    ("rows", "field", "status"),
+    [
+        ([ROW | {"card_present": "yes"}], "card_present", 400),
+        ([ROW | {"txns_last_24h": 2.0}], "txns_last_24h", 400),
+        ([ROW | {"amount": float("inf")}], "amount", 400),
+        ([ROW | {"amount": [1]}], "amount", 400),
+        ([ROW | {"merchant_category": "casino"}], "merchant_category", 400),
+        ([ROW | {"customer_age": 17}], "customer_age", 400),
+        ([ROW, {k: v for k, v in ROW.items() if k != "ts"}], "ts", 400),
+        ([ROW] * 11, "rows", 413),
+        ([], "rows", 400),
+        ([ROW, "row"], "rows", 400),
+    ],
+)
+def test_bad_rows_name_the_field(spec: PipelineSpec, rows: list[Any], field: str, status: int) -> None:
+    with pytest.raises(RequestError) as caught:
+        parse_rows(rows, spec, 10)
+    assert field in str(caught.value) and caught.value.status == status
+
+
+def test_unknown_category_policy(spec: PipelineSpec) -> None:
+    row = ROW | {"country": "ZZ"}
+    with pytest.raises(RequestError, match="country"):
+        parse_rows([row], spec, 10, unknown_category="reject")
+    assert parse_rows([row], spec, 10, unknown_category="allow")["country"].to_list() == ["ZZ"]
+
+
+def test_serving_release_options_validate(spec: PipelineSpec, tmp_path: Path) -> None:
+    assert spec.serving.release.mode == "none" and spec.serving.unknown_category == "reject" and spec.serving.workers == 0
+    data = yaml.safe_load(FRAUD_SPEC.read_text())
+    data["serving"]["release"] = {"mode": "canary", "challenger_share": 0.25}
+    path = tmp_path / "fraud.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert load_spec(path).serving.release.challenger_share == 0.25
+    data["serving"]["release"] = {"mode": "blue-green"}
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(SpecError, match="serving.release.mode: 'blue-green' is not one of"):
+        load_spec(path)
+
+
+def test_routing_key_is_stable_and_spread() -> None:
+    body = json.dumps({"rows": [ROW]}).encode()
+    assert request_key({}, body, "txn_id") == "t1"
+    assert request_key({b"x-kiln-request-key": b"abc"}, body, "txn_id") == "abc"
+    assert request_key({}, b"not json", "txn_id") == "not json"
+    shares = [share_of(f"key-{i}") for i in range(10_000)]
+    assert shares[:5] == [share_of(f"key-{i}") for i in range(5)]
+    assert abs(sum(s < 0.1 for s in shares) / len(shares) - 0.1) < 0.015
