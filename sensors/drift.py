@@ -114,6 +114,10 @@ def build(spec: PipelineSpec, retrain_job: Any) -> dg.SensorDefinition:
         summary |= {"decided_at": time.time(), "decide_ms": round(elapsed_ms, 3), "stale_windows": stale, "reference_id": current_ref}
         context.update_cursor(json.dumps({"offset": offset, "state": state, "last": summary}))
         (path.parent / "last_decision.json").write_text(json.dumps(summary))
+        with (path.parent / "decisions.jsonl").open("a") as fh:  # the decision history, one small line per window
+            for d in decisions:
+                fh.write(json.dumps({k: d[k] for k in ("window", "action", "n", "max_score", "share", "streak", "drifted_columns")}
+                                    | {"decided_at": summary["decided_at"]}) + "\n")
         context.log.info(
             f"{spec.name} drift decisions in {elapsed_ms:.1f} ms: "
             f"{[(d['window'], d['action'], round(d['max_score'], 4), d['drifted_columns']) for d in decisions]}"
