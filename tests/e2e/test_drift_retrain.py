@@ -168,6 +168,10 @@ def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         finished = _wait("the fraud_retrain run to finish", lambda: next(
             (r for r in runs("fraud_retrain") if r.is_finished), None), timeout=420, every=2)
         out["retrain_run"] = finished
+        out["retrain_errors"] = [
+            str(e.dagster_event.step_key) + ": " + e.dagster_event.step_failure_data.error.to_string()[-3000:]
+            for e in instance.all_logs(finished.run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
+        ]
         out["retrain_tags"] = retrain.tags
         time.sleep(2)
         client.halt.set()
@@ -217,7 +221,7 @@ def test_drifted_traffic_retrains_exactly_once(loop: dict[str, Any]) -> None:
     assert loop["drift_2"]["action"] == "retrain", loop["drift_2"]
     assert {"amount", "channel"} <= set(loop["drift_2"]["drifted_columns"])
     run = loop["retrain_run"]
-    assert run.status.value == "SUCCESS"
+    assert run.status.value == "SUCCESS", "\n".join(loop["retrain_errors"])
     assert loop["retrain_tags"]["kiln/trigger"] == "drift"
     assert loop["retrain_tags"]["dagster/sensor_name"] == "fraud_drift"
 
