@@ -102,7 +102,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         from assets.drift_report import publish_champion_reference
 
         # Live traffic is compared with what the served model was trained on, whichever side the gate chose.
-        publish_champion_reference(client, spec, served.run_id, context.resources.storage.state_root)
+        publish_champion_reference(client, spec, str(served.run_id), context.resources.storage.state_root)
         served_score = challenger_score if str(served.version) == str(model["version"]) else champion_score
         record = {
             "version": str(served.version),
