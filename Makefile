@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install ui clean
+.PHONY: demo test lint typecheck install ui clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,11 +18,18 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/kiln demo
 
+# Workflows and Dockerfile are linted offline; actionlint runs shellcheck (from the venv) on every `run:` script.
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/kiln validate
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/actionlint -no-color .github/workflows/*.yml
+	$(BIN)/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
+	$(BIN)/hadolint Dockerfile
 
-test: lint
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: lint typecheck
 	$(BIN)/python -m pytest -q
 
 ui: $(STAMP)

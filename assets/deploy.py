@@ -32,13 +32,13 @@ def smoke_test(url: str, rows: list[dict[str, Any]], model_uri: str, spec: Pipel
     import numpy as np
 
     from assets.features import compute_features
-    from assets.train import load_booster, matrix
+    from assets.predictors import load_predictor
     from serving.requests import parse_rows
 
     response = httpx.post(f"{url}/predict", json={"rows": rows}, timeout=30)
     response.raise_for_status()
     body = response.json()
-    offline = load_booster(model_uri).predict(matrix(compute_features(parse_rows(rows, spec, len(rows)), spec), spec))
+    offline = load_predictor(model_uri, spec, num_threads=None).predict(compute_features(parse_rows(rows, spec, len(rows)), spec))
     online = np.asarray(body["predictions"], dtype=float)
     diff = float(np.max(np.abs(online - offline))) if len(online) == len(offline) else float("inf")
     return {"rows": len(rows), "max_abs_diff": diff, "model_version": body.get("model_version"), "status": response.status_code}
@@ -48,6 +48,7 @@ def build(spec: PipelineSpec) -> list[Any]:
     """The `<p>/endpoint` asset and its live smoke-test check."""
     import dagster as dg
 
+    from platform_defs import k8s
     from resources.serving import ServingResource, healthy
     from resources.storage import KilnStorage
 
@@ -56,13 +57,22 @@ def build(spec: PipelineSpec) -> list[Any]:
     @dg.asset(
         key=endpoint_key,
         group_name=spec.name,
+        op_tags=k8s.op_tags(spec, "endpoint"),
+        pool=k8s.pool(spec, "endpoint"),
         ins={"bento": dg.AssetIn(key(spec.name, "bento"), input_manager_key="json_io_manager")},
         io_manager_key="json_io_manager",
         kinds={"bentoml"},
-        required_resource_keys={"serving"},
+        required_resource_keys={"serving", "storage"},
         description="The served endpoint: URL, model version, bento, health (local: a `bentoml serve` process).",
     )
     def endpoint(context, bento: Any):
+        from platform_defs.profiles import current_profile
+
+        if current_profile() == "prod":  # Kubernetes: render and record the Deployment + Service, no local process
+            record = k8s.endpoint_record(spec, bento, context.resources.storage.state_root)
+            return dg.Output(record, metadata={"url": dg.MetadataValue.url(record["url"]), "image": record["image"],
+                                               "manifests": record["manifests"], "objects": ", ".join(record["objects"]),
+                                               "model_version": record["model_version"], "bento": record["bento"]})
         serving: ServingResource = context.resources.serving
         record = serving.deploy(spec.name, bento["tag"], bento["model_tag"], bento["model_version"], spec.serving.port)
         record["healthy"] = healthy(record["url"])

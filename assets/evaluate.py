@@ -52,6 +52,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
     """The `<p>/champion` asset with its champion-vs-challenger gate check."""
     import dagster as dg
 
+    from platform_defs import k8s
     from resources.mlflow import CHAMPION_ALIAS, MlflowResource
 
     champion_key = dg.AssetKey(key(spec.name, "champion"))
@@ -59,6 +60,8 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
     @dg.asset(
         key=champion_key,
         group_name=spec.name,
+        op_tags=k8s.op_tags(spec, "champion"),
+        pool=k8s.pool(spec, "champion"),
         ins={
             "model": dg.AssetIn(key(spec.name, "model"), input_manager_key="json_io_manager"),
             "features": dg.AssetIn(key(spec.name, "features")),
@@ -72,7 +75,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
     )
     def champion(context, model: Any, features: Any):
         mlflow: MlflowResource = context.resources.mlflow
-        from assets.train import load_booster, predict
+        from assets.predictors import load_predictor
 
         client = mlflow.client()
         _, holdout = split_holdout(features, spec)
@@ -84,11 +87,11 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         if model.get("features_data_version") == data_version(features):
             challenger_score = float(model["score"])
         else:
-            challenger_score = score(metric, y, predict(load_booster(model["model_uri"]), holdout, spec))
+            challenger_score = score(metric, y, load_predictor(model["model_uri"], spec).predict(holdout))
         current = mlflow.champion(spec.name)
         champion_score = None
         if current is not None:
-            champion_score = score(metric, y, predict(load_booster(f"models:/{spec.name}/{current.version}"), holdout, spec))
+            champion_score = score(metric, y, load_predictor(f"models:/{spec.name}/{current.version}", spec).predict(holdout))
         if current is not None and str(current.version) == str(model["version"]):
             promote, reason = False, "challenger is already the champion"
         else:

@@ -91,11 +91,14 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
     """The `<p>/features` asset: all validated partitions, featurized, plus the drift reference profile."""
     import dagster as dg
 
+    from platform_defs import k8s
     from resources.storage import KilnStorage
 
     @dg.asset(
         key=key(spec.name, "features"),
         group_name=spec.name,
+        op_tags=k8s.op_tags(spec, "features"),
+        pool=k8s.pool(spec, "features"),
         ins={"validated": dg.AssetIn(key(spec.name, "validated"), metadata={"allow_missing_partitions": True})},
         io_manager_key="parquet_io_manager",
         kinds={"polars"},
@@ -134,7 +137,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
                 "dagster/column_schema": schema,
                 "partitions": len(frames),
                 "feature_names": ", ".join(feature_columns(spec, frame)),
-                "positive_rate": float(frame[spec.target].mean() or 0.0) if spec.task == "classification" else 0.0,
+                "positive_rate": float(frame[spec.target].mean() or 0.0) if spec.task == "classification" else 0.0,  # type: ignore[arg-type]
                 "data_version": version,
                 "reference_profile": dg.MetadataValue.path(str(ref_path)),
                 "reference_bins": _reference_table(reference),

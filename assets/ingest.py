@@ -97,6 +97,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
     """The `<p>/raw` asset, with its blocking GX schema check and a schema-change check run in the same step."""
     import dagster as dg
 
+    from platform_defs import k8s
     from resources.storage import KilnStorage
 
     raw_key = dg.AssetKey(key(spec.name, "raw"))
@@ -104,6 +105,8 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
     @dg.asset(
         key=raw_key,
         group_name=spec.name,
+        op_tags=k8s.op_tags(spec, "raw"),
+        pool=k8s.pool(spec, "raw"),
         partitions_def=partitions_def(spec),
         io_manager_key="parquet_io_manager",
         kinds={"polars", "parquet"},

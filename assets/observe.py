@@ -82,11 +82,14 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
     """The `<p>/predictions` asset."""
     import dagster as dg
 
+    from platform_defs import k8s
     from resources.serving import ServingResource
 
     @dg.asset(
         key=key(spec.name, "predictions"),
         group_name=spec.name,
+        op_tags=k8s.op_tags(spec, "predictions"),
+        pool=k8s.pool(spec, "predictions"),
         deps=[dg.AssetDep(key(spec.name, "endpoint"))],
         io_manager_key="parquet_io_manager",
         kinds={"polars"},

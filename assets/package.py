@@ -38,12 +38,15 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
     """The `<p>/bento` asset."""
     import dagster as dg
 
+    from platform_defs import k8s
     from resources.mlflow import MlflowResource
     from resources.serving import ServingResource
 
     @dg.asset(
         key=key(spec.name, "bento"),
         group_name=spec.name,
+        op_tags=k8s.op_tags(spec, "bento"),
+        pool=k8s.pool(spec, "bento"),
         ins={"champion": dg.AssetIn(key(spec.name, "champion"), input_manager_key="json_io_manager")},
         io_manager_key="json_io_manager",
         kinds={"bentoml"},

@@ -49,7 +49,7 @@ def train_lightgbm(train: pl.DataFrame, spec: PipelineSpec) -> lgb.Booster:
 
 def predict(booster: lgb.Booster, frame: pl.DataFrame, spec: PipelineSpec) -> np.ndarray:
     """Positive-class probability (classification) or value (regression) for featurized rows."""
-    return booster.predict(matrix(frame, spec), num_threads=0)
+    return booster.predict(matrix(frame, spec), num_threads=0)  # type: ignore[return-value]  # a 1-d array for one model
 
 
 def load_booster(model_uri: str) -> lgb.Booster:
@@ -63,6 +63,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
     """The `<p>/model` asset."""
     import dagster as dg
 
+    from platform_defs import k8s
     from resources.mlflow import MlflowResource
 
     @dg.asset(
@@ -71,8 +72,9 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         ins={"features": dg.AssetIn(key(spec.name, "features"))},
         io_manager_key="json_io_manager",
         kinds={spec.trainer.kind, "mlflow"},
-        op_tags={"kiln/trainer": spec.trainer.kind},
-        required_resource_keys={"mlflow"},
+        op_tags={"kiln/trainer": spec.trainer.kind, **k8s.op_tags(spec, "model")},
+        pool=k8s.pool(spec, "model"),
+        required_resource_keys={"mlflow", "storage"},
         description=f"A {spec.trainer.kind} challenger, tracked and registered in MLflow as '{spec.name}'.",
     )
     def model(context, features: Any):
@@ -84,6 +86,10 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         from assets.evaluate import score, split_holdout
         from assets.features import data_version, feature_columns
 
+        if spec.trainer.kind == "torch":
+            from assets.train_torch import train_and_register
+
+            return train_and_register(context, features, spec, mlflow, context.resources.storage)
         if spec.trainer.kind != "lightgbm":
             raise NotImplementedError(f"{spec.name}: trainer.kind '{spec.trainer.kind}' is not available yet")
         train, holdout = split_holdout(features, spec)

@@ -317,6 +317,7 @@ def build(spec: PipelineSpec) -> list[Any]:
     """`<p>/validated` and `<p>/quarantine` with the blocking GX quality check and a schema-change check."""
     import dagster as dg
 
+    from platform_defs import k8s
     from resources.storage import KilnStorage
 
     raw_key = dg.AssetKey(key(spec.name, "raw"))
@@ -329,6 +330,8 @@ def build(spec: PipelineSpec) -> list[Any]:
     @dg.multi_asset(
         name=f"{spec.name}__validated",
         group_name=spec.name,
+        op_tags=k8s.op_tags(spec, "validated"),
+        pool=k8s.pool(spec, "validated"),
         partitions_def=parts,
         ins={"raw": dg.AssetIn(raw_key)},
         outs={

@@ -49,7 +49,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     import dagster as dg
 
-    from platform_defs.lifecycle import ingest, prepare_local_env, retrain, simulate, source_partitions
+    from platform_defs.lifecycle import ingest, ingest_keys, prepare_local_env, retrain, simulate, source_partitions
 
     paths = prepare_local_env()
     from platform_defs.definitions import build_definitions
@@ -58,12 +58,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     defs = build_definitions([spec])
     folder = paths["sources"] / spec.source.path
     have = source_partitions(spec, folder)
-    if len(have) < args.days:
-        print(f"simulating {args.days - len(have)} day(s) of {spec.name} data into {folder}")
-        simulate(spec, folder, args.days - len(have), args.rows_per_day, seed=args.seed)
+    want = args.days if spec.source.partitions == "daily" else 1  # an unpartitioned source is one snapshot
+    if len(have) < want:
+        print(f"simulating {want - len(have)} file(s) of {spec.name} data into {folder}")
+        simulate(spec, folder, want - len(have), args.rows_per_day, seed=args.seed)
     instance = dg.DagsterInstance.get()
     print(f"materializing {spec.name} on {instance.root_directory}")
-    results = ingest(defs, spec, source_partitions(spec, folder), instance)
+    results = ingest(defs, spec, ingest_keys(spec, folder), instance)
     if not any(r.success for r in results):
         print("kiln demo: no partition passed validation", file=sys.stderr)
         return 1
@@ -158,7 +159,7 @@ def status_rows() -> list[dict[str, Any]]:
                 "champion_metric": metric,
                 "endpoint_url": url,
                 "endpoint_model_version": state.get("model_version"),
-                "healthy": bool(url) and healthy(url),
+                "healthy": bool(url) and healthy(str(url)),
                 "last_drift": json.loads(drift_path.read_text()) if drift_path.exists() else None,
                 "last_retrain": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(event.timestamp)) if event else None,
             }
@@ -198,6 +199,23 @@ def cmd_new(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_preview(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from platform_defs.preview import PreviewError, run
+
+    try:
+        markdown = run(args.pipeline, Path(args.spec) if args.spec else None, args.sample_rows)
+    except PreviewError as exc:
+        print(f"kiln preview: {exc}", file=sys.stderr)
+        return 1
+    if args.out:
+        Path(args.out).write_text(markdown, encoding="utf-8")
+        print(f"wrote {args.out}", file=sys.stderr)
+    print(markdown)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kiln", description="Kiln: one YAML spec per ML pipeline, raw data to a live endpoint.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -231,6 +249,12 @@ def parser() -> argparse.ArgumentParser:
     rb.add_argument("--to", help="the model version to restore (default: the version the champion replaced)")
     rb.add_argument("--reason", help="why (stored as a tag on the restored version)")
     rb.set_defaults(func=cmd_rollback)
+    pv = sub.add_parser("preview", help="train a changed spec on a sample and compare it with the champion (markdown)")
+    pv.add_argument("pipeline")
+    pv.add_argument("--spec", help="the changed spec file (default: the pipeline's file in the pipelines folder)")
+    pv.add_argument("--out", help="also write the markdown to this file")
+    pv.add_argument("--sample-rows", type=int, default=20_000, help="newest source rows to train and hold out on")
+    pv.set_defaults(func=cmd_preview)
     st = sub.add_parser("status", help="champion, endpoint health, drift and retrain per pipeline")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)

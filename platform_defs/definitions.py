@@ -10,7 +10,8 @@ import dagster as dg
 
 from assets import deploy, evaluate, features, ingest, observe, package, train, validate
 from assets.keys import key
-from platform_defs.profiles import resources
+from platform_defs import k8s
+from platform_defs.profiles import current_profile, resources
 from platform_defs.spec import PipelineSpec, load_specs
 from sensors import drift, new_data
 
@@ -34,7 +35,7 @@ def pipeline_definitions(spec: PipelineSpec) -> dg.Definitions:
         f"{spec.name}_retrain",
         selection=dg.AssetSelection.assets(*[key(spec.name, s) for s in ("features", "model", "champion", "bento", "endpoint")]),
         description="Retrain, gate, package and roll the endpoint to the champion.",
-        tags={"kiln/pipeline": spec.name},
+        tags={"kiln/pipeline": spec.name, "kiln/retrain": spec.name},  # deploy/dagster.yaml: one retrain per pipeline
     )
     ingest_job = dg.define_asset_job(
         f"{spec.name}_ingest",
@@ -60,7 +61,7 @@ def pipeline_definitions(spec: PipelineSpec) -> dg.Definitions:
 def build_definitions(specs: list[PipelineSpec], profile: str | None = None) -> dg.Definitions:
     """Merge every pipeline's definitions with the profile's resources."""
     merged = dg.Definitions.merge(*[pipeline_definitions(s) for s in specs]) if specs else dg.Definitions()
-    return dg.Definitions.merge(merged, dg.Definitions(resources=resources(profile)))
+    return dg.Definitions.merge(merged, dg.Definitions(resources=resources(profile), executor=k8s.executor(profile or current_profile())))
 
 
 defs = build_definitions(load_specs())

@@ -13,6 +13,7 @@ from platform_defs.spec import PipelineSpec
 
 Progress = Callable[[str], None]
 RETRAIN_STAGES = ("features", "model", "champion", "bento", "endpoint")
+SNAPSHOT_STEM = "snapshot"  # the one file `simulate` writes for an unpartitioned source
 
 
 def prepare_local_env() -> dict[str, Path]:
@@ -30,13 +31,22 @@ def prepare_local_env() -> dict[str, Path]:
 
 def simulate(spec: PipelineSpec, folder: Path, days: int, rows_per_day: int, drift: float = 0.0, seed: int = 42,
              start: date | None = None) -> list[Path]:
-    """Write ``days`` new daily files after the last one in the folder (or from the spec's start date)."""
+    """Write ``days`` new daily files after the last one in the folder (or from the spec's start date).
+
+    An unpartitioned source (``partitions: none``) gets one snapshot file instead, replacing the previous one.
+    """
     from assets.features import load_function
 
     if not spec.source.simulator:
         raise ValueError(f"{spec.name}: source.simulator is not set; this pipeline has no data generator")
     generate = load_function(spec.source.simulator)
     folder.mkdir(parents=True, exist_ok=True)
+    if spec.source.partitions == "none":
+        if days != 1:
+            raise ValueError(f"{spec.name}: the source is unpartitioned (partitions: none); simulate writes one snapshot, not {days} days")
+        snapshot = folder / f"{SNAPSHOT_STEM}.{spec.source.format}"
+        _write(generate(start or date.fromisoformat(spec.source.start_date), rows_per_day, seed, drift), snapshot, spec)
+        return [snapshot]
     if start is None:
         existing = sorted(p.stem for p in folder.glob(f"*.{spec.source.format}"))
         start = date.fromisoformat(existing[-1]) + timedelta(days=1) if existing else date.fromisoformat(spec.source.start_date)
@@ -46,24 +56,28 @@ def simulate(spec: PipelineSpec, folder: Path, days: int, rows_per_day: int, dri
     written = []
     for i in range(days):
         day = start + timedelta(days=i)
-        frame = generate(day, rows_per_day, seed, drift)
         path = folder / f"{day.isoformat()}.{spec.source.format}"
-        tmp = path.with_name(path.name + ".tmp")
-        if spec.source.format == "parquet":
-            frame.write_parquet(tmp)
-        else:
-            frame.write_csv(tmp)
-        tmp.rename(path)
+        _write(generate(day, rows_per_day, seed, drift), path, spec)
         written.append(path)
     return written
+
+
+def _write(frame: Any, path: Path, spec: PipelineSpec) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    if spec.source.format == "parquet":
+        frame.write_parquet(tmp)
+    else:
+        frame.write_csv(tmp)
+    tmp.rename(path)
 
 
 def _all(defs: Any) -> list[Any]:
     return [*defs.assets, *defs.asset_checks]
 
 
-def ingest(defs: Any, spec: PipelineSpec, partitions: list[str], instance: Any, progress: Progress = print) -> list[Any]:
-    """Materialize raw + validated (and their blocking checks) for each partition; returns the run results."""
+def ingest(defs: Any, spec: PipelineSpec, partitions: list[str] | list[str | None], instance: Any,
+           progress: Progress = print) -> list[Any]:
+    """Materialize raw + validated (and their blocking checks) for each partition (None: unpartitioned); returns the run results."""
     import dagster as dg
 
     selection = dg.AssetSelection.assets([spec.name, "raw"], [spec.name, "validated"]).required_multi_asset_neighbors()
@@ -72,7 +86,8 @@ def ingest(defs: Any, spec: PipelineSpec, partitions: list[str], instance: Any, 
         started = time.perf_counter()
         result = dg.materialize(_all(defs), selection=selection, partition_key=partition, instance=instance,
                                 resources=defs.resources, raise_on_error=False, tags={"kiln/pipeline": spec.name})
-        progress(f"  {spec.name}/raw,validated [{partition}] {'ok' if result.success else 'FAILED'} ({time.perf_counter() - started:.1f}s)")
+        label = partition or "all files"
+        progress(f"  {spec.name}/raw,validated [{label}] {'ok' if result.success else 'FAILED'} ({time.perf_counter() - started:.1f}s)")
         results.append(result)
     return results
 
@@ -92,3 +107,10 @@ def retrain(defs: Any, spec: PipelineSpec, instance: Any, progress: Progress = p
 def source_partitions(spec: PipelineSpec, folder: Path) -> list[str]:
     """Partition keys that have a source file."""
     return sorted(p.stem for p in folder.glob(f"*.{spec.source.format}"))
+
+
+def ingest_keys(spec: PipelineSpec, folder: Path) -> list[str | None]:
+    """What `ingest` runs on: one key per daily file, or a single unpartitioned run (None) when any file exists."""
+    if spec.source.partitions == "daily":
+        return list(source_partitions(spec, folder))
+    return [None] if any(folder.glob(f"*.{spec.source.format}")) else []

@@ -119,10 +119,50 @@ class TrainerResources(_Strict):
     gpu: int = 0
 
 
+class TorchParams(_Strict):
+    """``trainer.params`` of a torch trainer: an MLP on standardised features, early-stopped on a validation split."""
+
+    epochs: int = Field(default=50, ge=1, le=100_000)
+    batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    hidden: list[int] = Field(default_factory=lambda: [64, 32])
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    patience: int = Field(default=10, ge=1)
+    min_delta: float = Field(default=0.0, ge=0)
+    val_fraction: float = Field(default=0.15, gt=0, lt=0.9)
+    pos_weight: float | None = Field(default=None, gt=0)
+    seed: int = 0
+
+    @field_validator("hidden")
+    @classmethod
+    def _hidden(cls, value: list[int]) -> list[int]:
+        if any(h < 1 for h in value):
+            raise ValueError(f"layer sizes must be >= 1, got {value}")
+        return value
+
+
 class TrainerSpec(_Strict):
     kind: Literal["lightgbm", "torch"] = "lightgbm"
     params: dict[str, Any] = Field(default_factory=dict)
     resources: TrainerResources = Field(default_factory=TrainerResources)
+
+    @model_validator(mode="after")
+    def _torch_params(self) -> TrainerSpec:
+        if self.kind == "torch":
+            try:
+                TorchParams.model_validate(self.params)
+            except ValidationError as exc:
+                item = exc.errors()[0]
+                where = ".".join(str(p) for p in item["loc"])
+                msg = "unknown torch parameter" if item["type"] == "extra_forbidden" else item["msg"].removeprefix("Value error, ")
+                raise ValueError(f"params.{where}: {msg}") from None
+        return self
+
+    @property
+    def torch_params(self) -> TorchParams:
+        """The validated parameters of a torch trainer (defaults filled in)."""
+        return TorchParams.model_validate(self.params)
 
 
 class EvaluationSpec(_Strict):

@@ -93,7 +93,7 @@ def build(spec: PipelineSpec, retrain_job: Any) -> dg.SensorDefinition:
         ref_path = reference_path(state_root, spec.name)
         if not path.exists() or not ref_path.exists():
             return dg.SkipReason("no prediction windows observed yet")
-        cursor = json.loads(context.cursor) if context.cursor else {}
+        cursor: dict[str, Any] = json.loads(context.cursor) if context.cursor else {}
         offset = int(cursor.get("offset", 0))
         new, offset = read_new_windows(path, offset)
         if not new:

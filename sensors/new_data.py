@@ -46,6 +46,14 @@ def build(spec: PipelineSpec, ingest_job: Any) -> dg.SensorDefinition:
             return dg.SkipReason(f"source folder {folder} does not exist yet")
         listing = {p.name: p.stat().st_mtime for p in folder.glob(f"*.{spec.source.format}")}
         cursor = json.loads(context.cursor) if context.cursor else {}
+        if spec.source.partitions == "none":
+            # An unpartitioned source is read whole: any new or changed file means one run over all of them.
+            changed = {n: m for n, m in sorted(listing.items()) if cursor.get(n) != m}
+            if not changed:
+                return dg.SkipReason("no new source files")
+            context.update_cursor(json.dumps(cursor | changed))
+            run_key = "|".join(f"{n}:{m}" for n, m in changed.items())
+            return [dg.RunRequest(run_key=run_key, tags={"kiln/source_file": ",".join(changed)[:200]})]
         todo = pending_files(listing, cursor, date.fromisoformat(spec.source.start_date), date.today())
         if not todo:
             return dg.SkipReason("no new source files")

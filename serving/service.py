@@ -60,16 +60,15 @@ class KilnService:
     """Predicts for rows of the spec's input columns; answers 400 naming the field on bad input."""
 
     def __init__(self) -> None:
-        import lightgbm as lgb
+        from assets.predictors import load_predictor
 
         tag = os.environ["KILN_MODEL_TAG"]
         self.model_ref = bentoml.models.get(tag)
         info = self.model_ref.info
-        self.spec = PipelineSpec.from_json(info.metadata["kiln_spec"])
+        self.spec = PipelineSpec.from_json(str(info.metadata["kiln_spec"]))
         self.labels = dict(info.labels)
         self.version = self.labels["mlflow_model_version"]
-        model_file = next(Path(self.model_ref.path).rglob("model.lgb"))
-        self.booster = lgb.Booster(model_file=str(model_file))
+        self.predictor = load_predictor(self.model_ref.path, self.spec, num_threads=1)  # LightGBM or torch, from the MLmodel
         self.log = PredictionLog(os.environ.get("KILN_PREDICTION_LOG"))
 
     @bentoml.api(route="/predict")
@@ -77,14 +76,12 @@ class KilnService:
         """Score rows; answers ``{"predictions": [...], "model_version": "<n>"}``."""
         import numpy as np
 
-        from assets.train import matrix
-
         try:
             frame = parse_rows(rows, self.spec, self.spec.serving.max_batch_rows)
         except RequestError as exc:
             raise InvalidArgument(str(exc)) from None
         features = compute_features(frame, self.spec)
-        predictions = self.booster.predict(matrix(features, self.spec), num_threads=1)
+        predictions = self.predictor.predict(features)
         self.log.write(frame, predictions, self.version)
         return {"predictions": np.asarray(predictions).tolist(), "model_version": self.version}
 
