@@ -59,6 +59,8 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         client = mlflow.client()
         bentoml = serving.bentoml()
         from bentoml._internal.bento.build_config import BentoEnvSchema
+
+        from serving.images import build_options, image_flavor
         labels = labels_for(spec, champion, client)
         existing = [
             b for b in bentoml.bentos.list()
@@ -83,7 +85,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
                 description=f"Kiln endpoint for pipeline {spec.name}",
                 include=INCLUDE,
                 envs=[BentoEnvSchema(name="KILN_MODEL_TAG", value=model_tag)],
-                python={"packages": SERVING_PACKAGES, "lock_packages": False},
+                **build_options(spec),  # CPU or GPU (CUDA + torch) image, from the spec
                 models=[model_tag],
                 build_ctx=str(project_root()),
             )
@@ -93,10 +95,12 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
             "model_version": labels["mlflow_model_version"],
             "labels": dict(built.info.labels),
             "path": str(built.path),
+            "image": image_flavor(spec),
         }
         return dg.Output(
             record,
-            metadata={"bento": record["tag"], "bento_model": model_tag, **{f"label/{k}": v for k, v in labels.items()}},
+            metadata={"bento": record["tag"], "bento_model": model_tag, "image": record["image"],
+                      **{f"label/{k}": v for k, v in labels.items()}},
         )
 
     return bento
