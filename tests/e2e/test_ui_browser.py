@@ -5,7 +5,6 @@ Chromium is Debian's (`make install` installs it); Playwright only drives it (no
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -125,9 +124,14 @@ def page(browser: Any) -> Iterator[Any]:
 
 
 def _open(page: Any, url: str) -> None:
-    # Dagster's one-time "Join the community" modal can cover anything, on any page: dismiss it whenever it shows.
-    page.add_locator_handler(page.get_by_role("button", name="Skip"), lambda skip: skip.click())
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     page.goto(url)
+    # A fresh instance greets the first visitor with a "Join the Dagster community" modal over everything: skip it.
+    try:
+        page.get_by_role("dialog").filter(has_text="Join the Dagster community").get_by_role("button", name="Skip").click(timeout=10_000)
+    except PlaywrightTimeout:
+        pass
 
 
 GRAPH_JS = """() => ({
@@ -211,7 +215,7 @@ def test_materialize_from_the_ui_succeeds_and_shows_in_the_run_list(ui: dict[str
     assert len(mine) == 1, "the launch dialog started no run for the partition"
     run_id = mine[0]["runId"]
     _open(page, f"{ui['url']}/runs")
-    row = page.locator("tr", has=page.locator(f"a[href*='{run_id}']"))
+    row = page.locator("[class*='rowGrid']", has=page.locator(f"a[href='/runs/{run_id}']"))  # the runs feed's virtualized rows
     deadline = time.monotonic() + RUN_S
     while True:
         status = row.first.inner_text() if row.count() else ""
