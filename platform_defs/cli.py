@@ -166,6 +166,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_slo(args: argparse.Namespace) -> int:
+    import dagster as dg
+
+    from platform_defs.lifecycle import prepare_local_env
+    from platform_defs.profiles import resources
+    from platform_defs.slo import slo_report
+
+    paths = prepare_local_env()
+    spec = _spec(args.pipeline)
+    report = slo_report(spec, paths, resources("local")["serving"], dg.DagsterInstance.get())
+    print(json.dumps(report, indent=None if args.json else 2, default=str))
+    return 0
+
+
 def cmd_new(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -234,6 +248,10 @@ def parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="champion, endpoint health, drift and retrain per pipeline")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
+    sl = sub.add_parser("slo", help="SLIs: availability, p95 latency, freshness, drift trend, training, CPU per 1k predictions")
+    sl.add_argument("pipeline")
+    sl.add_argument("--json", action="store_true", help="one line of JSON")
+    sl.set_defaults(func=cmd_slo)
     return p
 
 
