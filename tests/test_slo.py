@@ -92,3 +92,25 @@ def test_quantile_interpolates_within_the_bucket() -> None:
     assert quantile(buckets, 0.5) == pytest.approx(0.01)
     assert quantile(buckets, 0.95) == pytest.approx(0.1 + 0.9 * 0.5)
     assert quantile([], 0.95) is None
+
+
+def test_drift_trend_scores_stored_windows(live: dict[str, Any], tmp_path: Path) -> None:
+    import polars as pl
+
+    from assets.observe import window_counts
+    from platform_defs.lifecycle import simulate
+    from platform_defs.slo import drift_trend
+
+    spec, state = live["spec"], live["kiln_home"] / "state"
+    reference = json.loads((state / "reference" / spec.name / "reference.json").read_text())
+    calm = pl.read_parquet(simulate(spec, tmp_path / "calm", 1, 1500, seed=21, start=date(2026, 1, 3))[0])
+    drifted = pl.read_parquet(simulate(spec, tmp_path / "drifted", 1, 1500, drift=1.0, seed=22, start=date(2026, 1, 3))[0])
+    folder = state / "drift" / spec.name
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [{"window_id": name, "counts": window_counts(spec, frame, reference)} for name, frame in (("calm", calm), ("drifted", drifted))]
+    (folder / "windows.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    trend = drift_trend(spec, state)
+    assert [w["window"] for w in trend["windows"]] == ["calm", "drifted"]
+    assert all(w["n"] == 1500 for w in trend["windows"])
+    calm_score, drifted_score = (w["max_score"] for w in trend["windows"])
+    assert calm_score < spec.drift.threshold < drifted_score
