@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from assets.keys import key
@@ -93,6 +94,19 @@ def _type_csv(frame: pl.DataFrame, spec: PipelineSpec) -> tuple[pl.DataFrame, di
     return (frame.with_columns(clean) if clean else frame), unparsed
 
 
+RAW_WARN_HOURS = 26  # a daily source lands once a day; a little slack before warning
+RAW_FAIL_HOURS = 48
+
+
+def raw_freshness_policy(spec: PipelineSpec) -> dg.FreshnessPolicy | None:
+    """Daily sources are expected every day: the UI warns after 26 h without a new materialization of raw, fails after 48 h."""
+    import dagster as dg
+
+    if spec.source.partitions != "daily":
+        return None
+    return dg.FreshnessPolicy.time_window(fail_window=timedelta(hours=RAW_FAIL_HOURS), warn_window=timedelta(hours=RAW_WARN_HOURS))
+
+
 def build(spec: PipelineSpec) -> dg.AssetsDefinition:
     """The `<p>/raw` asset, with its blocking GX schema check and a schema-change check run in the same step."""
     import dagster as dg
@@ -114,6 +128,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         output_required=False,
         description=f"{spec.name} source data as it arrived ({spec.source.format}, {spec.source.partitions}).",
         metadata={"source": spec.source.path, "format": spec.source.format},
+        freshness_policy=raw_freshness_policy(spec),
         check_specs=[
             dg.AssetCheckSpec("schema_contract", asset=raw_key, blocking=True,
                               description="great-expectations: column set, exact dtypes, required non-nulls, row count; "

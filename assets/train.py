@@ -83,13 +83,14 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         import polars as pl
         from mlflow.models import infer_signature
 
+        from assets import report
         from assets.evaluate import score, split_holdout
         from assets.features import data_version, feature_columns
 
         if spec.trainer.kind == "torch":
             from assets.train_torch import train_and_register
 
-            return train_and_register(context, features, spec, mlflow, context.resources.storage)
+            return report.attach(train_and_register(context, features, spec, mlflow, context.resources.storage), spec, features, mlflow)
         if spec.trainer.kind != "lightgbm":
             raise NotImplementedError(f"{spec.name}: trainer.kind '{spec.trainer.kind}' is not available yet")
         train, holdout = split_holdout(features, spec)
@@ -139,7 +140,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
             "train_rows": train.height,
             "holdout_rows": holdout.height,
         }
-        return dg.Output(
+        return report.attach(dg.Output(
             record,
             metadata={
                 "model_version": version,
@@ -150,7 +151,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
                 "holdout_rows": holdout.height,
                 "drift_reference": reference_table(drift_reference),
             },
-        )
+        ), spec, features, mlflow)
 
     return model
 

@@ -40,9 +40,20 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     spec = _spec(args.pipeline)
     folder = local_paths()["sources"] / spec.source.path
     start = date.fromisoformat(args.start) if args.start else None
-    written = simulate(spec, folder, args.days, args.rows_per_day, drift=args.drift, seed=args.seed, start=start)
-    for path in written:
-        print(f"wrote {path}")
+    if spec.source.partitions != "daily":
+        written = simulate(spec, folder, args.days, args.rows_per_day, drift=args.drift, seed=args.seed, start=start)
+        for path in written:
+            print(f"wrote {path}")
+        return 0
+    from datetime import timedelta
+
+    from platform_defs.progress import bar
+
+    with bar(f"simulate {spec.name}", args.days) as step:
+        for i in range(args.days):  # one day per call: the same files as one call, with a bar that moves
+            day = start + timedelta(days=i) if start else None
+            for path in simulate(spec, folder, 1, args.rows_per_day, drift=args.drift, seed=args.seed, start=day):
+                step(f"wrote {path}")
     return 0
 
 
@@ -64,7 +75,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         simulate(spec, folder, want - len(have), args.rows_per_day, seed=args.seed)
     instance = dg.DagsterInstance.get()
     print(f"materializing {spec.name} on {instance.root_directory}")
-    results = ingest(defs, spec, ingest_keys(spec, folder), instance)
+    from platform_defs.progress import bar
+
+    keys = ingest_keys(spec, folder)
+    with bar(f"ingest {spec.name}", len(keys)) as step:
+        results = ingest(defs, spec, keys, instance, progress=step)
     if not any(r.success for r in results):
         print("kiln demo: no partition passed validation", file=sys.stderr)
         return 1
@@ -185,6 +200,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_slo(args: argparse.Namespace) -> int:
+    import dagster as dg
+
+    from platform_defs.lifecycle import prepare_local_env
+    from platform_defs.profiles import resources
+    from platform_defs.slo import slo_report
+
+    paths = prepare_local_env()
+    spec = _spec(args.pipeline)
+    report = slo_report(spec, paths, resources("local")["serving"], dg.DagsterInstance.get())
+    print(json.dumps(report, indent=None if args.json else 2, default=str))
+    return 0
+
+
 def cmd_new(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -258,6 +287,10 @@ def parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="champion, endpoint health, drift and retrain per pipeline")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
+    sl = sub.add_parser("slo", help="SLIs: availability, p95 latency, freshness, drift trend, training, CPU per 1k predictions")
+    sl.add_argument("pipeline")
+    sl.add_argument("--json", action="store_true", help="one line of JSON")
+    sl.set_defaults(func=cmd_slo)
     return p
 
 

@@ -1,0 +1,162 @@
+"""Service-level indicators of one pipeline, read from the platform itself (`kiln slo <p>`).
+
+Endpoint availability and p95 latency come from the live endpoint's ``/metrics`` (BentoML's built-in
+``bentoml_service_request_*`` series), data freshness from the source files, the drift trend from the
+windows ``<p>/predictions`` stored, training success from the Dagster runs of ``<p>_retrain``, and the
+serving cost from the endpoint process tree's CPU time in ``/proc``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from platform_defs.spec import PipelineSpec
+
+REQUESTS = "bentoml_service_request"  # counter; prometheus_client's parser strips the _total suffix
+DURATION = "bentoml_service_request_duration_seconds"
+PREDICT_PATH = "/predict"
+TREND_WINDOWS = 10
+
+
+def parse_metrics(text: str) -> dict[str, list[tuple[dict[str, str], float, str]]]:
+    """Prometheus text to {family: [(labels, value, sample name)]}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families: dict[str, list[tuple[dict[str, str], float, str]]] = {}
+    for family in text_string_to_metric_families(text):
+        families.setdefault(family.name, []).extend((dict(s.labels), float(s.value), s.name) for s in family.samples)
+    return families
+
+
+def quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
+    """The ``q`` quantile from cumulative histogram buckets [(upper bound, count)], interpolated within a bucket."""
+    buckets = sorted(buckets)
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower, below = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if bound == float("inf"):
+                return lower
+            return lower + (bound - lower) * ((rank - below) / (count - below) if count > below else 1.0)
+        lower, below = bound, count
+    return lower
+
+
+def endpoint_sli(text: str, path: str = PREDICT_PATH) -> dict[str, Any]:
+    """Requests, availability (share of non-5xx answers) and p95 latency of ``path`` from a ``/metrics`` answer."""
+    families = parse_metrics(text)
+    total = errors = 0.0
+    for labels, value, name in families.get(REQUESTS, []):
+        if labels.get("endpoint") == path and name.endswith("_total"):
+            total += value
+            errors += value if str(labels.get("http_response_code", "")).startswith("5") else 0.0
+    merged: dict[float, float] = {}
+    for labels, value, name in families.get(DURATION, []):
+        if labels.get("endpoint") == path and name.endswith("_bucket"):
+            bound = float(labels["le"])
+            merged[bound] = merged.get(bound, 0.0) + value
+    p95 = quantile(list(merged.items()), 0.95)
+    return {"requests": int(total), "errors_5xx": int(errors), "availability": (total - errors) / total if total else None,
+            "p95_latency_s": p95}
+
+
+def process_tree_cpu_seconds(pid: int) -> float:
+    """User+system CPU seconds of a process and all its live descendants (plus their reaped children), from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    parents: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+        parents[int(entry.name)] = int(fields[1])
+        cpu[int(entry.name)] = sum(int(v) for v in fields[11:15]) / ticks  # utime stime cutime cstime
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        current = frontier.pop()
+        children = [p for p, parent in parents.items() if parent == current and p not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    return sum(cpu.get(p, 0.0) for p in tree)
+
+
+def freshness(spec: PipelineSpec, source_root: Path, now: float | None = None) -> dict[str, Any]:
+    """Newest source file and partition of a local source, and its age."""
+    now = now or time.time()
+    folder = source_root / spec.source.path
+    files = sorted(folder.glob(f"*.{spec.source.format}")) if folder.exists() else []
+    if not files:
+        return {"source": str(folder), "files": 0, "newest_partition": None, "age_hours": None}
+    newest = max(files, key=lambda f: f.stat().st_mtime)
+    return {"source": str(folder), "files": len(files), "newest_partition": max(f.stem for f in files),
+            "age_hours": round((now - newest.stat().st_mtime) / 3600, 3)}
+
+
+def drift_trend(spec: PipelineSpec, state_root: Path, windows: int = TREND_WINDOWS) -> dict[str, Any]:
+    """Max drift score of the last ``windows`` observed prediction windows (from stored bin counts) and the last decision."""
+    from sensors.drift_stats import column_scores
+
+    folder = state_root / "drift" / spec.name
+    reference_path = state_root / "reference" / spec.name / "reference.json"
+    last = folder / "last_decision.json"
+    trend: list[dict[str, Any]] = []
+    lines_path = folder / "windows.jsonl"
+    if lines_path.exists() and reference_path.exists():
+        reference = json.loads(reference_path.read_text())
+        for line in [x for x in lines_path.read_text().splitlines() if x.strip()][-windows:]:
+            window = json.loads(line)
+            scores = column_scores(reference, window["counts"], spec.drift.method)
+            trend.append({"window": window.get("window_id"), "n": int(window["counts"]["n"]),
+                          "max_score": round(max(scores.values()), 5) if scores else None})
+    return {"method": spec.drift.method, "threshold": spec.drift.threshold, "windows": trend,
+            "last_decision": json.loads(last.read_text()) if last.exists() else None}
+
+
+def training_success(pipeline: str, instance: Any) -> dict[str, Any]:
+    """Finished runs of ``<p>_retrain`` and the share that succeeded."""
+    import dagster as dg
+
+    runs = instance.get_runs(filters=dg.RunsFilter(job_name=f"{pipeline}_retrain"))
+    finished = [r for r in runs if r.status in (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE)]
+    ok = sum(r.status == dg.DagsterRunStatus.SUCCESS for r in finished)
+    return {"runs": len(finished), "succeeded": ok, "success_rate": ok / len(finished) if finished else None}
+
+
+def slo_report(spec: PipelineSpec, paths: dict[str, Path], serving: Any, instance: Any | None) -> dict[str, Any]:
+    """Every SLI of one pipeline (local profile): endpoint, freshness, drift, training, cost."""
+    import httpx
+
+    state = serving.state(spec.name)
+    endpoint: dict[str, Any] = {"url": None, "reachable": False}
+    cost: dict[str, Any] = {"cpu_seconds": None, "predictions": None, "cpu_seconds_per_1k_predictions": None}
+    if state:
+        endpoint["url"] = state["url"]
+        try:
+            text = httpx.get(f"{state['url']}/metrics", timeout=10).text
+            endpoint.update(endpoint_sli(text), reachable=True)
+            rows = sum(v for labels, v, name in parse_metrics(text).get("kiln_predicted_rows", []) if name.endswith("_total"))
+            predictions = int(rows) if rows else endpoint["requests"]
+            pid = state.get("backend_pid") or state.get("pid")
+            cpu = process_tree_cpu_seconds(int(pid)) if pid and Path(f"/proc/{pid}").exists() else None
+            cost = {"cpu_seconds": cpu, "predictions": predictions,
+                    "cpu_seconds_per_1k_predictions": cpu / predictions * 1000 if cpu is not None and predictions else None}
+        except httpx.HTTPError as exc:
+            endpoint["error"] = str(exc)
+    return {
+        "pipeline": spec.name,
+        "endpoint": endpoint,
+        "freshness": freshness(spec, paths["sources"]),
+        "drift": drift_trend(spec, paths["state"]),
+        "training": training_success(spec.name, instance) if instance is not None else None,
+        "cost": cost,
+    }

@@ -1,0 +1,116 @@
+"""`kiln slo` against a live endpoint with known traffic: the request count, availability and p95 follow what was sent."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import FRAUD_SPEC, free_port
+
+DAYS = 2
+ROWS = 1500
+SENT_OK = 40
+SENT_BAD = 5
+
+
+@pytest.fixture(scope="module")
+def live(kiln_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    from platform_defs.definitions import build_definitions
+    from platform_defs.lifecycle import ingest, retrain, simulate, source_partitions
+    from platform_defs.profiles import local_paths, resources
+    from platform_defs.spec import load_spec
+    from resources.serving import stop
+
+    spec_dir = tmp_path_factory.mktemp("slo-pipelines")
+    data = yaml.safe_load(FRAUD_SPEC.read_text())
+    data["name"] = "fraud_slo"
+    data["source"]["path"] = "fraud_slo"
+    data["serving"]["port"] = free_port()
+    data["trainer"]["params"]["num_boost_round"] = 30
+    (spec_dir / "fraud_slo.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    os.environ["KILN_PIPELINES_DIR"] = str(spec_dir)
+    spec = load_spec(spec_dir / "fraud_slo.yaml")
+    defs = build_definitions([spec])
+    folder = local_paths()["sources"] / spec.source.path
+    simulate(spec, folder, DAYS, ROWS, seed=13, start=date(2026, 1, 1))
+    instance = dg.DagsterInstance.get()
+    assert all(r.success for r in ingest(defs, spec, source_partitions(spec, folder), instance, progress=lambda _: None))
+    assert retrain(defs, spec, instance, progress=lambda _: None).success
+    serving = resources("local")["serving"]
+    try:
+        yield {"spec": spec, "serving": serving, "kiln_home": kiln_home}
+    finally:
+        state = serving.state(spec.name)
+        if state:
+            stop(state.get("router_pid") or state.get("pid"))
+            stop(state.get("backend_pid"))
+        os.environ.pop("KILN_PIPELINES_DIR", None)
+
+
+def _slo(capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    from platform_defs.cli import main
+
+    assert main(["slo", "fraud_slo", "--json"]) == 0
+    return dict(json.loads(capsys.readouterr().out))
+
+
+def test_slo_counts_known_traffic(live: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    url = live["serving"].state("fraud_slo")["url"]
+    rows = json.loads((live["kiln_home"] / "state" / "reference" / "fraud_slo" / "sample_rows.json").read_text())[:5]
+    before = _slo(capsys)
+    assert before["endpoint"]["reachable"] is True
+    for _ in range(SENT_OK):
+        assert httpx.post(f"{url}/predict", json={"rows": rows}, timeout=30).status_code == 200
+    for _ in range(SENT_BAD):  # a bad request is the client's fault (4xx): it does not cost availability
+        assert httpx.post(f"{url}/predict", json={"rows": [{"amount": "x"}]}, timeout=30).status_code // 100 == 4
+    after = _slo(capsys)
+    ep = after["endpoint"]
+    assert ep["requests"] - before["endpoint"]["requests"] == SENT_OK + SENT_BAD
+    assert ep["errors_5xx"] == 0 and ep["availability"] == 1.0
+    assert ep["p95_latency_s"] is not None and 0 < ep["p95_latency_s"] < 30
+    cost = after["cost"]
+    assert cost["predictions"] >= before["cost"]["predictions"] + SENT_OK * len(rows)
+    assert cost["cpu_seconds"] > 0 and cost["cpu_seconds_per_1k_predictions"] > 0
+    fresh = after["freshness"]
+    assert fresh["files"] == DAYS and fresh["newest_partition"] == "2026-01-02" and fresh["age_hours"] >= 0
+    assert after["training"]["runs"] == 0  # materialized directly, not through fraud_slo_retrain
+
+
+def test_quantile_interpolates_within_the_bucket() -> None:
+    from platform_defs.slo import quantile
+
+    buckets = [(0.01, 50.0), (0.1, 90.0), (1.0, 100.0), (float("inf"), 100.0)]
+    assert quantile(buckets, 0.5) == pytest.approx(0.01)
+    assert quantile(buckets, 0.95) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert quantile([], 0.95) is None
+
+
+def test_drift_trend_scores_stored_windows(live: dict[str, Any], tmp_path: Path) -> None:
+    import polars as pl
+
+    from assets.observe import window_counts
+    from platform_defs.lifecycle import simulate
+    from platform_defs.slo import drift_trend
+
+    spec, state = live["spec"], live["kiln_home"] / "state"
+    reference = json.loads((state / "reference" / spec.name / "reference.json").read_text())
+    calm = pl.read_parquet(simulate(spec, tmp_path / "calm", 1, 1500, seed=21, start=date(2026, 1, 3))[0])
+    drifted = pl.read_parquet(simulate(spec, tmp_path / "drifted", 1, 1500, drift=1.0, seed=22, start=date(2026, 1, 3))[0])
+    folder = state / "drift" / spec.name
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [{"window_id": name, "counts": window_counts(spec, frame, reference)} for name, frame in (("calm", calm), ("drifted", drifted))]
+    (folder / "windows.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    trend = drift_trend(spec, state)
+    assert [w["window"] for w in trend["windows"]] == ["calm", "drifted"]
+    assert all(w["n"] == 1500 for w in trend["windows"])
+    calm_score, drifted_score = (w["max_score"] for w in trend["windows"])
+    assert calm_score < spec.drift.threshold < drifted_score
