@@ -107,7 +107,15 @@ def test_drift_trend_scores_stored_windows(live: dict[str, Any], tmp_path: Path)
     drifted = pl.read_parquet(simulate(spec, tmp_path / "drifted", 1, 1500, drift=1.0, seed=22, start=date(2026, 1, 3))[0])
     folder = state / "drift" / spec.name
     folder.mkdir(parents=True, exist_ok=True)
-    lines = [{"window_id": name, "counts": window_counts(spec, frame, reference)} for name, frame in (("calm", calm), ("drifted", drifted))]
+    from assets.features import compute_features
+    from assets.train import load_booster, predict
+    from platform_defs.profiles import resources
+
+    resources("local")["mlflow"].client()  # points MLflow at the session registry
+    booster = load_booster(f"models:/{spec.name}/{live['serving'].state(spec.name)['model_version']}")
+    scored = [(name, frame.with_columns(pl.Series("_prediction", predict(booster, compute_features(frame, spec), spec))))
+              for name, frame in (("calm", calm), ("drifted", drifted))]
+    lines = [{"window_id": name, "counts": window_counts(spec, frame, reference)} for name, frame in scored]
     (folder / "windows.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     trend = drift_trend(spec, state)
     assert [w["window"] for w in trend["windows"]] == ["calm", "drifted"]
