@@ -151,3 +151,16 @@ class KilnStorage(dg.ConfigurableResource):
         path = Path(self.state_root) / kind / pipeline
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+
+def check_reachable(path: UPath) -> None:
+    """For an ``s3://`` path, fail with a clear error naming bucket and key when the S3 API cannot be reached."""
+    if path.protocol not in ("s3", "s3a"):
+        return
+    bucket = str(path).split("://", 1)[1].partition("/")[0]
+    try:
+        path.fs.call_s3("head_bucket", Bucket=bucket)
+    except Exception as exc:
+        endpoint = s3_endpoint_url() or "AWS S3"
+        raise StorageError(f"storage: S3 at {endpoint} unreachable or bucket missing for {describe(path)}: "
+                           f"{type(exc).__name__}: {exc}") from exc
