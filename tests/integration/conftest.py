@@ -2,7 +2,8 @@
 
 PostgreSQL from ``/usr/lib/postgresql/15/bin`` (initdb + pg_ctl in a temp folder, run as the ``postgres`` user when
 the tests run as root), a moto S3 server, an ``mlflow server`` on that Postgres with S3 artifacts, and a Dagster
-instance whose run/event/schedule storage is that Postgres. One set per test module.
+instance whose run/event/schedule storage is that Postgres. One set for the package (both modules share it and the
+trained `fraud` world); ``test_prod_profile`` runs before ``test_faults``, which changes registry and endpoint state.
 """
 
 from __future__ import annotations
@@ -161,7 +162,18 @@ def dagster_yaml(pg: Postgres) -> dict[str, Any]:
     }
 
 
-@pytest.fixture(scope="module")
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the end-to-end assertions before the fault tests (the integration items stay contiguous)."""
+    order = ("test_prod_profile.py", "test_faults.py")
+    positions = [i for i, item in enumerate(items) if item.path.name in order and item.path.parent.name == "integration"]
+    if not positions:
+        return
+    chosen = sorted((items[i] for i in positions), key=lambda item: order.index(item.path.name))
+    for i, item in zip(positions, chosen):
+        items[i] = item
+
+
+@pytest.fixture(scope="package")
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """Postgres + moto S3 + MLflow server + a Postgres-backed Dagster instance, and the prod profile's env vars."""
     import boto3
@@ -230,7 +242,7 @@ def upload_sources(s3: Any, local: Path, prefix: str) -> list[str]:
     return keys
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def prod_world(services: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """The `fraud` pipeline simulated into S3, ingested and retrained in the prod profile, with its endpoint up."""
     from platform_defs.definitions import build_definitions
