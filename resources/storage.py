@@ -155,7 +155,7 @@ class KilnStorage(dg.ConfigurableResource):
 
 def check_reachable(path: UPath) -> None:
     """For an ``s3://`` path, fail with a clear error naming bucket and key when the S3 API cannot be reached."""
-    if path.protocol not in ("s3", "s3a"):
+    if getattr(path, "protocol", "") not in ("s3", "s3a"):  # plain Paths from callers are local
         return
     bucket = str(path).split("://", 1)[1].partition("/")[0]
     try:
