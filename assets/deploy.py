@@ -102,11 +102,12 @@ def build(spec: PipelineSpec) -> list[Any]:
         asset=endpoint_key,
         name="live_smoke_test",
         blocking=True,
-        required_resource_keys={"storage"},
+        required_resource_keys={"storage", "mlflow"},
         description="POSTs sample rows and requires predictions equal to offline predictions of the same rows.",
     )
     def live_smoke(context, endpoint: Any):
         storage: KilnStorage = context.resources.storage
+        context.resources.mlflow.client()  # a check runs in its own process under dagster dev: point MLflow at the registry
         sample_path = storage.state_dir(spec.name, "reference") / "sample_rows.json"
         rows = json.loads(sample_path.read_text())
         result = smoke_test(endpoint["url"], rows, f"models:/{spec.name}/{endpoint['model_version']}", spec)

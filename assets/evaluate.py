@@ -69,7 +69,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         },
         io_manager_key="json_io_manager",
         kinds={"mlflow"},
-        required_resource_keys={"mlflow"},
+        required_resource_keys={"mlflow", "storage"},
         retry_policy=service_retry_policy(),
         check_specs=[dg.AssetCheckSpec("champion_gate", asset=champion_key, blocking=True,
                                        description="The served champion is never worse than the challenger.")],
@@ -107,6 +107,10 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
             if current is not None:
                 client.set_model_version_tag(spec.name, str(model["version"]), "kiln.previous_champion", str(current.version))
         served = client.get_model_version_by_alias(spec.name, CHAMPION_ALIAS)
+        from assets.drift_report import publish_champion_reference
+
+        # Live traffic is compared with what the served model was trained on, whichever side the gate chose.
+        publish_champion_reference(client, spec, str(served.run_id), context.resources.storage.state_root)
         served_score = challenger_score if str(served.version) == str(model["version"]) else champion_score
         record = {
             "version": str(served.version),

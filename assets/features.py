@@ -124,7 +124,10 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         reference = _reference(spec, source, frame)
         ref_path = storage.state_dir(spec.name, "reference") / f"features-{version}.json"
         ref_path.write_text(json.dumps(reference))
-        (ref_path.parent / "reference.json").write_text(json.dumps(reference))
+        current = ref_path.parent / "reference.json"
+        if not current.exists():
+            # Until a champion publishes its own reference (features + prediction score), drift is judged against this.
+            current.write_text(json.dumps(reference))
         (ref_path.parent / "sample_rows.json").write_text(json.dumps(sample_rows(source, spec)))
         yield dg.Output(
             frame,
@@ -137,6 +140,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
                 "positive_rate": float(frame[spec.target].mean() or 0.0) if spec.task == "classification" else 0.0,  # type: ignore[arg-type]
                 "data_version": version,
                 "reference_profile": dg.MetadataValue.path(str(ref_path)),
+                "reference_bins": _reference_table(reference),
             },
         )
         yield dg.AssetCheckResult(check_name="schema_change", passed=unchanged, severity=dg.AssetCheckSeverity.WARN, metadata=change)
@@ -158,3 +162,9 @@ def _reference(spec: PipelineSpec, source: pl.DataFrame, frame: pl.DataFrame) ->
 
     profile_input, numeric, categorical = profile_frame(spec, source, frame)
     return build_reference(profile_input, numeric=numeric, categorical=categorical, bins=spec.drift.bins)
+
+
+def _reference_table(reference: dict[str, Any]) -> Any:
+    from assets.drift_report import reference_table
+
+    return reference_table(reference)

@@ -63,6 +63,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         from bentoml._internal.bento.build_config import BentoEnvSchema
 
         from resources.mlflow import verify_checksum
+        from serving.images import build_options, image_flavor
 
         verify_checksum(mlflow, spec.name, str(champion["version"]))  # never build from a changed artifact
         labels = labels_for(spec, champion, client)
@@ -89,7 +90,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
                 description=f"Kiln endpoint for pipeline {spec.name}",
                 include=INCLUDE,
                 envs=[BentoEnvSchema(name="KILN_MODEL_TAG", value=model_tag)],
-                python={"packages": SERVING_PACKAGES, "lock_packages": False},
+                **build_options(spec),  # CPU or GPU (CUDA + torch) image, from the spec
                 models=[model_tag],
                 build_ctx=str(project_root()),
             )
@@ -99,10 +100,12 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
             "model_version": labels["mlflow_model_version"],
             "labels": dict(built.info.labels),
             "path": str(built.path),
+            "image": image_flavor(spec),
         }
         return dg.Output(
             record,
-            metadata={"bento": record["tag"], "bento_model": model_tag, **{f"label/{k}": v for k, v in labels.items()}},
+            metadata={"bento": record["tag"], "bento_model": model_tag, "image": record["image"],
+                      **{f"label/{k}": v for k, v in labels.items()}},
         )
 
     return bento

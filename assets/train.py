@@ -116,6 +116,11 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
             mlf.log_params({**spec.trainer.params, "train_rows": train.height, "holdout_rows": holdout.height})
             mlf.log_metrics(metrics)
             mlf.log_dict(spec.model_dump(mode="json", by_alias=True), "kiln/spec.json")
+            from assets.drift_report import REFERENCE_ARTIFACT, reference_table, training_reference
+
+            # Drift is judged against this model's own training data and prediction scores, stored with the version.
+            drift_reference = training_reference(spec, features, predict(booster, features, spec))
+            mlf.log_dict(drift_reference, REFERENCE_ARTIFACT)
             # The booster sees floats (NaN for missing), so the signature says so too.
             example = holdout.head(5).select([pl.col(c).cast(pl.Float64) for c in feature_columns(spec, holdout)]).to_pandas()
             info = mlf.lightgbm.log_model(
@@ -155,6 +160,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
                 **{f"metric/{k}": v for k, v in metrics.items()},
                 "train_rows": train.height,
                 "holdout_rows": holdout.height,
+                "drift_reference": reference_table(drift_reference),
             },
         )
 

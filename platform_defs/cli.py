@@ -110,6 +110,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rollback(args: argparse.Namespace) -> int:
+    import dagster as dg
+
+    from platform_defs.definitions import build_definitions
+    from platform_defs.lifecycle import prepare_local_env
+    from platform_defs.rollback import RollbackError, rollback
+
+    prepare_local_env()
+    spec = _spec(args.pipeline)
+    try:
+        done = rollback(spec, build_definitions([spec]), dg.DagsterInstance.get(), to=args.to, reason=args.reason)
+    except RollbackError as exc:
+        print(f"kiln rollback: {exc}", file=sys.stderr)
+        return 1
+    print(f"{spec.name}: champion {done['from_version']} -> {done['to_version']} by {done['user']} ({done['reason']}); "
+          f"endpoint {done['endpoint_url']} serves version {done['endpoint_model_version']}")
+    return 0
+
+
 def status_rows() -> list[dict[str, Any]]:
     """Per pipeline: champion version and metric, endpoint URL and health, last drift decision, last retrain."""
     import dagster as dg
@@ -225,6 +244,11 @@ def parser() -> argparse.ArgumentParser:
     n.add_argument("--source", help="source folder, relative to the source root or absolute (default: the name)")
     n.add_argument("--force", action="store_true", help="replace an existing spec of that name")
     n.set_defaults(func=cmd_new)
+    rb = sub.add_parser("rollback", help="move the champion alias back to the previous champion and serve it")
+    rb.add_argument("pipeline")
+    rb.add_argument("--to", help="the model version to restore (default: the version the champion replaced)")
+    rb.add_argument("--reason", help="why (stored as a tag on the restored version)")
+    rb.set_defaults(func=cmd_rollback)
     pv = sub.add_parser("preview", help="train a changed spec on a sample and compare it with the champion (markdown)")
     pv.add_argument("pipeline")
     pv.add_argument("--spec", help="the changed spec file (default: the pipeline's file in the pipelines folder)")

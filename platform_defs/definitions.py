@@ -44,11 +44,17 @@ def pipeline_definitions(spec: PipelineSpec) -> dg.Definitions:
         description="Ingest and validate one source partition.",
         tags={"kiln/pipeline": spec.name},
     )
+    observe_job = dg.define_asset_job(
+        f"{spec.name}_observe",
+        selection=dg.AssetSelection.assets(key(spec.name, "predictions")),
+        description="Ingest new prediction-log rows as a drift window (bin counts) with its drift report.",
+        tags={"kiln/pipeline": spec.name},
+    )
     return dg.Definitions(
         assets=assets,
         asset_checks=checks,
-        jobs=[retrain_job, ingest_job],
-        sensors=[new_data.build(spec, ingest_job), drift.build(spec, retrain_job)],
+        jobs=[retrain_job, ingest_job, observe_job],
+        sensors=[new_data.build(spec, ingest_job), drift.build(spec, retrain_job), drift.build_log_sensor(spec, observe_job)],
     )
 
 

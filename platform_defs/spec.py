@@ -206,6 +206,9 @@ class DriftSpec(_Strict):
     cooldown_minutes: float = Field(default=60.0, ge=0)
     drifted_feature_share: float = Field(default=0.3, gt=0, le=1)
     bins: int = Field(default=10, ge=2, le=100)
+    # Family-wise false-alarm rate per window: a column also has to beat the Bonferroni noise bound (sensors.drift_stats).
+    alpha: float | None = Field(default=0.01, gt=0, lt=1)
+    sensor_interval_seconds: int = Field(default=30, ge=1, le=86400)
 
 
 class PipelineSpec(_Strict):

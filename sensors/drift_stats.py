@@ -195,6 +195,45 @@ def column_scores(reference: Mapping[str, Any], current: Mapping[str, Any], meth
     return scores
 
 
+def null_critical(bins: int, n: int, n_ref: int, *, alpha: float, tests: int, method: str = "psi") -> float:
+    """The score that sampling noise alone exceeds with probability ``alpha / tests`` (Bonferroni over ``tests`` columns).
+
+    Under no drift, PSI between two samples of sizes ``n`` and ``n_ref`` over ``bins`` bins is approximately
+    ``(1/n + 1/n_ref) * chi2(bins - 1)`` (PSI is the symmetric chi-square statistic to second order); Jensen-Shannon
+    (base 2) is that divided by ``8 ln 2``. Dividing ``alpha`` by the number of columns tested keeps the chance that any
+    column of a clean window crosses its bound at most ``alpha``, however many features a pipeline has.
+    """
+    import math
+    from statistics import NormalDist
+
+    if method not in METHODS:
+        raise ValueError(f"drift method {method!r} is not one of {', '.join(METHODS)}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if n <= 0 or n_ref <= 0 or bins < 2 or tests < 1:
+        return math.inf
+    # Wilson-Hilferty chi-square quantile (within ~1% at these tails): stdlib only, microseconds, no scipy in the sensor.
+    dof = bins - 1
+    z = NormalDist().inv_cdf(1.0 - alpha / tests)
+    quantile = dof * (1.0 - 2.0 / (9.0 * dof) + z * math.sqrt(2.0 / (9.0 * dof))) ** 3
+    bound = quantile * (1.0 / n + 1.0 / n_ref)
+    return bound if method == "psi" else bound / (8.0 * math.log(2.0))
+
+
+def column_thresholds(
+    reference: Mapping[str, Any], n: int, threshold: float, *, alpha: float | None, method: str = "psi"
+) -> dict[str, float]:
+    """Per-column drift thresholds: the practical ``threshold``, raised to the Bonferroni noise bound where that is higher."""
+    columns = {col: len(spec["counts"]) for kind in ("numeric", "categorical") for col, spec in reference.get(kind, {}).items()}
+    if alpha is None:
+        return dict.fromkeys(columns, threshold)
+    n_ref = int(reference.get("n", 0))
+    return {
+        col: max(threshold, null_critical(bins, n, n_ref, alpha=alpha, tests=len(columns), method=method))
+        for col, bins in columns.items()
+    }
+
+
 def decide(
     scores: Mapping[str, float],
     n_samples: int,
@@ -207,6 +246,7 @@ def decide(
     cooldown_seconds: float,
     drifted_feature_share: float,
     score_key: str | None = None,
+    thresholds: Mapping[str, float] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Turn one window's column scores into an action (retrain / wait / insufficient / cooldown / ok) and new state.
 
@@ -216,6 +256,8 @@ def decide(
     ``cooldown_seconds`` ago, in which case every drifted window reports ``cooldown`` while the streak keeps counting.
     ``drifted_columns``, ``share`` and ``max_score`` describe the scores even when the window is insufficient.
     ``streak`` in the decision is the streak including this window (the one that triggered a retrain, if any).
+    ``thresholds`` (from :func:`column_thresholds`) overrides ``threshold`` per column, so that a column counts as
+    drifted only when its score is both practically large and beyond what sampling noise explains.
     """
     if not 0.0 < drifted_feature_share <= 1.0:
         raise ValueError(f"drifted_feature_share must be in (0, 1], got {drifted_feature_share}")
@@ -227,12 +269,13 @@ def decide(
     streak = int(state.get("streak", 0) or 0)
     last_retrain_at = state.get("last_retrain_at")
 
-    drifted_columns = sorted(col for col, score in scores.items() if score > threshold)
+    limits = {col: float((thresholds or {}).get(col, threshold)) for col in scores}
+    drifted_columns = sorted(col for col, score in scores.items() if score > limits[col])
     features = [col for col in scores if col != score_key]
-    drifted_features = [col for col in features if scores[col] > threshold]
+    drifted_features = [col for col in features if scores[col] > limits[col]]
     share = len(drifted_features) / len(features) if features else 0.0
     max_score = float(max(scores.values())) if scores else 0.0
-    prediction_drift = score_key is not None and score_key in scores and scores[score_key] > threshold
+    prediction_drift = score_key is not None and score_key in scores and scores[score_key] > limits[score_key]
     # Multiple-testing guard: with 20+ features each tested at a fixed threshold, some feature exceeds it by chance in
     # most windows (sampling noise, small categories), so "any feature drifted" would retrain constantly. Only the
     # share rule can make feature drift count; one feature alone counts only if it is itself that share. The model's
@@ -266,6 +309,7 @@ def decide(
         "max_score": max_score,
         "streak": streak,
         "n": int(n_samples),
+        "prediction_drift": bool(prediction_drift),
     }
     return decision, new_state
 

@@ -33,6 +33,8 @@ def python_packages(spec: PipelineSpec) -> list[str]:
     packages = list(SERVING_PACKAGES)
     if spec.trainer.kind == "torch" or image_flavor(spec) == "gpu":
         packages.append(TORCH_REQUIREMENT)
+    if spec.trainer.kind == "torch":
+        packages.append("mlflow>=3,<4")  # assets.predictors loads the pt2 program through mlflow.pytorch
     return packages
 
 
@@ -48,3 +50,15 @@ def image_for(spec: PipelineSpec) -> Image:
                  .system_packages("python3-pip")
                  .run("pip install --break-system-packages uv"))
     return image.python_packages(*python_packages(spec))
+
+
+def build_options(spec: PipelineSpec) -> dict[str, dict[str, object]]:
+    """The ``docker`` and ``python`` options of ``bentoml.bentos.build`` for the pipeline's image flavor.
+
+    The bento is built from one generic service, so the image is chosen here rather than in a service decorator:
+    CPU bentos use BentoML's slim Python base; GPU bentos BentoML's CUDA base (the same CUDA and cuDNN runtime as
+    :data:`CUDA_BASE_IMAGE`) with torch's CUDA build."""
+    docker: dict[str, object] = {"python_version": PYTHON_VERSION}
+    if image_flavor(spec) == "gpu":
+        docker["cuda_version"] = CUDA_BASE_IMAGE.split(":")[1].split("-")[0]
+    return {"docker": docker, "python": {"packages": python_packages(spec), "lock_packages": False}}

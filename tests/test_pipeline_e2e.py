@@ -231,8 +231,14 @@ def test_drift_windows_from_the_log_and_the_sensor_decision(world: dict[str, Any
     assert windows and windows[-1]["counts"]["n"] == 7  # the last window holds only the rows logged since the one before
     reference = json.loads((kiln_home / "state" / "reference" / "fraud" / "reference.json").read_text())
 
+    from assets.features import compute_features
+    from assets.train import load_booster, predict
+
+    booster = load_booster(f"models:/fraud/{world['serving'].state('fraud')['model_version']}")
+
     def window(drift: float, seed: int) -> dict[str, Any]:
         rows = generate_day(date(2026, 2, 1), 3000, seed, drift)
+        rows = rows.with_columns(pl.Series("_prediction", predict(booster, compute_features(rows, spec), spec)))
         return {"window_id": f"w{seed}", "counts": window_counts(spec, rows, reference)}
 
     calm, state = evaluate_windows(spec, reference, [window(0.0, 1), window(0.0, 2)], {}, now=1000.0)

@@ -141,6 +141,8 @@ def test_http_prediction_equals_offline(world: dict[str, Any], kiln_home: Path) 
     champion = world["trained"].output_for_node(f"{PIPELINE}__champion")
     bento = world["serving"].bentoml().bentos.get(world["trained"].output_for_node(f"{PIPELINE}__bento")["tag"])
     assert bento.info.labels["mlflow_model_version"] == champion["version"] == state["model_version"]
+    # A GPU pipeline's bento is built on the CUDA image with torch (serving/images.py), not the CPU one.
+    assert bento.info.docker.cuda_version and any(p.startswith("torch==") for p in bento.info.python.packages or [])
     rows = json.loads((kiln_home / "state" / "reference" / PIPELINE / "sample_rows.json").read_text())
     response = httpx.post(f"{state['url']}/predict", json={"rows": rows}, timeout=30)
     assert response.status_code == 200
