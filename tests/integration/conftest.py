@@ -258,6 +258,10 @@ def prod_world(services: dict[str, Any], tmp_path_factory: pytest.TempPathFactor
     os.environ["KILN_PIPELINES_DIR"] = str(spec_dir)
     spec = load_spec(spec_dir / "fraud.yaml")
     defs = build_definitions([spec], "prod")
+    serving = ServingResource(state_root=os.environ["KILN_STATE_ROOT"], bentoml_home=os.environ["BENTOML_HOME"])
+    bentoml = serving.bentoml()  # the session's store: remove what this package builds, so local tests never reuse it
+    bentos_before = {str(b.tag) for b in bentoml.bentos.list()}
+    models_before = {str(m.tag) for m in bentoml.models.list()}
     local = tmp_path_factory.mktemp("sim")
     simulate(spec, local, DAYS, ROWS, seed=5, start=date(2026, 1, 1))
     keys = upload_sources(services["s3"], local, f"sources/{spec.source.path}")
@@ -265,7 +269,6 @@ def prod_world(services: dict[str, Any], tmp_path_factory: pytest.TempPathFactor
     partitions = source_partitions(spec, local)
     ingested = ingest(defs, spec, partitions, instance, progress=lambda _: None)
     trained = retrain(defs, spec, instance, progress=lambda _: None)
-    serving = ServingResource(state_root=os.environ["KILN_STATE_ROOT"], bentoml_home=os.environ["BENTOML_HOME"])
     try:
         yield {"spec": spec, "defs": defs, "instance": instance, "ingested": ingested, "trained": trained,
                "partitions": partitions, "source_keys": keys, "serving": serving, "local_sources": local}
@@ -273,3 +276,7 @@ def prod_world(services: dict[str, Any], tmp_path_factory: pytest.TempPathFactor
         state = serving.state("fraud")
         if state:
             stop(state["pid"])
+        for tag in {str(b.tag) for b in bentoml.bentos.list()} - bentos_before:
+            bentoml.bentos.delete(tag)
+        for tag in {str(m.tag) for m in bentoml.models.list()} - models_before:
+            bentoml.models.delete(tag)
