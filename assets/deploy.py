@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import TYPE_CHECKING, Any
 
 from assets.keys import key
@@ -53,6 +54,7 @@ def build(spec: PipelineSpec) -> list[Any]:
     import dagster as dg
 
     from platform_defs import k8s
+    from resources.retries import service_retry_policy
     from resources.serving import ServingResource, healthy
     from resources.storage import KilnStorage
 
@@ -66,13 +68,17 @@ def build(spec: PipelineSpec) -> list[Any]:
         ins={"bento": dg.AssetIn(key(spec.name, "bento"), input_manager_key="json_io_manager")},
         io_manager_key="json_io_manager",
         kinds={"bentoml"},
-        required_resource_keys={"serving", "storage"},
+        required_resource_keys={"serving", "storage", "mlflow"},
+        retry_policy=service_retry_policy(),
         description="The served endpoint: URL, model version, bento, health (local: a `bentoml serve` process).",
     )
     def endpoint(context, bento: Any):
         from platform_defs.profiles import current_profile
+        from resources.mlflow import verify_checksum
 
-        if current_profile() == "prod":  # Kubernetes: render and record the Deployment + Service, no local process
+        verify_checksum(context.resources.mlflow, spec.name, str(bento["model_version"]))  # refuse a changed artifact
+        # Kubernetes: render and record the Deployment + Service, no local process (KILN_ENDPOINT_TARGET=local: `bentoml serve`)
+        if current_profile() == "prod" and os.environ.get("KILN_ENDPOINT_TARGET", "kubernetes") != "local":
             record = k8s.endpoint_record(spec, bento, context.resources.storage.state_root)
             return dg.Output(record, metadata={"url": dg.MetadataValue.url(record["url"]), "image": record["image"],
                                                "manifests": record["manifests"], "objects": ", ".join(record["objects"]),

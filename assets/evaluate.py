@@ -54,6 +54,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
 
     from platform_defs import k8s
     from resources.mlflow import CHAMPION_ALIAS, MlflowResource
+    from resources.retries import service_retry_policy
 
     champion_key = dg.AssetKey(key(spec.name, "champion"))
 
@@ -69,6 +70,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         io_manager_key="json_io_manager",
         kinds={"mlflow"},
         required_resource_keys={"mlflow", "storage"},
+        retry_policy=service_retry_policy(),
         check_specs=[dg.AssetCheckSpec("champion_gate", asset=champion_key, blocking=True,
                                        description="The served champion is never worse than the challenger.")],
         description=f"The MLflow model version holding alias '{CHAMPION_ALIAS}' after the gate.",
@@ -97,6 +99,9 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         else:
             promote, reason = gate(challenger_score, champion_score, spec.evaluation)
         if promote:
+            from resources.mlflow import verify_checksum
+
+            verify_checksum(mlflow, spec.name, str(model["version"]))  # the alias only ever points at an intact model
             client.set_registered_model_alias(spec.name, CHAMPION_ALIAS, str(model["version"]))
             client.set_model_version_tag(spec.name, str(model["version"]), "kiln.promoted_by", f"dagster run {context.run_id}")
             if current is not None:

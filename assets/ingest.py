@@ -45,6 +45,9 @@ def read_source_with_report(path: UPath, spec: PipelineSpec) -> tuple[pl.DataFra
     """Read one source file, and for CSV columns left as text, a few values that did not convert to the spec's dtype."""
     import polars as pl
 
+    from resources.storage import check_reachable
+
+    check_reachable(path)  # an unreachable object store is not "file does not exist"
     if not path.exists():
         raise SourceReadError(f"{spec.name}: source file {path} does not exist")
     with path.open("rb") as fh:

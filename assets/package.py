@@ -40,6 +40,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
 
     from platform_defs import k8s
     from resources.mlflow import MlflowResource
+    from resources.retries import service_retry_policy
     from resources.serving import ServingResource
 
     @dg.asset(
@@ -51,6 +52,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         io_manager_key="json_io_manager",
         kinds={"bentoml"},
         required_resource_keys={"mlflow", "serving"},
+        retry_policy=service_retry_policy(),
         description="BentoML bento built from models:/<p>@champion; labels carry model version and MLflow run id.",
     )
     def bento(context, champion: Any):
@@ -60,7 +62,10 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         bentoml = serving.bentoml()
         from bentoml._internal.bento.build_config import BentoEnvSchema
 
+        from resources.mlflow import verify_checksum
         from serving.images import build_options, image_flavor
+
+        verify_checksum(mlflow, spec.name, str(champion["version"]))  # never build from a changed artifact
         labels = labels_for(spec, champion, client)
         existing = [
             b for b in bentoml.bentos.list()

@@ -65,6 +65,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
 
     from platform_defs import k8s
     from resources.mlflow import MlflowResource
+    from resources.retries import service_retry_policy
 
     @dg.asset(
         key=key(spec.name, "model"),
@@ -75,6 +76,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         op_tags={"kiln/trainer": spec.trainer.kind, **k8s.op_tags(spec, "model")},
         pool=k8s.pool(spec, "model"),
         required_resource_keys={"mlflow", "storage"},
+        retry_policy=service_retry_policy(),
         description=f"A {spec.trainer.kind} challenger, tracked and registered in MLflow as '{spec.name}'.",
     )
     def model(context, features: Any):
@@ -86,7 +88,13 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         from assets import report
         from assets.evaluate import score, split_holdout
         from assets.features import data_version, feature_columns
+        from resources.mlflow import discard, registered_by_step
 
+        done, partial = registered_by_step(mlflow, spec.name, context.run_id, "model")  # a retried step: reuse, never re-register
+        discard(mlflow, spec.name, partial)
+        if done is not None:
+            context.log.info(f"reusing model version {done.version} registered by this run before the retry")
+            return reused(mlflow, spec, done)
         if spec.trainer.kind == "torch":
             from assets.train_torch import train_and_register
 
@@ -129,6 +137,10 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         version = str(info.registered_model_version)
         mlflow.client().set_model_version_tag(spec.name, version, "dagster_run_id", context.run_id)
         mlflow.client().set_model_version_tag(spec.name, version, "features_data_version", version_of_data)
+        from resources.mlflow import STEP_TAG, record_checksum
+
+        mlflow.client().set_model_version_tag(spec.name, version, STEP_TAG, "model")
+        record_checksum(mlflow, spec.name, version)  # last: the tag marks the registration complete
         record = {
             "version": version,
             "run_id": run.info.run_id,
@@ -154,6 +166,26 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         ), spec, features, mlflow)
 
     return model
+
+
+def reused(mlflow: Any, spec: PipelineSpec, version: Any) -> Any:
+    """The `model` output for a version this run registered in an earlier attempt (metrics from its MLflow run)."""
+    import dagster as dg
+
+    run = mlflow.client().get_run(version.run_id)
+    metrics = dict(run.data.metrics)
+    record = {
+        "version": str(version.version),
+        "run_id": version.run_id,
+        "model_uri": f"models:/{spec.name}/{version.version}",
+        "metric": spec.evaluation.metric,
+        "score": metrics.get(spec.evaluation.metric),
+        "metrics": metrics,
+        "features_data_version": version.tags.get("features_data_version"),
+        "train_rows": int(run.data.params.get("train_rows", 0)),
+        "holdout_rows": int(run.data.params.get("holdout_rows", 0)),
+    }
+    return dg.Output(record, metadata={"model_version": record["version"], "mlflow_run_id": version.run_id, "reused": True})
 
 
 def lgb_version() -> str:

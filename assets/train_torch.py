@@ -381,6 +381,10 @@ def train_and_register(context: Any, features: pl.DataFrame, spec: PipelineSpec,
     version = str(info.registered_model_version)
     client.set_model_version_tag(spec.name, version, "dagster_run_id", context.run_id)
     client.set_model_version_tag(spec.name, version, "features_data_version", version_of_data)
+    from resources.mlflow import STEP_TAG, record_checksum
+
+    client.set_model_version_tag(spec.name, version, STEP_TAG, "model")
+    record_checksum(mlflow, spec.name, version)
     ckpt.unlink(missing_ok=True)  # registered: a later run on the same data trains afresh
     record = {
         "version": version,

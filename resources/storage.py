@@ -7,6 +7,7 @@ IO managers work on ``s3://`` prefixes in the prod profile.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,40 @@ from upath import UPath
 if TYPE_CHECKING:
     import polars as pl
 
+S3_ENDPOINT_ENV = ("KILN_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")
+
+
+class StorageError(RuntimeError):
+    """An object store operation failed; the message names the bucket and key."""
+
+
+def s3_endpoint_url() -> str | None:
+    """The S3 API endpoint from ``KILN_S3_ENDPOINT_URL`` or ``AWS_ENDPOINT_URL`` (None: AWS itself)."""
+    return next((os.environ[n] for n in S3_ENDPOINT_ENV if os.environ.get(n)), None)
+
+
+def storage_path(path: str) -> UPath:
+    """A folder or ``s3://bucket/prefix`` as a UPath; S3 paths get the endpoint from the environment (moto, MinIO)."""
+    if path.startswith(("s3://", "s3a://")):
+        endpoint = s3_endpoint_url()
+        options: dict[str, Any] = {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+        # Fail within seconds, not minutes, when the endpoint is down; the caller's RetryPolicy retries.
+        options["config_kwargs"] = {"connect_timeout": 5, "read_timeout": 30, "retries": {"max_attempts": 2}}
+        return UPath(path, **options)
+    return UPath(path)
+
+
+def describe(path: UPath) -> str:
+    """``bucket 'b', key 'k'`` for object store paths, the path itself otherwise."""
+    if path.protocol in ("s3", "s3a"):
+        bucket, _, key = str(path).split("://", 1)[1].partition("/")
+        return f"bucket '{bucket}', key '{key}'"
+    return str(path)
+
+
+def _failed(action: str, path: UPath, exc: Exception) -> StorageError:
+    return StorageError(f"storage: could not {action} {describe(path)}: {type(exc).__name__}: {exc}")
+
 
 class ParquetIOManager(dg.UPathIOManager):
     """polars DataFrames as one parquet file per asset (and per partition)."""
@@ -23,6 +58,15 @@ class ParquetIOManager(dg.UPathIOManager):
     extension = ".parquet"
 
     def dump_to_path(self, context: dg.OutputContext, obj: pl.DataFrame, path: UPath) -> None:
+        if path.protocol in ("s3", "s3a"):  # an S3 PUT is atomic: readers never see half an object
+            try:
+                with path.open("wb") as fh:
+                    obj.write_parquet(fh)
+            except Exception as exc:
+                if path.protocol in ("s3", "s3a"):
+                    raise _failed("write", path, exc) from exc
+                raise
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         with tmp.open("wb") as fh:
@@ -39,8 +83,13 @@ class ParquetIOManager(dg.UPathIOManager):
     def load_from_path(self, context: dg.InputContext, path: UPath) -> pl.DataFrame:
         import polars as pl
 
-        with path.open("rb") as fh:
-            return pl.read_parquet(fh)
+        try:
+            with path.open("rb") as fh:
+                return pl.read_parquet(fh)
+        except Exception as exc:
+            if path.protocol in ("s3", "s3a"):
+                raise _failed("read", path, exc) from exc
+            raise
 
 
 class JsonIOManager(dg.UPathIOManager):
@@ -49,11 +98,22 @@ class JsonIOManager(dg.UPathIOManager):
     extension = ".json"
 
     def dump_to_path(self, context: dg.OutputContext, obj: Any, path: UPath) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+        try:
+            if path.protocol not in ("s3", "s3a"):
+                path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+        except Exception as exc:
+            if path.protocol in ("s3", "s3a"):
+                raise _failed("write", path, exc) from exc
+            raise
 
     def load_from_path(self, context: dg.InputContext, path: UPath) -> Any:
-        return json.loads(path.read_text())
+        try:
+            return json.loads(path.read_text())
+        except Exception as exc:
+            if path.protocol in ("s3", "s3a"):
+                raise _failed("read", path, exc) from exc
+            raise
 
 
 class ParquetIOManagerFactory(dg.ConfigurableIOManagerFactory):
@@ -62,7 +122,7 @@ class ParquetIOManagerFactory(dg.ConfigurableIOManagerFactory):
     base_path: str
 
     def create_io_manager(self, context: dg.InitResourceContext) -> ParquetIOManager:
-        return ParquetIOManager(base_path=UPath(self.base_path))
+        return ParquetIOManager(base_path=storage_path(self.base_path))
 
 
 class JsonIOManagerFactory(dg.ConfigurableIOManagerFactory):
@@ -71,7 +131,7 @@ class JsonIOManagerFactory(dg.ConfigurableIOManagerFactory):
     base_path: str
 
     def create_io_manager(self, context: dg.InitResourceContext) -> JsonIOManager:
-        return JsonIOManager(base_path=UPath(self.base_path))
+        return JsonIOManager(base_path=storage_path(self.base_path))
 
 
 class KilnStorage(dg.ConfigurableResource):
@@ -83,11 +143,24 @@ class KilnStorage(dg.ConfigurableResource):
     def source_dir(self, relative_or_absolute: str) -> UPath:
         """The source folder of a spec: absolute paths and URLs as given, others under ``source_root``."""
         if "://" in relative_or_absolute or Path(relative_or_absolute).is_absolute():
-            return UPath(relative_or_absolute)
-        return UPath(self.source_root) / relative_or_absolute
+            return storage_path(relative_or_absolute)
+        return storage_path(self.source_root) / relative_or_absolute
 
     def state_dir(self, pipeline: str, kind: str) -> Path:
         """A local folder for a pipeline's runtime state (endpoints, prediction logs, checkpoints)."""
         path = Path(self.state_root) / kind / pipeline
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+
+def check_reachable(path: UPath) -> None:
+    """For an ``s3://`` path, fail with a clear error naming bucket and key when the S3 API cannot be reached."""
+    if getattr(path, "protocol", "") not in ("s3", "s3a"):  # plain Paths from callers are local
+        return
+    bucket = str(path).split("://", 1)[1].partition("/")[0]
+    try:
+        path.fs.call_s3("head_bucket", Bucket=bucket)
+    except Exception as exc:
+        endpoint = s3_endpoint_url() or "AWS S3"
+        raise StorageError(f"storage: S3 at {endpoint} unreachable or bucket missing for {describe(path)}: "
+                           f"{type(exc).__name__}: {exc}") from exc
