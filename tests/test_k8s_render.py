@@ -189,6 +189,26 @@ def test_serving_images_follow_the_spec(gpu_pipelines: Path) -> None:
     assert "lightgbm>=4,<5" in cpu.python_requirements.splitlines()
 
 
+def _registered_tiny_model(tmp_path: Path) -> tuple[Any, str]:
+    """A real LightGBM model registered as 'fraud' in a temporary SQLite registry, with its checksum recorded."""
+    import lightgbm as lgb
+    import mlflow as mlf
+    import numpy as np
+
+    from resources.mlflow import MlflowResource, record_checksum
+
+    resource = MlflowResource(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=(tmp_path / "art").as_uri())
+    resource.client()
+    rng = np.random.default_rng(0)
+    booster = lgb.train({"objective": "binary", "verbosity": -1}, lgb.Dataset(rng.random((60, 3)), label=rng.integers(0, 2, 60)),
+                        num_boost_round=2)
+    with mlf.start_run(experiment_id=resource.experiment_id("fraud")):
+        info = mlf.lightgbm.log_model(booster, name="model", registered_model_name="fraud", pip_requirements=["lightgbm"])
+    version = str(info.registered_model_version)
+    record_checksum(resource, "fraud", version)
+    return resource, version
+
+
 def test_prod_endpoint_asset_records_manifests_instead_of_serving(prod: None, tmp_path: Path) -> None:
     import dagster as dg
 
@@ -198,18 +218,20 @@ def test_prod_endpoint_asset_records_manifests_instead_of_serving(prod: None, tm
 
     spec = load_spec(FRAUD_SPEC)
     endpoint = deploy.build(spec)[0]
+    mlflow, version = _registered_tiny_model(tmp_path)  # the endpoint verifies the artifact's checksum before deploying
     context = dg.build_asset_context(resources={
         "storage": KilnStorage(source_root=str(tmp_path / "src"), state_root=str(tmp_path / "state")),
         "serving": ServingResource(state_root=str(tmp_path / "state"), bentoml_home=str(tmp_path / "bentoml")),
+        "mlflow": mlflow,
     })
-    out = endpoint(context, bento={"tag": "kiln-fraud:v7abc", "model_tag": "fraud:xyz", "model_version": "7"})
+    out = endpoint(context, bento={"tag": "kiln-fraud:v7abc", "model_tag": "fraud:xyz", "model_version": version})
     record = out.value
     assert record["url"] == "http://kiln-fraud.kiln.svc.cluster.local:3100"
-    assert record["image"] == "registry.local/kiln/kiln-fraud:v7abc" and record["model_version"] == "7"
+    assert record["image"] == "registry.local/kiln/kiln-fraud:v7abc" and record["model_version"] == version
     assert record["objects"] == ["Deployment/kiln-fraud", "Service/kiln-fraud"]
     written = list(yaml.safe_load_all(Path(record["manifests"]).read_text()))
     assert [o["kind"] for o in written] == ["Deployment", "Service"]
-    assert written[0]["spec"]["template"]["metadata"]["annotations"]["kiln/model-version"] == "7"
+    assert written[0]["spec"]["template"]["metadata"]["annotations"]["kiln/model-version"] == version
     assert k8s.validate_objects({str(i): o for i, o in enumerate(written)}) == {}
     assert not (tmp_path / "state" / "endpoints" / "fraud" / "endpoint.json").exists()  # no local process was started
     assert out.metadata["image"].value == record["image"]
