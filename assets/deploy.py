@@ -92,6 +92,7 @@ def build(spec: PipelineSpec) -> list[Any]:
                 "url": dg.MetadataValue.url(record["url"]),
                 "model_version": record["model_version"],
                 "bento": record["bento"],
+                "image": record["bento"],  # locally the bento is the image definition (serving/images.py flavors it)
                 "pid": record["pid"],
                 "healthy": record["healthy"],
                 "reused": record["reused"],

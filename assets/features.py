@@ -135,6 +135,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
             metadata={
                 "dagster/row_count": frame.height,
                 "dagster/column_schema": schema,
+                "dagster/column_lineage": column_lineage(spec, dg.AssetKey(key(spec.name, "validated"))),
                 "partitions": len(frames),
                 "feature_names": ", ".join(feature_columns(spec, frame)),
                 "positive_rate": float(frame[spec.target].mean() or 0.0) if spec.task == "classification" else 0.0,  # type: ignore[arg-type]
@@ -146,6 +147,24 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         yield dg.AssetCheckResult(check_name="schema_change", passed=unchanged, severity=dg.AssetCheckSeverity.WARN, metadata=change)
 
     return features
+
+
+def column_lineage(spec: PipelineSpec, validated_key: Any) -> Any:
+    """Which validated columns each feature is computed from (shown as column lineage in the UI).
+
+    Pass-through and categorical features come from their own column; an SQL expression from every schema column
+    it names. Features of a Python ``function`` are opaque and get no lineage."""
+    import re
+
+    import dagster as dg
+
+    sources: dict[str, list[str]] = {n: [n] for n in [*spec.features.passthrough, *spec.features.categorical]}
+    for name, expression in spec.features.expressions.items():
+        sources[name] = [c for c in spec.schema_ if re.search(rf"\b{re.escape(c)}\b", expression)]
+    sources[spec.target] = [spec.target]
+    return dg.TableColumnLineage(deps_by_column={
+        name: [dg.TableColumnDep(asset_key=validated_key, column_name=c) for c in cols] for name, cols in sources.items() if cols
+    })
 
 
 def profile_frame(spec: PipelineSpec, source: pl.DataFrame, frame: pl.DataFrame) -> tuple[pl.DataFrame, list[str], dict[str, list[str]]]:

@@ -205,11 +205,14 @@ def cmd_slo(args: argparse.Namespace) -> int:
 
     from platform_defs.lifecycle import prepare_local_env
     from platform_defs.profiles import resources
-    from platform_defs.slo import slo_report
+    from platform_defs.slo import record_observation, slo_report
 
     paths = prepare_local_env()
     spec = _spec(args.pipeline)
-    report = slo_report(spec, paths, resources("local")["serving"], dg.DagsterInstance.get())
+    local = resources("local")
+    instance = dg.DagsterInstance.get()
+    report = slo_report(spec, paths, local["serving"], instance, local["mlflow"].client())
+    record_observation(report, instance)  # the SLI history shows on <p>/endpoint in the UI
     print(json.dumps(report, indent=None if args.json else 2, default=str))
     return 0
 

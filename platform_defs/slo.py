@@ -132,7 +132,40 @@ def training_success(pipeline: str, instance: Any) -> dict[str, Any]:
     return {"runs": len(finished), "succeeded": ok, "success_rate": ok / len(finished) if finished else None}
 
 
-def slo_report(spec: PipelineSpec, paths: dict[str, Path], serving: Any, instance: Any | None) -> dict[str, Any]:
+PROMOTED_TAG = "kiln.promoted_by"  # set by the champion gate (assets/evaluate.py)
+ROLLED_BACK_TAG = "kiln.rolled_back_by"  # set by `kiln rollback` (platform_defs/rollback.py)
+
+
+def last_drift_retrain(pipeline: str, state_root: Path) -> float | None:
+    """When the drift sensor last decided to retrain (``decisions.jsonl``), as a Unix time."""
+    path = state_root / "drift" / pipeline / "decisions.jsonl"
+    if not path.exists():
+        return None
+    times = [d.get("decided_at") for d in map(json.loads, path.read_text().splitlines()) if d.get("action") == "retrain"]
+    return max((float(t) for t in times if t is not None), default=None)
+
+
+def registry_indicators(client: Any, pipeline: str, drift_retrain_at: float | None) -> dict[str, Any]:
+    """Promotions, rollbacks and their rate (MLflow version tags), and seconds from the last drift retrain decision
+    to the first champion promoted after it."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name='{pipeline}'")
+    except MlflowException:
+        versions = []
+    promoted = [v for v in versions if PROMOTED_TAG in (v.tags or {})]
+    rollbacks = [v for v in versions if ROLLED_BACK_TAG in (v.tags or {})]
+    drift_to_champion = None
+    if drift_retrain_at is not None:
+        later = sorted(v.creation_timestamp / 1000 for v in promoted if v.creation_timestamp / 1000 >= drift_retrain_at)
+        drift_to_champion = later[0] - drift_retrain_at if later else None
+    return {"model_versions": len(versions), "promotions": len(promoted), "rollbacks": len(rollbacks),
+            "rollback_rate": len(rollbacks) / len(promoted) if promoted else 0.0, "drift_to_new_champion_s": drift_to_champion}
+
+
+def slo_report(spec: PipelineSpec, paths: dict[str, Path], serving: Any, instance: Any | None,
+               mlflow_client: Any | None = None) -> dict[str, Any]:
     """Every SLI of one pipeline (local profile): endpoint, freshness, drift, training, cost."""
     import httpx
 
@@ -158,5 +191,31 @@ def slo_report(spec: PipelineSpec, paths: dict[str, Path], serving: Any, instanc
         "freshness": freshness(spec, paths["sources"]),
         "drift": drift_trend(spec, paths["state"]),
         "training": training_success(spec.name, instance) if instance is not None else None,
+        "registry": (registry_indicators(mlflow_client, spec.name, last_drift_retrain(spec.name, paths["state"]))
+                     if mlflow_client is not None else None),
         "cost": cost,
     }
+
+
+def record_observation(report: dict[str, Any], instance: Any) -> None:
+    """Record the SLIs as an observation on ``<p>/endpoint`` so the UI shows their history next to the endpoint."""
+    import dagster as dg
+
+    from assets.keys import key
+
+    endpoint, registry = report["endpoint"], report.get("registry") or {}
+    metadata = {
+        "sli/availability": endpoint.get("availability"),
+        "sli/p95_latency_s": endpoint.get("p95_latency_s"),
+        "sli/requests": endpoint.get("requests"),
+        "sli/freshness_age_hours": report["freshness"].get("age_hours"),
+        "sli/last_drift_score": (report["drift"].get("windows") or [{}])[-1].get("max_score"),
+        "sli/training_success_rate": (report.get("training") or {}).get("success_rate"),
+        "sli/rollback_rate": registry.get("rollback_rate"),
+        "sli/drift_to_new_champion_s": registry.get("drift_to_new_champion_s"),
+        "sli/cpu_seconds_per_1k_predictions": report["cost"].get("cpu_seconds_per_1k_predictions"),
+    }
+    clean = {k: float(v) for k, v in metadata.items() if isinstance(v, int | float)}
+    instance.report_runless_asset_event(
+        dg.AssetObservation(asset_key=key(report["pipeline"], "endpoint"), metadata={**clean, "sli/report": dg.MetadataValue.json(report)})
+    )

@@ -96,6 +96,9 @@ def test_model_registered_and_promoted(world: dict[str, Any]) -> None:
     features = _materialization(result, "features")
     validated_rows = sum(_materialization(r, "validated").metadata["dagster/row_count"].value for r in world["ingested"])
     assert features.metadata["dagster/row_count"].value == validated_rows
+    lineage = features.metadata["dagster/column_lineage"].value.deps_by_column
+    assert {d.column_name for d in lineage["amount_per_txn"]} == {"amount", "txns_last_24h"}
+    assert {d.asset_key for deps in lineage.values() for d in deps} == {dg.AssetKey(["fraud", "validated"])}
     model = result.output_for_node("fraud__model")
     client = world["mlflow"].client()
     version = client.get_model_version("fraud", model["version"])

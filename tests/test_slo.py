@@ -83,6 +83,34 @@ def test_slo_counts_known_traffic(live: dict[str, Any], capsys: pytest.CaptureFi
     fresh = after["freshness"]
     assert fresh["files"] == DAYS and fresh["newest_partition"] == "2026-01-02" and fresh["age_hours"] >= 0
     assert after["training"]["runs"] == 0  # materialized directly, not through fraud_slo_retrain
+    assert after["registry"]["promotions"] >= 1 and after["registry"]["rollbacks"] == 0
+    assert after["registry"]["rollback_rate"] == 0.0 and after["registry"]["drift_to_new_champion_s"] is None  # no drift yet
+    import dagster as dg
+
+    observed = dg.DagsterInstance.get().fetch_observations(dg.AssetKey(["fraud_slo", "endpoint"]), limit=5).records
+    assert len(observed) >= 2  # one per `kiln slo`
+    latest = observed[0].asset_observation.metadata
+    assert latest["sli/requests"].value == ep["requests"] and latest["sli/availability"].value == 1.0
+
+
+def test_registry_indicators_rollback_rate_and_drift_to_champion(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from platform_defs.slo import last_drift_retrain, registry_indicators
+
+    (tmp_path / "drift" / "p").mkdir(parents=True)
+    (tmp_path / "drift" / "p" / "decisions.jsonl").write_text(
+        '{"action": "wait", "decided_at": 50}\n{"action": "retrain", "decided_at": 100}\n{"action": "cooldown", "decided_at": 130}\n')
+    assert last_drift_retrain("p", tmp_path) == 100.0
+
+    def version(created_s: float, **tags: str) -> Any:
+        return SimpleNamespace(creation_timestamp=created_s * 1000, tags=tags)
+
+    registry = SimpleNamespace(search_model_versions=lambda _: [
+        version(10, **{"kiln.promoted_by": "run a"}), version(160, **{"kiln.promoted_by": "run b"}),
+        version(200, **{"kiln.promoted_by": "run c", "kiln.rolled_back_by": "ana"}), version(220)])
+    got = registry_indicators(registry, "p", 100.0)
+    assert got == {"model_versions": 4, "promotions": 3, "rollbacks": 1, "rollback_rate": 1 / 3, "drift_to_new_champion_s": 60.0}
 
 
 def test_quantile_interpolates_within_the_bucket() -> None:
