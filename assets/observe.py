@@ -125,6 +125,7 @@ def drift_report_metadata(context: Any, spec: PipelineSpec, window: dict[str, An
     import dagster as dg
 
     from assets.drift_report import log_report, psi_markdown, reference_path, write_report
+    from assets.report import inline_png
     from sensors.drift import evaluate_windows
 
     reference = json.loads(reference_path(state_root, spec.name).read_text())
@@ -132,6 +133,7 @@ def drift_report_metadata(context: Any, spec: PipelineSpec, window: dict[str, An
     report = write_report(spec, reference, window, Path(state_root) / "drift" / spec.name / "reports", decisions[0])
     metadata: dict[str, Any] = {
         "drift_report": dg.MetadataValue.path(str(report["image"])),
+        "drift_plot": dg.MetadataValue.md(inline_png("reference vs current", Path(report["image"]).read_bytes())),
         "drift_psi_table": dg.MetadataValue.md(psi_markdown(report["rows"])),
         "drift_max_psi": max((r["psi"] for r in report["rows"]), default=0.0),
         "drift_window": window["window_id"],

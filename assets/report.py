@@ -150,6 +150,11 @@ def _inline(name: str, data: bytes) -> str:
     return f"![{name}](data:image/png;base64,{base64.b64encode(data).decode()})"
 
 
+def inline_png(name: str, data: bytes) -> str:
+    """Markdown that embeds a PNG, so the Dagster UI renders the image inside the metadata."""
+    return _inline(name, data)
+
+
 def attach(output: dg.Output, spec: PipelineSpec, features: pl.DataFrame, mlflow: Any) -> dg.Output:
     """Render the report for the model in ``output``, log it to its MLflow run and return the output with report metadata."""
     import dagster as dg

@@ -157,6 +157,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
             metadata={
                 "model_version": version,
                 "mlflow_run_id": run.info.run_id,
+                "mlflow_run": run_link(mlflow.tracking_uri, experiment_id, run.info.run_id),
                 "features_data_version": version_of_data,
                 **{f"metric/{k}": v for k, v in metrics.items()},
                 "train_rows": train.height,
@@ -186,6 +187,15 @@ def reused(mlflow: Any, spec: PipelineSpec, version: Any) -> Any:
         "holdout_rows": int(run.data.params.get("holdout_rows", 0)),
     }
     return dg.Output(record, metadata={"model_version": record["version"], "mlflow_run_id": version.run_id, "reused": True})
+
+
+def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> Any:
+    """A clickable link to the MLflow run on a tracking server; the run URI for a local SQLite store (no UI to link)."""
+    import dagster as dg
+
+    if tracking_uri.startswith(("http://", "https://")):
+        return dg.MetadataValue.url(f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}")
+    return dg.MetadataValue.text(f"runs:/{run_id} (open with `mlflow ui --backend-store-uri {tracking_uri}`)")
 
 
 def lgb_version() -> str:

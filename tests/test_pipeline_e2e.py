@@ -170,13 +170,20 @@ def test_prediction_log_feeds_predictions_asset(world: dict[str, Any], kiln_home
     rows = _sample(kiln_home)[:7]
     assert _post(url, rows).status_code == 200
     assert _predictions_rows(world) == before + 7
+    meta = _last_predictions_metadata
+    assert "data:image/png;base64," in meta["drift_plot"].value and "|" in meta["drift_psi_table"].value
 
 
 def _predictions_rows(world: dict[str, Any]) -> int:
     defs = world["defs"]
     result = dg.materialize([*defs.assets, *defs.asset_checks], selection=dg.AssetSelection.assets(["fraud", "predictions"]),
                             instance=world["instance"], resources=defs.resources)
-    return _materialization(result, "predictions").metadata["dagster/row_count"].value
+    global _last_predictions_metadata
+    _last_predictions_metadata = _materialization(result, "predictions").metadata
+    return _last_predictions_metadata["dagster/row_count"].value
+
+
+_last_predictions_metadata: Any = None
 
 
 def test_bad_file_is_blocked_and_champion_keeps_serving(world: dict[str, Any], kiln_home: Path) -> None:

@@ -48,6 +48,7 @@ def test_model_card_and_plots_in_dagster_metadata_and_mlflow(kiln_home: Path, tm
 
     client = resources("local")["mlflow"].client()
     run_id = metadata["mlflow_run_id"].value
+    assert f"runs:/{run_id}" in metadata["mlflow_run"].value  # local SQLite store: the run URI (a URL on a tracking server)
     listed = {a.path for a in client.list_artifacts(run_id, "report")}
     assert listed == {"report/model_card.md", *[f"report/{p}.png" for p in PLOTS]}
     local = Path(client.download_artifacts(run_id, "report/roc.png", str(tmp_path)))
