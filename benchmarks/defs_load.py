@@ -24,6 +24,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+# benchmarks/serving.py must not shadow the serving package when a script here is run directly
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 REPO = Path(__file__).resolve().parent.parent
 HEAVY = (
     "torch", "lightgbm", "mlflow", "bentoml", "great_expectations",

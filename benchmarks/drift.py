@@ -31,6 +31,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+# benchmarks/serving.py must not shadow the serving package when a script here is run directly
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 

@@ -36,6 +36,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+# benchmarks/serving.py must not shadow the serving package when a script here is run directly
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 REPO = Path(__file__).resolve().parent.parent
 FRAUD_SPEC = REPO / "platform_defs" / "pipelines" / "fraud.yaml"  # copied, with serving.port changed
 GOAL_OVERHEAD = 1.5

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 from datetime import date
 from pathlib import Path
@@ -24,6 +25,9 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+# benchmarks/serving.py must not shadow the serving package when a script here is run directly
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 REPO = Path(__file__).resolve().parent.parent
 SPEC = REPO / "platform_defs" / "pipelines" / "breast_cancer.yaml"

@@ -20,6 +20,9 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+# benchmarks/serving.py must not shadow the serving package when a script here is run directly
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 CATEGORIES = {"cat_a": ["red", "green", "blue"], "cat_b": [f"b{i}" for i in range(8)], "cat_c": ["x", "y"],
