@@ -135,23 +135,8 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
                 pip_requirements=[f"lightgbm=={lgb_version()}", f"mlflow=={mlf.__version__}"],
             )
         version = str(info.registered_model_version)
-        mlflow.client().set_model_version_tag(spec.name, version, "dagster_run_id", context.run_id)
-        mlflow.client().set_model_version_tag(spec.name, version, "features_data_version", version_of_data)
-        from resources.mlflow import STEP_TAG, record_checksum
-
-        mlflow.client().set_model_version_tag(spec.name, version, STEP_TAG, "model")
-        record_checksum(mlflow, spec.name, version)  # last: the tag marks the registration complete
-        record = {
-            "version": version,
-            "run_id": run.info.run_id,
-            "model_uri": f"models:/{spec.name}/{version}",
-            "metric": spec.evaluation.metric,
-            "score": metrics[spec.evaluation.metric],
-            "metrics": metrics,
-            "features_data_version": version_of_data,
-            "train_rows": train.height,
-            "holdout_rows": holdout.height,
-        }
+        record = complete_registration(mlflow, spec, version, run.info.run_id, context.run_id, metrics, version_of_data,
+                                       train.height, holdout.height)
         return report.attach(dg.Output(
             record,
             metadata={
@@ -187,6 +172,30 @@ def reused(mlflow: Any, spec: PipelineSpec, version: Any) -> Any:
         "holdout_rows": int(run.data.params.get("holdout_rows", 0)),
     }
     return dg.Output(record, metadata={"model_version": record["version"], "mlflow_run_id": version.run_id, "reused": True})
+
+
+def complete_registration(mlflow: Any, spec: PipelineSpec, version: str, mlflow_run_id: str, dagster_run_id: str,
+                          metrics: dict[str, float], version_of_data: str, train_rows: int, holdout_rows: int) -> dict[str, Any]:
+    """Tag a freshly registered version (Dagster run, data version, step), record its checksum last (the tag marks the
+    registration complete) and return the `<p>/model` record; shared by every trainer."""
+    from resources.mlflow import STEP_TAG, record_checksum
+
+    client = mlflow.client()
+    client.set_model_version_tag(spec.name, version, "dagster_run_id", dagster_run_id)
+    client.set_model_version_tag(spec.name, version, "features_data_version", version_of_data)
+    client.set_model_version_tag(spec.name, version, STEP_TAG, "model")
+    record_checksum(mlflow, spec.name, version)
+    return {
+        "version": version,
+        "run_id": mlflow_run_id,
+        "model_uri": f"models:/{spec.name}/{version}",
+        "metric": spec.evaluation.metric,
+        "score": metrics[spec.evaluation.metric],
+        "metrics": metrics,
+        "features_data_version": version_of_data,
+        "train_rows": train_rows,
+        "holdout_rows": holdout_rows,
+    }
 
 
 def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> Any:

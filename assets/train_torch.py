@@ -379,25 +379,11 @@ def train_and_register(context: Any, features: pl.DataFrame, spec: PipelineSpec,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlf.__version__}"],
         )
     version = str(info.registered_model_version)
-    client.set_model_version_tag(spec.name, version, "dagster_run_id", context.run_id)
-    client.set_model_version_tag(spec.name, version, "features_data_version", version_of_data)
-    from resources.mlflow import STEP_TAG, record_checksum
+    from assets.train import complete_registration
 
-    client.set_model_version_tag(spec.name, version, STEP_TAG, "model")
-    record_checksum(mlflow, spec.name, version)
+    record = complete_registration(mlflow, spec, version, run.info.run_id, context.run_id, metrics, version_of_data,
+                                   train.height, holdout.height) | {"training": training}
     ckpt.unlink(missing_ok=True)  # registered: a later run on the same data trains afresh
-    record = {
-        "version": version,
-        "run_id": run.info.run_id,
-        "model_uri": f"models:/{spec.name}/{version}",
-        "metric": spec.evaluation.metric,
-        "score": metrics[spec.evaluation.metric],
-        "metrics": metrics,
-        "features_data_version": version_of_data,
-        "train_rows": train.height,
-        "holdout_rows": holdout.height,
-        "training": training,
-    }
     return dg.Output(
         record,
         metadata={
