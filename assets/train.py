@@ -119,8 +119,9 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
             mlf.log_dict(spec.model_dump(mode="json", by_alias=True), "kiln/spec.json")
             from assets.drift_report import REFERENCE_ARTIFACT, reference_table, training_reference
 
-            # Drift is judged against this model's own training data and prediction scores, stored with the version.
-            drift_reference = training_reference(spec, features, predict(booster, features, spec))
+            # Drift is judged against this version's holdout rows and scores, stored with the version: scores on rows the
+            # model never trained on are what live traffic looks like (training-row scores are sharper, overfit).
+            drift_reference = training_reference(spec, holdout, y_pred)
             mlf.log_dict(drift_reference, REFERENCE_ARTIFACT)
             # The booster sees floats (NaN for missing), so the signature says so too.
             example = holdout.head(5).select([pl.col(c).cast(pl.Float64) for c in feature_columns(spec, holdout)]).to_pandas()

@@ -60,9 +60,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     import dagster as dg
 
-    from platform_defs.lifecycle import ingest, ingest_keys, prepare_local_env, retrain, simulate, source_partitions
+    from platform_defs.lifecycle import (
+        ingest,
+        ingest_keys,
+        prepare_local_env,
+        provision_tracking_store,
+        retrain,
+        simulate,
+        source_partitions,
+    )
 
     paths = prepare_local_env()
+    provision_tracking_store()
     from platform_defs.definitions import build_definitions
 
     spec = _spec(args.pipeline)
