@@ -18,8 +18,25 @@ SERVING_PACKAGES = ["lightgbm>=4,<5", "polars>=1", "pyarrow>=14", "numpy>=1.26",
 
 
 def project_root() -> Path:
-    """The folder holding Kiln's packages (the bento build context)."""
+    """The folder holding Kiln's packages."""
     return Path(__file__).resolve().parent.parent
+
+
+def build_context(into: Path) -> Path:
+    """Copy the files the bento carries (``INCLUDE``) into a fresh folder and return it as the build context.
+
+    BentoML walks its whole build context before filtering; the project folder also holds the virtualenv, Dagster
+    and Kiln state (tens of thousands of files), or is site-packages itself when Kiln is installed.
+    """
+    import shutil
+
+    root = project_root()
+    for pattern in INCLUDE:
+        for source in root.glob(pattern):
+            target = into / source.relative_to(root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    return into
 
 
 def labels_for(spec: PipelineSpec, champion: dict[str, Any], client: Any) -> dict[str, str]:
@@ -56,6 +73,8 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         description="BentoML bento built from models:/<p>@champion; labels carry model version and MLflow run id.",
     )
     def bento(context, champion: Any):
+        import tempfile
+
         mlflow: MlflowResource = context.resources.mlflow
         serving: ServingResource = context.resources.serving
         client = mlflow.client()
@@ -83,17 +102,18 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
                 metadata={"kiln_spec": spec.to_json()},
             )
             model_tag = str(model.tag)
-            built = bentoml.bentos.build(
-                SERVICE,
-                name=f"kiln-{spec.name}",
-                labels=labels | {"bento_model": model_tag},
-                description=f"Kiln endpoint for pipeline {spec.name}",
-                include=INCLUDE,
-                envs=[BentoEnvSchema(name="KILN_MODEL_TAG", value=model_tag)],
-                **build_options(spec),  # CPU or GPU (CUDA + torch) image, from the spec
-                models=[model_tag],
-                build_ctx=str(project_root()),
-            )
+            with tempfile.TemporaryDirectory(prefix="kiln-bento-ctx-") as ctx:
+                built = bentoml.bentos.build(
+                    SERVICE,
+                    name=f"kiln-{spec.name}",
+                    labels=labels | {"bento_model": model_tag},
+                    description=f"Kiln endpoint for pipeline {spec.name}",
+                    include=INCLUDE,
+                    envs=[BentoEnvSchema(name="KILN_MODEL_TAG", value=model_tag)],
+                    **build_options(spec),  # CPU or GPU (CUDA + torch) image, from the spec
+                    models=[model_tag],
+                    build_ctx=str(build_context(Path(ctx))),
+                )
         record = {
             "tag": str(built.tag),
             "model_tag": model_tag,

@@ -2,7 +2,7 @@
 
 Rendered once per trained version (matplotlib, Agg backend), logged to the model's MLflow run under
 ``report/`` and attached to the materialization as metadata the Dagster UI renders (markdown with
-inline PNGs). Works for any trainer: predictions come from :func:`assets.predictors.load_predictor`.
+inline PNGs). Works for any trainer: holdout scores come from the trainer or :func:`assets.predictors.load_predictor`.
 """
 
 from __future__ import annotations
@@ -155,8 +155,15 @@ def inline_png(name: str, data: bytes) -> str:
     return _inline(name, data)
 
 
-def attach(output: dg.Output, spec: PipelineSpec, features: pl.DataFrame, mlflow: Any) -> dg.Output:
-    """Render the report for the model in ``output``, log it to its MLflow run and return the output with report metadata."""
+def attach(output: dg.Output, spec: PipelineSpec, features: pl.DataFrame, mlflow: Any,
+           holdout_scores: np.ndarray | None = None) -> dg.Output:
+    """Render the report for the model in ``output``, log it to its MLflow run and return the output with report metadata.
+
+    ``holdout_scores``: the trainer's own predictions on the holdout rows, when it has them (no reload, no re-predict).
+    """
+    import tempfile
+    from pathlib import Path
+
     import dagster as dg
 
     from assets.evaluate import split_holdout
@@ -166,9 +173,12 @@ def attach(output: dg.Output, spec: PipelineSpec, features: pl.DataFrame, mlflow
     record = output.value
     client = mlflow.client()
     _, holdout = split_holdout(features, spec)
-    predictor = load_predictor(record["model_uri"], spec)
-    figures = evaluation_figures(spec.task, holdout[spec.target].to_numpy(), predictor.predict(holdout))
-    if predictor.flavor == "lightgbm":
+    # The registered model is loaded for LightGBM's gain importance, or to score the holdout when no scores came with it.
+    needs_model = holdout_scores is None or spec.trainer.kind == "lightgbm"
+    predictor = load_predictor(record["model_uri"], spec) if needs_model else None
+    scores = holdout_scores if holdout_scores is not None else predictor.predict(holdout)  # type: ignore[union-attr]
+    figures = evaluation_figures(spec.task, holdout[spec.target].to_numpy(), scores)
+    if predictor is not None and predictor.flavor == "lightgbm":
         booster = predictor.booster  # type: ignore[attr-defined]
         figures["feature_importance"] = importance_figure(feature_columns(spec, features), booster.feature_importance("gain"))
     champion = None
@@ -176,11 +186,13 @@ def attach(output: dg.Output, spec: PipelineSpec, features: pl.DataFrame, mlflow
     if current is not None and str(current.version) != record["version"]:
         champion = {"version": str(current.version), "metrics": dict(client.get_run(current.run_id).data.metrics)}
     card = model_card(spec, record, data_window(features, spec), champion)
-    images = {}
-    for name, fig in figures.items():
-        client.log_figure(record["run_id"], fig, f"{REPORT_DIR}/{name}.png")
-        images[name] = png(fig)
-    client.log_text(record["run_id"], card, CARD_FILE)
+    images = {name: png(fig) for name, fig in figures.items()}  # rendered once, for MLflow and the UI alike
+    with tempfile.TemporaryDirectory(prefix="kiln-report-") as tmp:
+        folder = Path(tmp)
+        for name, data in images.items():
+            (folder / f"{name}.png").write_bytes(data)
+        (folder / Path(CARD_FILE).name).write_text(card)
+        client.log_artifacts(record["run_id"], tmp, REPORT_DIR)  # one upload for the whole report
     metadata = {
         "model_card": dg.MetadataValue.md(card),
         **{f"plot/{name}": dg.MetadataValue.md(_inline(name, data)) for name, data in images.items()},

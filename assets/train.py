@@ -150,7 +150,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
                 "holdout_rows": holdout.height,
                 "drift_reference": reference_table(drift_reference),
             },
-        ), spec, features, mlflow)
+        ), spec, features, mlflow, holdout_scores=y_pred)
 
     return model
 
