@@ -158,11 +158,11 @@ def status_rows() -> list[dict[str, Any]]:
     import dagster as dg
 
     from platform_defs.lifecycle import prepare_local_env
-    from platform_defs.profiles import resources
+    from platform_defs.profiles import initialized, resources
     from resources.serving import healthy
 
     paths = prepare_local_env()
-    res = resources()
+    res = initialized(resources(), "mlflow", "serving")
     instance = dg.DagsterInstance.get()
     rows = []
     for spec in load_specs():

@@ -414,12 +414,10 @@ def render(result: PreviewResult) -> str:
 def run(pipeline: str, spec_file: Path | None = None, sample_rows: int = DEFAULT_SAMPLE_ROWS) -> str:
     """`kiln preview`: load the changed spec and the profile's resources, preview, and return the markdown."""
     from platform_defs.lifecycle import prepare_local_env
-    from platform_defs.profiles import current_profile, resources
+    from platform_defs.profiles import current_profile, initialized, resources
 
     if current_profile() == "local":
         prepare_local_env()
     spec = load_changed_spec(pipeline, spec_file)
-    # Outside a Dagster run, resources are initialized here: that resolves the prod profile's dg.EnvVar fields.
-    profile_resources = resources()
-    ready = {name: profile_resources[name].process_config_and_initialize() for name in ("storage", "mlflow")}
+    ready = initialized(resources(), "storage", "mlflow")
     return render(preview(spec, ready, sample_rows))

@@ -8,6 +8,7 @@ environment variables through ``dg.EnvVar``.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -70,3 +71,9 @@ def resources(profile: str | None = None) -> dict[str, Any]:
         "mlflow": MlflowResource(tracking_uri=dg.EnvVar("MLFLOW_TRACKING_URI")),
         "serving": ServingResource(state_root=dg.EnvVar("KILN_STATE_ROOT"), bentoml_home=dg.EnvVar("BENTOML_HOME")),
     }
+
+
+def initialized(profile_resources: Mapping[str, Any], *names: str) -> dict[str, Any]:
+    """Resources ready for use outside a Dagster run (CLI commands): config processed, so the prod profile's
+    ``dg.EnvVar`` fields hold the variables' values, not their names (inside a run Dagster does this itself)."""
+    return {name: profile_resources[name].process_config_and_initialize() for name in names}

@@ -59,10 +59,11 @@ def rollback(spec: PipelineSpec, defs: Any, instance: Any, to: str | None = None
 
     from assets.drift_report import publish_champion_reference
     from assets.keys import key
+    from platform_defs.profiles import initialized
     from resources.mlflow import CHAMPION_ALIAS
 
-    mlflow = defs.resources["mlflow"]
-    client = mlflow.client()
+    ready = initialized(defs.resources, "mlflow", "storage")  # outside a run: resolve the prod profile's env vars
+    client = ready["mlflow"].client()
     current, target = plan(client, spec.name, to)
     user = user or current_user()
     reason = reason or "manual rollback"
@@ -76,7 +77,7 @@ def rollback(spec: PipelineSpec, defs: Any, instance: Any, to: str | None = None
         PREVIOUS_TAG: str(current.version),  # a second rollback undoes this one
     }.items():
         client.set_model_version_tag(spec.name, version, tag, value)
-    publish_champion_reference(client, spec, target.run_id, defs.resources["storage"].state_root)
+    publish_champion_reference(client, spec, target.run_id, ready["storage"].state_root)
 
     record = {
         "version": version,
