@@ -51,6 +51,30 @@ def labels_for(spec: PipelineSpec, champion: dict[str, Any], client: Any) -> dic
     }
 
 
+def export_key(pipeline: str, tag: str) -> str:
+    """Where a bento goes under the bento root: ``bentos/<p>/<name>-<version>.bento`` (no ':' in object keys)."""
+    return f"bentos/{pipeline}/{tag.replace(':', '-')}.bento"
+
+
+def export_bento(bentoml: Any, tag: str, pipeline: str, bento_root: str) -> dict[str, Any]:
+    """Export a bento to ``<bento_root>/bentos/<p>/`` for image builds (once per tag); returns its URI, sha256 and size."""
+    import hashlib
+    import tempfile
+
+    from resources.storage import storage_path, stored_sha256, upload_file
+
+    dest = storage_path(bento_root) / export_key(pipeline, tag)
+    uri = str(dest)
+    recorded = stored_sha256(dest)
+    if recorded:  # already exported (a reused bento): the object and its checksum stand
+        return {"uri": uri, "sha256": recorded, "bytes": dest.stat().st_size, "reused": True}
+    with tempfile.TemporaryDirectory(prefix="kiln-bento-") as tmp:
+        local = Path(bentoml.bentos.export_bento(tag, str(Path(tmp) / "bento.bento")))
+        digest = hashlib.sha256(local.read_bytes()).hexdigest()
+        upload_file(local, dest, digest)
+        return {"uri": uri, "sha256": digest, "bytes": local.stat().st_size, "reused": False}
+
+
 def build(spec: PipelineSpec) -> dg.AssetsDefinition:
     """The `<p>/bento` asset."""
     import dagster as dg
@@ -68,7 +92,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         ins={"champion": dg.AssetIn(key(spec.name, "champion"), input_manager_key="json_io_manager")},
         io_manager_key="json_io_manager",
         kinds={"bentoml"},
-        required_resource_keys={"mlflow", "serving"},
+        required_resource_keys={"mlflow", "serving", "storage"},
         retry_policy=service_retry_policy(),
         description="BentoML bento built from models:/<p>@champion; labels carry model version and MLflow run id.",
     )
@@ -122,10 +146,18 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
             "path": str(built.path),
             "image": image_flavor(spec),
         }
+        exported: dict[str, Any] = {}
+        bento_root = context.resources.storage.bento_root
+        if bento_root:  # prod: image builds (bentoml containerize, CI) fetch the bento from the object store
+            exported = export_bento(bentoml, record["tag"], spec.name, bento_root)
+            record |= {"export_uri": exported["uri"], "export_sha256": exported["sha256"]}
+            context.log.info(f"bento {record['tag']} at {exported['uri']} ({exported['bytes']} bytes)")
         return dg.Output(
             record,
             metadata={"bento": record["tag"], "bento_model": model_tag, "image": record["image"],
-                      **{f"label/{k}": v for k, v in labels.items()}},
+                      **{f"label/{k}": v for k, v in labels.items()},
+                      **({"export_uri": dg.MetadataValue.path(exported["uri"]), "export_sha256": exported["sha256"],
+                          "export_bytes": exported["bytes"]} if exported else {})},
         )
 
     return bento

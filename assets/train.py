@@ -92,6 +92,8 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         from resources.mlflow import discard, registered_by_step
 
         done, partial = registered_by_step(mlflow, spec.name, context.run_id, "model")  # a retried step: reuse, never re-register
+        for ancestor in ancestor_run_ids(context):  # a re-execution cleans up what a killed step of its parent left
+            partial += registered_by_step(mlflow, spec.name, ancestor, "model")[1]
         discard(mlflow, spec.name, partial)
         if done is not None:
             context.log.info(f"reusing model version {done.version} registered by this run before the retry")
@@ -155,6 +157,16 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         ), spec, features, mlflow, holdout_scores=y_pred)
 
     return model
+
+
+def ancestor_run_ids(context: Any, limit: int = 50) -> list[str]:
+    """The runs this run re-executes, parent first up to the root (empty for a fresh run)."""
+    ids: list[str] = []
+    run = context.dagster_run
+    while run is not None and run.parent_run_id and len(ids) < limit:
+        ids.append(run.parent_run_id)
+        run = context.instance.get_run_by_id(run.parent_run_id)
+    return ids
 
 
 def reused(mlflow: Any, spec: PipelineSpec, version: Any) -> Any:

@@ -168,9 +168,25 @@ def pool(spec: PipelineSpec, stage: str) -> str | None:
     return GPU_POOL if stage_resources(spec, stage)[2] > 0 else None
 
 
+EXECUTORS = ("k8s", "multiprocess", "in_process")
+
+
 def executor(profile: str) -> dg.ExecutorDefinition | None:
-    """The prod profile runs each step as a Kubernetes Job; the local profile keeps Dagster's default executor."""
-    if profile != "prod":
+    """The prod profile runs each step as a Kubernetes Job; the local profile keeps Dagster's default executor.
+
+    ``KILN_EXECUTOR=multiprocess|in_process`` runs the prod profile without a cluster (one VM, CI): each step in its
+    own process, or all steps in the run worker.
+    """
+    import dagster as dg
+
+    choice = os.environ.get("KILN_EXECUTOR", "k8s" if profile == "prod" else "")
+    if choice and choice not in EXECUTORS:
+        raise ValueError(f"KILN_EXECUTOR: '{choice}' is not one of {', '.join(EXECUTORS)}")
+    if choice == "multiprocess":
+        return dg.multiprocess_executor
+    if choice == "in_process":
+        return dg.in_process_executor
+    if choice != "k8s":
         return None
     from dagster_k8s import k8s_job_executor
 

@@ -67,7 +67,9 @@ def resources(profile: str | None = None) -> dict[str, Any]:
     return {
         "parquet_io_manager": ParquetIOManagerFactory(base_path=dg.EnvVar("KILN_STORAGE_PREFIX")),
         "json_io_manager": JsonIOManagerFactory(base_path=dg.EnvVar("KILN_STORAGE_PREFIX")),
-        "storage": KilnStorage(source_root=dg.EnvVar("KILN_SOURCE_ROOT"), state_root=dg.EnvVar("KILN_STATE_ROOT")),
+        # Bentos are exported next to the asset values (same bucket and credentials) for image builds.
+        "storage": KilnStorage(source_root=dg.EnvVar("KILN_SOURCE_ROOT"), state_root=dg.EnvVar("KILN_STATE_ROOT"),
+                               bento_root=dg.EnvVar("KILN_STORAGE_PREFIX")),
         "mlflow": MlflowResource(tracking_uri=dg.EnvVar("MLFLOW_TRACKING_URI")),
         "serving": ServingResource(state_root=dg.EnvVar("KILN_STATE_ROOT"), bentoml_home=dg.EnvVar("BENTOML_HOME")),
     }

@@ -139,6 +139,8 @@ class KilnStorage(dg.ConfigurableResource):
 
     source_root: str
     state_root: str
+    # Where `<p>/bento` exports bentos for image builds (``<bento_root>/bentos/<p>/...``); empty: no export (local).
+    bento_root: str = ""
 
     def source_dir(self, relative_or_absolute: str) -> UPath:
         """The source folder of a spec: absolute paths and URLs as given, others under ``source_root``."""
@@ -151,6 +153,33 @@ class KilnStorage(dg.ConfigurableResource):
         path = Path(self.state_root) / kind / pipeline
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+
+def upload_file(local: Path, dest: UPath, sha256: str) -> None:
+    """Copy a local file to ``dest`` in one PUT (readers never see half an object), its sha256 as object metadata."""
+    try:
+        if dest.protocol in ("s3", "s3a"):
+            dest.fs.put_file(str(local), dest.path, Metadata={"sha256": sha256})
+        else:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(dest.name + ".tmp")
+            tmp.write_bytes(local.read_bytes())
+            tmp.rename(dest)
+    except Exception as exc:
+        raise _failed("upload to", dest, exc) from exc
+
+
+def stored_sha256(dest: UPath) -> str | None:
+    """The sha256 metadata :func:`upload_file` stored with an S3 object; None when the object is missing or has none."""
+    if dest.protocol not in ("s3", "s3a"):
+        return None
+    try:
+        head = dest.fs.call_s3("head_object", Bucket=dest.path.partition("/")[0], Key=dest.path.partition("/")[2])
+    except FileNotFoundError:
+        return None
+    except Exception as exc:
+        raise _failed("read the metadata of", dest, exc) from exc
+    return (head.get("Metadata") or {}).get("sha256")
 
 
 def check_reachable(path: UPath) -> None:

@@ -150,14 +150,18 @@ class MlflowServer:
             self.proc.wait(timeout=30)
 
 
+DEPLOY_DAGSTER_YAML = Path(__file__).resolve().parents[2] / "deploy" / "dagster.yaml"
+
+
 def dagster_yaml(pg: Postgres) -> dict[str, Any]:
-    """Instance config: Postgres storage and a queued run coordinator with one retrain per pipeline."""
+    """Instance config: Postgres storage, and the run queue and concurrency limits of ``deploy/dagster.yaml`` as shipped
+    (one `<p>_retrain` per pipeline); the run launcher stays Dagster's default (runs in local processes, no cluster)."""
+    deployed = yaml.safe_load(DEPLOY_DAGSTER_YAML.read_text())
     return {
         "storage": {"postgres": {"postgres_db": {"hostname": "127.0.0.1", "port": pg.port, "db_name": "dagster",
                                                  "username": "kiln", "password": "", "scheme": "postgresql+psycopg2"}}},
-        "run_coordinator": {"module": "dagster._core.run_coordinator", "class": "QueuedRunCoordinator"},
-        "concurrency": {"runs": {"tag_concurrency_limits": [
-            {"key": "kiln/pipeline", "value": {"applyLimitPerUniqueValue": True}, "limit": 1}]}},
+        "run_coordinator": deployed["run_coordinator"],
+        "concurrency": deployed["concurrency"],
         "telemetry": {"enabled": False},
     }
 

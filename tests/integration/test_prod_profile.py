@@ -1,10 +1,14 @@
 """`fraud` end to end in KILN_PROFILE=prod on real services: Postgres run storage, an MLflow tracking server
-(Postgres backend, S3 artifacts), sources and asset values on S3 (moto), and a live `bentoml serve` endpoint."""
+(Postgres backend, S3 artifacts), sources, asset values and exported bentos on S3 (moto), and a live `bentoml serve`
+endpoint."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -76,3 +80,25 @@ def test_live_endpoint_answers_predict(prod_world: dict[str, Any]) -> None:
     assert body["model_version"] == prod_world["trained"].output_for_node("fraud__model")["version"]
     checks = {e.check_name: e.passed for e in prod_world["trained"].get_asset_check_evaluations()}
     assert checks.get("live_smoke_test") is True and checks.get("champion_gate") is True
+
+
+def test_bento_exported_to_s3_imports_with_the_same_tag(prod_world: dict[str, Any], services: dict[str, Any],
+                                                        tmp_path: Path) -> None:
+    s3 = services["s3"]
+    [event] = [e for e in prod_world["trained"].get_asset_materialization_events() if e.asset_key.path[-1] == "bento"]
+    metadata = event.step_materialization_data.materialization.metadata
+    tag, model_tag = metadata["bento"].value, metadata["bento_model"].value
+    uri, sha256 = metadata["export_uri"].value, metadata["export_sha256"].value
+    key = f"storage/bentos/fraud/{tag.replace(':', '-')}.bento"
+    assert uri == f"s3://{BUCKET}/{key}"
+    assert key in _keys(s3, "storage/bentos/fraud/")
+    assert s3.head_object(Bucket=BUCKET, Key=key)["Metadata"]["sha256"] == sha256
+    copy = tmp_path / "downloaded.bento"
+    s3.download_file(BUCKET, key, str(copy))
+    assert hashlib.sha256(copy.read_bytes()).hexdigest() == sha256
+    # An image build imports it into its own, empty BentoML store: the same bento, with its model inside.
+    script = "import bentoml, sys; print(bentoml.bentos.import_bento(sys.argv[1]).tag); print(bentoml.models.get(sys.argv[2]).tag)"
+    proc = subprocess.run([sys.executable, "-c", script, str(copy), model_tag], capture_output=True, text=True, timeout=300,
+                          env=os.environ | {"BENTOML_HOME": str(tmp_path / "bentoml")}, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-2:] == [tag, model_tag]
