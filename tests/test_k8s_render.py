@@ -27,7 +27,7 @@ def prod(monkeypatch: pytest.MonkeyPatch) -> None:
                         "KILN_SOURCE_ROOT": "s3://kiln/sources", "KILN_STATE_ROOT": "/tmp/kiln-state",
                         "MLFLOW_TRACKING_URI": "http://mlflow:5000", "BENTOML_HOME": "/tmp/bentoml"}.items():
         monkeypatch.setenv(name, value)
-    for name in ("KILN_GPU_NODE_SELECTOR", "KILN_K8S_STEP_CONFIG", "KILN_PREDICTIONS_PVC"):
+    for name in ("KILN_GPU_NODE_SELECTOR", "KILN_K8S_STEP_CONFIG", "KILN_PREDICTIONS_PVC", "KILN_EXECUTOR"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -325,3 +325,17 @@ def test_serving_images_freeze_to_the_dockerfiles_bentoml_builds(tmp_path: Path)
     assert gpu_dockerfile.index("pip install --break-system-packages uv") < gpu_dockerfile.index("uv venv --python 3.11")
     assert "torch==2.13.0" in gpu_requirements.splitlines() and "lightgbm>=4,<5" in gpu_requirements.splitlines()
     assert "USER bentoml" in gpu_dockerfile  # uid 1034: the endpoint Deployment runs as it (runAsNonRoot)
+
+
+def test_prod_executor_is_k8s_unless_kiln_executor_picks_a_local_one(prod: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dagster as dg
+    from dagster_k8s import k8s_job_executor
+
+    assert k8s.executor("prod") is k8s_job_executor and k8s.executor("local") is None
+    monkeypatch.setenv("KILN_EXECUTOR", "multiprocess")
+    assert k8s.executor("prod") is dg.multiprocess_executor
+    monkeypatch.setenv("KILN_EXECUTOR", "in_process")
+    assert k8s.executor("prod") is dg.in_process_executor
+    monkeypatch.setenv("KILN_EXECUTOR", "kubernetes")
+    with pytest.raises(ValueError, match="KILN_EXECUTOR: 'kubernetes' is not one of k8s, multiprocess, in_process"):
+        k8s.executor("prod")

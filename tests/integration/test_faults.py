@@ -209,14 +209,15 @@ def test_step_process_sigkilled_mid_registration_reexecution_from_failure(
             return
         killed.update(json.loads(marker.read_text()))
         # Only ever a step process of this test's run: a descendant of this process.
-        assert killed["pid"] in {c.pid for c in psutil.Process().children(recursive=True)}
-        os.kill(killed["pid"], signal.SIGKILL)
+        killed["ours"] = killed["pid"] in {c.pid for c in psutil.Process().children(recursive=True)}
+        if killed["ours"]:
+            os.kill(killed["pid"], signal.SIGKILL)
 
     killer = threading.Thread(target=kill_when_paused, daemon=True)
     killer.start()
     failed = dg.execute_job(job, instance=instance, asset_selection=selection)
     killer.join(timeout=30)
-    assert killed, "the model step never reached the checksum"
+    assert killed.get("ours"), f"the model step never reached the checksum, or not in a child process: {killed}"
     assert not failed.success
     events = failed.all_events
     [worker] = [e for e in events if e.event_type_value == "STEP_WORKER_STARTED" and e.step_key == "fraud__model"]
@@ -253,11 +254,11 @@ def test_step_process_sigkilled_mid_registration_reexecution_from_failure(
     assert dict(pg.query("dagster", "SELECT run_id, status FROM runs"))[again.run_id] == "SUCCESS"
 
 
-QUEUED_STAGES = ("features", "model", "champion")
+QUEUED_STAGES = ("features", "model")  # a retrain that trains and registers; small enough for 2 cores
 
 
 def _launch(context: Any, pipeline: str) -> str:
-    """Request `<p>_retrain` (features, model, champion) the way the UI does: GraphQL launchPipelineExecution."""
+    """Request `<p>_retrain` (features, model) the way the UI does: GraphQL launchPipelineExecution."""
     from dagster_graphql.client.client_queries import CLIENT_SUBMIT_PIPELINE_RUN_MUTATION
     from dagster_graphql.test.utils import execute_dagster_graphql
 
@@ -340,12 +341,13 @@ def test_two_retrains_of_one_pipeline_one_waits_another_pipeline_runs_in_paralle
     records = {i: instance.get_run_record_by_id(i) for i in ids}
     assert records[second].start_time >= records[first].end_time  # it ran after the first, not beside it
     assert records[parallel].start_time < records[first].end_time  # the other pipeline did not wait
-    # Nothing lost: each fraud retrain registered one complete version under its own run, fraud_b got its champion.
+    # Nothing lost: each retrain registered one complete version under its own run; fraud's champion is untouched.
     after, champion_after = _registry(services)
     new = {v: t for v, t in after.items() if v not in versions}
     assert sorted(t["dagster_run_id"] for t in new.values()) == sorted([first, second])
-    assert all("kiln_sha256" in t for t in after.values()) and champion_after in after
-    assert _client(services).get_model_version_by_alias("fraud_b", "champion").tags["dagster_run_id"] == parallel
+    assert all("kiln_sha256" in t for t in after.values()) and champion_after == champion
+    [other_version] = _client(services).search_model_versions("name='fraud_b'")
+    assert other_version.tags["dagster_run_id"] == parallel and other_version.tags.get("kiln_sha256")
     rows = dict(services["pg"].query("dagster", "SELECT run_id, status FROM runs"))
     assert [rows[i] for i in ids] == ["SUCCESS"] * 3 and "QUEUED" not in rows.values()
 
