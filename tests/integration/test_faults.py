@@ -69,6 +69,7 @@ def test_mlflow_stopped_during_training_bounded_retries_no_stray_alias_rerun_suc
 
     stages = ("features", "model", "champion")
     versions, champion = _registry(services)
+    stored = {k: v for k, v in _objects(services["s3"]).items() if k in ("storage/fraud/model.json", "storage/fraud/champion.json")}
     training, stopped = threading.Event(), threading.Event()
     real_train = assets.train.train_lightgbm
 
@@ -108,8 +109,11 @@ def test_mlflow_stopped_during_training_bounded_retries_no_stray_alias_rerun_suc
     assert not [e for e in failed.all_events if e.event_type_value == "ASSET_MATERIALIZATION"
                 and e.asset_key is not None and e.asset_key.path[-1] in ("model", "champion")]
     monkeypatch.undo()
-    # The training run the server lost never became a version; no half-registered version, alias untouched.
+    # The training run the server lost never became a version; no half-registered version, alias untouched; the stored
+    # model and champion records are the previous ones; the failure is in Postgres run storage.
     assert _registry(services) == (versions, champion)
+    assert {k: v for k, v in _objects(services["s3"]).items() if k in stored} == stored and len(stored) == 2
+    assert dict(services["pg"].query("dagster", "SELECT run_id, status FROM runs"))[failed.run_id] == "FAILURE"
     rerun = retrain(prod_world["defs"], prod_world["spec"], prod_world["instance"], progress=lambda _: None, stages=stages)
     assert rerun.success, _failures(rerun)
     after, champion_after = _registry(services)
