@@ -12,6 +12,7 @@ def test_initialized_resolves_prod_env_vars(monkeypatch: pytest.MonkeyPatch) -> 
         "MLFLOW_TRACKING_URI": "http://127.0.0.1:5999",
         "KILN_STATE_ROOT": "/srv/kiln/state",
         "KILN_SOURCE_ROOT": "s3://kiln-test/sources",
+        "KILN_STORAGE_PREFIX": "s3://kiln-test/storage",  # also where bentos are exported
         "BENTOML_HOME": "/srv/kiln/bentoml",
     }
     for name, value in values.items():
@@ -23,6 +24,7 @@ def test_initialized_resolves_prod_env_vars(monkeypatch: pytest.MonkeyPatch) -> 
     assert ready["serving"].state_root == "/srv/kiln/state"
     assert ready["serving"].bentoml_home == "/srv/kiln/bentoml"
     assert ready["storage"].source_root == "s3://kiln-test/sources"
+    assert ready["storage"].bento_root == "s3://kiln-test/storage"
 
 
 def test_initialized_names_the_missing_variable(monkeypatch: pytest.MonkeyPatch) -> None:
