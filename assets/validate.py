@@ -5,6 +5,9 @@ great_expectations is imported inside check bodies only (it costs seconds to imp
 
 from __future__ import annotations
 
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +16,7 @@ from assets.keys import key
 from platform_defs.spec import PipelineSpec
 
 if TYPE_CHECKING:
+    import pandas as pd
     import polars as pl
 
 @dataclass(frozen=True)
@@ -71,24 +75,55 @@ def quality_rules(spec: PipelineSpec) -> list[Rule]:
 
 
 AFTER_QUARANTINE = ("row_count", "null_fraction")  # judged on the rows that stay, not on the rows that arrived
+SAMPLES = 5  # unexpected values kept per failed rule
+# BASIC still counts unexpected rows and keeps the first SAMPLES values; SUMMARY/COMPLETE add per-rule value counts and
+# row indices that Kiln does not report, and for pandas each of those copies the batch again.
+_RESULT_FORMAT = {"result_format": "BASIC", "partial_unexpected_count": SAMPLES}
+# Column rules GX runs on all rows of the batch; every other column rule first drops the rows where its column is null
+# (a copy of the whole batch), so those rules on columns that have nulls get one-column batches.
+_KEEPS_NULL_ROWS = frozenset({"ExpectColumnValuesToNotBeNull", "ExpectColumnValuesToBeOfType"})
+# Hashing every key (uniqueness) is the one long rule, and pandas/pyarrow release the GIL while doing it: it gets its
+# own batch, validated beside the others. Each worker has its own GX data source, hence its own execution engine:
+# an engine keeps one active batch, so two validations must never share one.
+_GX_WORKERS = 2
+_GX_LOCK = threading.Lock()
 _GX_CONTEXT: Any = None
+_GX_SOURCES: queue.SimpleQueue[Any] = queue.SimpleQueue()
+_GX_SUITES: dict[tuple[str, ...], list[Any]] = {}
 
 
-def _gx_batch_definition() -> Any:
-    """One ephemeral GX context per process (no GX project on disk), a pandas data source fed frames at run time."""
+def _gx_context() -> Any:
+    """One ephemeral GX context per process (no GX project on disk), with a pandas data source per worker."""
     global _GX_CONTEXT
-    import great_expectations as gx
-    import great_expectations.execution_engine.pandas_execution_engine as pandas_engine
-    from great_expectations.data_context.types.base import ProgressBarsConfig
+    with _GX_LOCK:
+        if _GX_CONTEXT is None:
+            import great_expectations as gx
+            import great_expectations.execution_engine.pandas_execution_engine as pandas_engine
+            from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    if _GX_CONTEXT is None:
-        # GX fingerprints each in-memory batch with an md5 of every value; Kiln's partitions are already identified by
-        # their Dagster partition and data version, and the hash costs more than all the expectations together.
-        pandas_engine.HASH_THRESHOLD = 0
-        _GX_CONTEXT = gx.get_context(mode="ephemeral")
-        _GX_CONTEXT.variables.progress_bars = ProgressBarsConfig(globally=False)
-        _GX_CONTEXT.data_sources.add_pandas("kiln").add_dataframe_asset("frame").add_batch_definition_whole_dataframe("all")
-    return _GX_CONTEXT.data_sources.get("kiln").get_asset("frame").get_batch_definition("all")
+            # GX fingerprints each in-memory batch with an md5 of every value; Kiln's partitions are already identified
+            # by their Dagster partition and data version, and the hash costs more than all the expectations together.
+            pandas_engine.HASH_THRESHOLD = 0
+            context = gx.get_context(mode="ephemeral")
+            context.variables.progress_bars = ProgressBarsConfig(globally=False)
+            for i in range(_GX_WORKERS):
+                source = context.data_sources.add_pandas(f"kiln-{i}").add_dataframe_asset("frame")
+                _GX_SOURCES.put(source.add_batch_definition_whole_dataframe("all"))
+            _GX_CONTEXT = context
+    return _GX_CONTEXT
+
+
+def _expectations(rules: list[Rule]) -> list[Any]:
+    """GX expectation configurations of these rules, built once per rule set (GX's own suite building is quadratic);
+    each carries its rule's position so results are matched to rules, not to an order GX may change."""
+    import great_expectations as gx
+
+    cache_key = tuple(f"{r.expectation}{sorted(r.kwargs.items())!r}" for r in rules)
+    with _GX_LOCK:
+        if cache_key not in _GX_SUITES:
+            _GX_SUITES[cache_key] = [getattr(gx.expectations, r.expectation)(**r.kwargs, meta={"kiln_rule": i}).configuration
+                                     for i, r in enumerate(rules)]
+        return _GX_SUITES[cache_key]
 
 
 def run_rules(frame: pl.DataFrame, rules: list[Rule], suite_name: str, spec: PipelineSpec | None = None,
@@ -98,24 +133,31 @@ def run_rules(frame: pl.DataFrame, rules: list[Rule], suite_name: str, spec: Pip
     ``arrow=True`` hands GX Arrow-backed columns, so dtype rules see the spec's own type names (exact dtypes);
     value rules (ranges, sets, uniqueness) run much faster on NumPy-backed columns (``arrow=False``).
     """
-    batch_def = _gx_batch_definition()
+    _gx_context()
     if not rules:
         return []
-    # GX drops the null rows of the *whole batch* before a value rule on a column that has nulls, copying every column.
-    # Such columns get one-column batches; table rules, null rules and columns without nulls share one batch.
     null_counts = frame.null_count().row(0, named=True) if frame.width else {}
     groups: dict[str | None, list[Rule]] = {}
     for rule in rules:
-        alone = rule.column in null_counts and null_counts[rule.column] and rule.expectation != "ExpectColumnValuesToNotBeNull"
-        groups.setdefault(rule.column if alone else None, []).append(rule)
+        column = rule.column if rule.column in null_counts else None
+        alone = column is not None and (
+            (null_counts[column] and rule.expectation not in _KEEPS_NULL_ROWS) or rule.expectation == "ExpectColumnValuesToBeUnique")
+        groups.setdefault(column if alone else None, []).append(rule)
+    pdf = frame.to_pandas(use_pyarrow_extension_array=arrow)
+    # the longest batch first, so the others run beside it
+    jobs = sorted(groups.items(), key=lambda g: g[0] is None or not any(r.expectation == "ExpectColumnValuesToBeUnique" for r in g[1]))
     outcome: dict[int, Any] = {}
-    for column, group in groups.items():
-        part = frame if column is None else frame.select(column)
-        for rule, res in zip(group, _validate(batch_def, part, group, f"{suite_name}:{column or 'table'}", arrow), strict=True):
+    if len(jobs) == 1 or _GX_WORKERS == 1:
+        results = [_validate(pdf if column is None else pdf[[column]], group) for column, group in jobs]
+    else:
+        with ThreadPoolExecutor(max_workers=_GX_WORKERS, thread_name_prefix="kiln-gx") as pool:
+            results = list(pool.map(lambda job: _validate(pdf if job[0] is None else pdf[[job[0]]], job[1]), jobs))
+    for (_, group), group_results in zip(jobs, results, strict=True):
+        for rule, res in zip(group, group_results, strict=True):
             outcome[id(rule)] = res
-    results = [outcome[id(rule)] for rule in rules]
     failures = []
-    for rule, res in zip(rules, results, strict=True):
+    for rule in rules:
+        res = outcome[id(rule)]
         if res.success:
             continue
         detail = res.result or {}
@@ -137,7 +179,7 @@ def run_rules(frame: pl.DataFrame, rules: list[Rule], suite_name: str, spec: Pip
                 "expectation": rule.expectation,
                 "unexpected_count": detail.get("unexpected_count"),
                 "unexpected_percent": round(float(detail.get("unexpected_percent") or 0.0), 3),
-                "sample_values": [str(v) for v in (detail.get("partial_unexpected_list") or [])[:5]],
+                "sample_values": [str(v) for v in (detail.get("partial_unexpected_list") or [])[:SAMPLES]],
                 "observed": observed,
                 "error": (res.exception_info or {}).get("exception_message"),
             }
@@ -145,15 +187,19 @@ def run_rules(frame: pl.DataFrame, rules: list[Rule], suite_name: str, spec: Pip
     return failures
 
 
-def _validate(batch_def: Any, frame: pl.DataFrame, rules: list[Rule], suite_name: str, arrow: bool) -> list[Any]:
-    """One GX suite of these rules over the frame; the expectation results in rule order."""
-    import great_expectations as gx
-
-    suite = gx.ExpectationSuite(name=suite_name)
-    for rule in rules:
-        suite.add_expectation(getattr(gx.expectations, rule.expectation)(**rule.kwargs))
-    pdf = frame.to_pandas(use_pyarrow_extension_array=arrow)
-    return list(batch_def.get_batch(batch_parameters={"dataframe": pdf}).validate(suite, result_format="SUMMARY").results)
+def _validate(pdf: pd.DataFrame, rules: list[Rule]) -> list[Any]:
+    """These rules over one pandas batch, on a worker's own data source; the expectation results in rule order."""
+    configurations = _expectations(rules)
+    batch_definition = _GX_SOURCES.get()
+    try:
+        batch = batch_definition.get_batch(batch_parameters={"dataframe": pdf})
+        # One validator on the loaded batch (Batch.validate would load the frame a second time).
+        validator = _GX_CONTEXT.get_validator(batch=batch)
+        results = validator.graph_validate(configurations=configurations, runtime_configuration={"result_format": _RESULT_FORMAT})
+    finally:
+        _GX_SOURCES.put(batch_definition)
+    by_rule = {res.expectation_config.meta["kiln_rule"]: res for res in results}
+    return [by_rule[i] for i in range(len(rules))]
 
 
 def describe(failures: list[dict[str, Any]]) -> str:
