@@ -3,7 +3,8 @@
 The suites are the ones `<p>/raw` (schema: column set, row count, exact dtypes, non-nulls, null fractions) and
 `<p>/validated` (quality: ranges, allowed values, key uniqueness) run, built from a 20-column spec. The one-off
 ``import great_expectations`` and context creation are excluded (warmed up on a tiny frame first). As a baseline,
-the same rules are counted with plain polars expressions in the same run (the floor any engine could reach).
+the same rules are counted with plain polars expressions in the same run (the floor any engine could reach). The
+table also shows CPU seconds (all threads) and the load average, since the machine may be shared.
 
     python benchmarks/validation.py [--rows 1000000] [--repeat 3]
 
@@ -13,6 +14,7 @@ Ends with ``BENCH validation rows_per_s=<n>`` (goal >= 2,000,000).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -69,12 +71,17 @@ def frame_20(rows: int) -> Any:
     return pl.DataFrame(data)
 
 
-def timed(fn: Any, repeat: int) -> tuple[float, Any]:
-    times, out = [], None
+CPU_S: dict[str, float] = {}  # CPU seconds of this process (all its threads) per stage, median
+
+
+def timed(fn: Any, repeat: int, name: str = "") -> tuple[float, Any]:
+    times, cpu, out = [], [], None
     for _ in range(repeat):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         out = fn()
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    CPU_S[name] = statistics.median(cpu)
     return statistics.median(times), out
 
 
@@ -98,25 +105,32 @@ def main() -> int:
     import_s = time.perf_counter() - start
 
     typed = cast_to_spec(frame, spec)
-    schema_s, schema_failures = timed(lambda: run_rules(frame, schema, "schema", spec, arrow=True), args.repeat)
-    quality_s, quality_failures = timed(lambda: run_rules(typed, quality, "quality", spec, arrow=False), args.repeat)
+    load_before = os.getloadavg()[0]
+    schema_s, schema_failures = timed(lambda: run_rules(frame, schema, "schema", spec, arrow=True), args.repeat, "schema")
+    quality_s, quality_failures = timed(lambda: run_rules(typed, quality, "quality", spec, arrow=False), args.repeat,
+                                        "quality")
     assert not schema_failures and not quality_failures, (schema_failures, quality_failures)
 
     def polars_floor() -> Any:
         nulls = frame.select([pl.col(c).null_count() for c in spec.schema_ if not spec.schema_[c].nullable])
         return nulls, split_rows(typed, spec)
 
-    floor_s, _ = timed(polars_floor, args.repeat)
+    floor_s, _ = timed(polars_floor, args.repeat, "floor")
+    CPU_S["total"] = CPU_S["schema"] + CPU_S["quality"]
     gx_s = schema_s + quality_s
     rows_per_s = args.rows / gx_s
     print(f"{args.rows:,} rows x {frame.width} columns; {len(schema)} schema + {len(quality)} quality expectations; "
-          f"median of {args.repeat}")
-    print(f"{'stage':<40}{'seconds':>10}{'rows/s':>16}{'vs polars floor':>18}")
-    for name, seconds in [("one-off GX import + context (excluded)", import_s), ("GX schema suite (raw)", schema_s),
-                          ("GX quality suite (validated)", quality_s), ("GX suites total", gx_s),
-                          ("polars floor (same rules, no GX)", floor_s)]:
-        ratio = f"{seconds / floor_s:.1f}x" if "excluded" not in name else "-"
-        print(f"{name:<40}{seconds:>10.3f}{args.rows / seconds:>16,.0f}{ratio:>18}")
+          f"median of {args.repeat}; {os.cpu_count()} CPUs, load average {load_before:.1f} before, "
+          f"{os.getloadavg()[0]:.1f} after (a loaded machine slows every row, the floor too)")
+    print(f"{'stage':<40}{'seconds':>10}{'cpu s':>8}{'rows/s':>16}{'vs polars floor':>18}")
+    for name, seconds, cpu in [("one-off GX import + context (excluded)", import_s, None),
+                               ("GX schema suite (raw)", schema_s, CPU_S["schema"]),
+                               ("GX quality suite (validated)", quality_s, CPU_S["quality"]),
+                               ("GX suites total", gx_s, CPU_S["total"]),
+                               ("polars floor (same rules, no GX)", floor_s, CPU_S["floor"])]:
+        ratio = f"{seconds / floor_s:.1f}x" if cpu is not None else "-"
+        cpu_text = f"{cpu:.3f}" if cpu is not None else "-"
+        print(f"{name:<40}{seconds:>10.3f}{cpu_text:>8}{args.rows / seconds:>16,.0f}{ratio:>18}")
     print(f"BENCH validation rows_per_s={rows_per_s:.0f}")
     return 0
 
