@@ -80,9 +80,10 @@ def quality_rules(spec: PipelineSpec) -> list[Rule]:
 
 AFTER_QUARANTINE = ("row_count", "null_fraction")  # judged on the rows that stay, not on the rows that arrived
 SAMPLES = 5  # unexpected values kept per failed rule
-# BASIC still counts unexpected rows and keeps the first SAMPLES values; SUMMARY/COMPLETE add per-rule value counts and
-# row indices that Kiln does not report, and for pandas each of those copies the batch again.
+# A failed rule is reported from GX's BASIC result: unexpected count and percent, the first SAMPLES values.
+# SUMMARY/COMPLETE add value counts and row indices that Kiln does not report (for pandas each copies the batch again).
 _RESULT_FORMAT = {"result_format": "BASIC", "partial_unexpected_count": SAMPLES}
+_PASS_FAIL = {"result_format": "BOOLEAN_ONLY"}
 # Column rules GX runs on all rows of the batch (the dtype rule reads the column's dtype: Kiln never hands GX object
 # columns); every other column rule first drops the rows where its column is null, which copies the whole batch, so
 # those rules on columns that have nulls get one-column batches.
@@ -184,20 +185,13 @@ def run_rules(frame: pl.DataFrame, rules: list[Rule], suite_name: str, spec: Pip
     _gx_context()
     if not rules:
         return []
-    batches = _batches(frame, rules)
     pdf = frame.to_pandas(use_pyarrow_extension_array=arrow)
-
-    def validate(batch: tuple[str | None, list[Rule]]) -> list[Any]:
-        column, group = batch
-        return _validate(pdf if column is None else pdf[[column]], group, f"{suite_name}:{column or 'table'}")
-
-    if len(batches) == 1 or _GX_WORKERS == 1:
-        results = [validate(b) for b in batches]
-    else:
-        with ThreadPoolExecutor(max_workers=_GX_WORKERS, thread_name_prefix="kiln-gx") as pool:
-            results = list(pool.map(validate, batches))
-    outcome = {id(rule): res for (_, group), group_results in zip(batches, results, strict=True)
-               for rule, res in zip(group, group_results, strict=True)}
+    # Pass/fail first (GX's BOOLEAN_ONLY plans fewer metrics); the rules that failed run again for their counts and
+    # samples, which only the failure path pays for.
+    outcome = _run_batches(pdf, _batches(frame, rules), suite_name, _PASS_FAIL)
+    failed = [rule for rule in rules if not outcome[id(rule)].success]
+    if failed:
+        outcome |= _run_batches(pdf, _batches(frame, failed), f"{suite_name}:failed", _RESULT_FORMAT)
     failures = []
     for rule in rules:
         res = outcome[id(rule)]
@@ -230,6 +224,23 @@ def run_rules(frame: pl.DataFrame, rules: list[Rule], suite_name: str, spec: Pip
     return failures
 
 
+def _run_batches(pdf: pd.DataFrame, batches: list[tuple[str | None, list[Rule]]], suite_name: str,
+                 result_format: dict[str, Any]) -> dict[int, Any]:
+    """Validate each batch (on worker threads when there are several); the GX result of each rule, by ``id(rule)``."""
+
+    def validate(batch: tuple[str | None, list[Rule]]) -> list[Any]:
+        column, group = batch
+        return _validate(pdf if column is None else pdf[[column]], group, f"{suite_name}:{column or 'table'}", result_format)
+
+    if len(batches) == 1 or _GX_WORKERS == 1:
+        results = [validate(b) for b in batches]
+    else:
+        with ThreadPoolExecutor(max_workers=_GX_WORKERS, thread_name_prefix="kiln-gx") as pool:
+            results = list(pool.map(validate, batches))
+    return {id(rule): res for (_, group), group_results in zip(batches, results, strict=True)
+            for rule, res in zip(group, group_results, strict=True)}
+
+
 def _batches(frame: pl.DataFrame, rules: list[Rule]) -> list[tuple[str | None, list[Rule]]]:
     """Split the rules into GX batches: (None, rules on the whole frame) and (column, rules on that column alone).
 
@@ -245,7 +256,7 @@ def _batches(frame: pl.DataFrame, rules: list[Rule]) -> list[tuple[str | None, l
     return sorted(groups.items(), key=lambda g: not any(r.expectation == "ExpectColumnValuesToBeUnique" for r in g[1]))
 
 
-def _validate(pdf: pd.DataFrame, rules: list[Rule], suite_name: str) -> list[Any]:
+def _validate(pdf: pd.DataFrame, rules: list[Rule], suite_name: str, result_format: dict[str, Any]) -> list[Any]:
     """These rules over one pandas batch, on a worker's own data source; the expectation results in rule order."""
     configurations = _expectations(rules, suite_name)
     batch_definition = _GX_SOURCES.get()
@@ -254,7 +265,7 @@ def _validate(pdf: pd.DataFrame, rules: list[Rule], suite_name: str) -> list[Any
         # One validator on the loaded batch (Batch.validate would load the frame a second time).
         validator = _GX_CONTEXT.get_validator(batch=batch)
         _MEMO.memo = {}
-        results = validator.graph_validate(configurations=configurations, runtime_configuration={"result_format": _RESULT_FORMAT})
+        results = validator.graph_validate(configurations=configurations, runtime_configuration={"result_format": result_format})
     finally:
         _MEMO.memo = None
         _GX_SOURCES.put(batch_definition)
