@@ -3,8 +3,13 @@
 The model comes from the bento model named by ``KILN_MODEL_TAG``; the pipeline spec travels
 inside that model's metadata, so features are computed by the same code as `<p>/features`.
 
-``POST /predict`` reads the raw body and validates it column-wise against the spec's schema
+``POST /predict`` reads the raw body and validates it against the spec's schema on its own
 (:mod:`serving.requests`): every bad request gets 4xx naming the field and reason, none gets 5xx.
+Valid requests are scored in adaptive micro-batches (:mod:`serving.batching`, sized by the spec's
+``serving.max_batch_rows`` and ``serving.max_latency_ms``): features, predict and the prediction log run
+once per batch, and each request gets its own rows' predictions. The two routes are a raw ASGI app mounted
+on the BentoML service (no web framework's per-request layers); BentoML serves ``/livez``, ``/readyz`` and
+``/metrics``. Tracing spans are off (Kiln exports none; a span per request costs more than a prediction).
 Answers carry the model version in the ``X-Kiln-Model-Version`` header. With ``KILN_API_KEY``
 set, ``/predict`` and ``/metadata`` need ``Authorization: Bearer <key>`` (or ``X-API-Key``);
 ``/livez``, ``/readyz`` and ``/metrics`` stay open. Access logs are off unless ``KILN_ACCESS_LOG=1``;
@@ -16,7 +21,8 @@ all labelled ``pipeline`` and ``model_version``:
 
 - ``kiln_requests_total{status}``: /predict answers by HTTP status (200, 400, 401, 413, ...)
 - ``kiln_request_duration_seconds``: histogram of /predict latency (body read to response)
-- ``kiln_batch_rows``: histogram of rows per scored request
+- ``kiln_batch_rows``: histogram of rows per scored batch
+- ``kiln_batch_requests``: histogram of requests per scored batch
 - ``kiln_predicted_rows_total``: rows scored
 - ``kiln_prediction_score``: histogram of predicted scores
 
@@ -26,31 +32,29 @@ The router in front of it (:mod:`serving.router`) adds ``kiln_router_*`` series 
 from __future__ import annotations
 
 import hmac
-import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import bentoml
-from fastapi import FastAPI
-from starlette.requests import Request
-from starlette.responses import Response
 
 from assets.features import compute_features
 from platform_defs.spec import PipelineSpec
-from serving.requests import RequestError, parse_body
+from serving.requests import MAX_BODY_BYTES, RequestError, Rows, frame_of, parse_request
 
 LOG_FILES_KEPT = 48
-app = FastAPI(title="Kiln endpoint")
+JSON = b"application/json"
 
 
 class PredictionLog:
-    """Append-only JSON-lines log of requests and predictions, one file per hour and process, bounded."""
+    """Append-only JSON-lines log of requests and predictions, one file per hour and process, bounded; one append per batch."""
 
     def __init__(self, folder: str | None) -> None:
         self.folder = Path(folder) if folder else None
         self._current: Path | None = None
+        self._lock = threading.Lock()  # batches may score on two threads
         if self.folder:
             self.folder.mkdir(parents=True, exist_ok=True)
 
@@ -66,12 +70,13 @@ class PredictionLog:
             pl.Series("_prediction", predictions),
         )
         path = self.folder / f"{time.strftime('%Y%m%d%H', time.gmtime(now))}-{os.getpid()}.jsonl"
-        data = out.write_ndjson().encode()  # serialized in memory first: one small append per request
-        with path.open("ab") as fh:
-            fh.write(data)
-        if path != self._current:  # a new hourly file: drop the oldest beyond the bound
-            self._current = path
-            self._rotate()
+        data = out.write_ndjson().encode()  # serialized in memory first: one small append per batch
+        with self._lock:
+            with path.open("ab") as fh:
+                fh.write(data)
+            if path != self._current:  # a new hourly file: drop the oldest beyond the bound
+                self._current = path
+                self._rotate()
 
     def _rotate(self) -> None:
         assert self.folder is not None
@@ -91,22 +96,72 @@ def api_key_ok(headers: Any, key: str | None) -> bool:
     return hmac.compare_digest(given.encode(), key.encode())
 
 
-def json_response(body: dict[str, Any], status: int, version: str) -> Response:
-    return Response(json.dumps(body, allow_nan=False), status_code=status, media_type="application/json",
-                    headers={"X-Kiln-Model-Version": version})
+def _auth_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in raw if k in (b"authorization", b"x-api-key")}
 
 
-@bentoml.asgi_app(app, path="/")
+def _json(body: Any) -> bytes:
+    import orjson
+
+    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+class Endpoint:
+    """The ASGI app mounted on the service: ``POST /predict`` and ``GET /metadata`` (the service instance does the work)."""
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        service: KilnService = bentoml.get_current_service()
+        path = scope["path"]
+        root = scope.get("root_path") or ""
+        if root and path.startswith(root):
+            path = path[len(root):] or "/"
+        method = scope["method"]
+        if path == "/predict" and method == "POST":
+            status, content = await service.predict(scope, receive)
+        elif path == "/metadata" and method == "GET":
+            status, content = service.metadata(scope)
+        elif path in ("/predict", "/metadata"):
+            status, content = 405, b'{"error":"method not allowed: POST /predict, GET /metadata"}'
+        else:
+            status, content = 404, b'{"error":"not found: POST /predict, GET /metadata, /livez, /readyz, /metrics"}'
+        await send({"type": "http.response.start", "status": status, "headers": [
+            (b"content-type", JSON), (b"content-length", str(len(content)).encode()),
+            (b"x-kiln-model-version", service.version_header)]})
+        await send({"type": "http.response.body", "body": content})
+
+
+async def read_body(receive: Any) -> bytes:
+    chunks = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise RequestError(f"body: more than {MAX_BODY_BYTES} bytes; send fewer rows per request", status=413)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+@bentoml.asgi_app(Endpoint(), path="/")
 @bentoml.service(
     name="kiln",
     traffic={"timeout": 30},
     workers=int(os.environ.get("KILN_WORKERS", "1")),
     logging={"access": {"enabled": os.environ.get("KILN_ACCESS_LOG") == "1"}},
+    tracing={"excluded_urls": ["."]},  # every URL: no span per request (Kiln exports no traces)
 )
 class KilnService:
     """Predicts for rows of the spec's input columns; answers 4xx naming the field on bad input."""
 
     def __init__(self) -> None:
+        from serving.batching import MicroBatcher
         from serving.metrics import EndpointMetrics
 
         tag = os.environ["KILN_MODEL_TAG"]
@@ -115,12 +170,14 @@ class KilnService:
         self.spec = PipelineSpec.from_json(str(info.metadata["kiln_spec"]))
         self.labels = dict(info.labels)
         self.version = self.labels["mlflow_model_version"]
+        self.version_header = self.version.encode("latin-1")
         self.predict_features = self._load_model()
         self.log = PredictionLog(os.environ.get("KILN_PREDICTION_LOG"))
         self.api_key = os.environ.get("KILN_API_KEY") or None
         self.max_rows = self.spec.serving.max_batch_rows
         self.unknown_category = self.spec.serving.unknown_category
         self.metrics = EndpointMetrics(self.spec.name, self.version)
+        self.batcher: MicroBatcher[Rows] = MicroBatcher(self.score, self.max_rows, self.spec.serving.max_latency_ms / 1000)
 
     def _load_model(self) -> Any:
         """A function from a features frame to a 1-D array of predictions (the one place a model is loaded)."""
@@ -129,33 +186,41 @@ class KilnService:
         self.predictor = load_predictor(self.model_ref.path, self.spec, num_threads=1)  # LightGBM or torch, from the MLmodel
         return self.predictor.predict
 
-    @app.post("/predict")
-    async def predict(self, request: Request) -> Response:
-        """Score rows: ``{"rows": [...]}`` -> ``{"predictions": [...], "model_version": "<n>"}``; 4xx names the field."""
+    def score(self, parts: list[Rows]) -> Any:
+        """One batch: several requests' rows -> features -> predictions (in order), logged and counted once."""
         import numpy as np
 
-        started = time.perf_counter()
-        if not api_key_ok(request.headers, self.api_key):
-            self.metrics.request(401, time.perf_counter() - started)
-            return json_response({"error": "unauthorized: send the API key as 'Authorization: Bearer <key>'"}, 401, self.version)
-        try:
-            frame = parse_body(await request.body(), self.spec, self.max_rows, self.unknown_category)
-        except RequestError as exc:
-            self.metrics.request(exc.status, time.perf_counter() - started)
-            return json_response({"error": str(exc)}, exc.status, self.version)
+        frame = frame_of(parts, self.spec)
         predictions = np.asarray(self.predict_features(compute_features(frame, self.spec)), dtype=float).ravel()
         self.log.write(frame, predictions, self.version)
-        self.metrics.scored(predictions)
-        response = json_response({"predictions": predictions.tolist(), "model_version": self.version}, 200, self.version)
-        self.metrics.request(200, time.perf_counter() - started)
-        return response
+        self.metrics.batch(len(parts), predictions)
+        return predictions
 
-    @app.get("/metadata")
-    def metadata(self, request: Request) -> Response:
+    async def predict(self, scope: dict[str, Any], receive: Any) -> tuple[int, bytes]:
+        """Score rows: ``{"rows": [...]}`` -> ``{"predictions": [...], "model_version": "<n>"}``; 4xx names the field."""
+        started = time.perf_counter()
+        if self.api_key and not api_key_ok(_auth_headers(scope["headers"]), self.api_key):
+            self.metrics.request(401, time.perf_counter() - started)
+            return 401, b'{"error":"unauthorized: send the API key as \'Authorization: Bearer <key>\'"}'
+        try:
+            rows = parse_request(await read_body(receive), self.spec, self.max_rows, self.unknown_category)
+        except RequestError as exc:
+            self.metrics.request(exc.status, time.perf_counter() - started)
+            return exc.status, _json({"error": str(exc)})
+        try:
+            predictions = await self.batcher.submit(rows, rows.count)
+        except Exception as exc:  # noqa: BLE001 - the model failed on valid rows: a server error, said as such
+            self.metrics.request(500, time.perf_counter() - started)
+            return 500, _json({"error": f"scoring failed: {type(exc).__name__}: {str(exc)[:300]}"})
+        content = _json({"predictions": predictions, "model_version": self.version})
+        self.metrics.request(200, time.perf_counter() - started)
+        return 200, content
+
+    def metadata(self, scope: dict[str, Any]) -> tuple[int, bytes]:
         """Pipeline, model version, MLflow run id, Dagster run id and training data version."""
-        if not api_key_ok(request.headers, self.api_key):
-            return json_response({"error": "unauthorized"}, 401, self.version)
-        return json_response({
+        if self.api_key and not api_key_ok(_auth_headers(scope["headers"]), self.api_key):
+            return 401, b'{"error":"unauthorized"}'
+        return 200, _json({
             "pipeline": self.spec.name,
             "model_version": self.version,
             "mlflow_run_id": self.labels.get("mlflow_run_id"),
@@ -164,4 +229,4 @@ class KilnService:
             "input_columns": self.spec.input_columns,
             "bento_model": str(self.model_ref.tag),
             "serving": self.spec.serving.model_dump(),
-        }, 200, self.version)
+        })
