@@ -319,25 +319,19 @@ def frame_of(parts: Sequence[Rows], spec: PipelineSpec) -> pl.DataFrame:
 
     schema = _schema(spec)
     segments: list[pl.DataFrame] = []
-    pending: dict[str, list[Any]] | None = None
-    shared = False  # pending still is a request's own lists: copy before extending
+    pending: list[tuple[Any, ...]] = []
     for part in parts:
         if part.columns is not None:
-            if pending is None:
-                pending, shared = part.columns, True
-            else:
-                if shared:
-                    pending, shared = {n: list(v) for n, v in pending.items()}, False
-                for name, values in part.columns.items():
-                    pending[name].extend(values)
+            pending.extend(zip(*part.columns.values(), strict=True))
             continue
-        if pending is not None:
-            segments.append(pl.DataFrame(pending, schema=schema))
-            pending = None
+        if pending:
+            # Row tuples: polars builds a small frame from them several times faster than from column lists.
+            segments.append(pl.DataFrame(pending, schema=schema, orient="row"))
+            pending = []
         assert part.frame is not None
         segments.append(part.frame)
-    if pending is not None:
-        segments.append(pl.DataFrame(pending, schema=schema))
+    if pending:
+        segments.append(pl.DataFrame(pending, schema=schema, orient="row"))
     return segments[0] if len(segments) == 1 else pl.concat(segments, how="vertical")
 
 
