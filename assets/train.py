@@ -22,7 +22,13 @@ def matrix(frame: pl.DataFrame, spec: PipelineSpec) -> np.ndarray:
 
     from assets.features import feature_columns
 
+    import numpy as np
+
     cols = feature_columns(spec, frame)
+    if cols == frame.columns and all(dtype.is_numeric() for dtype in frame.dtypes):
+        # Already the features in order (compute_features' output): numpy's cast of the whole frame is the same
+        # float64 matrix, nulls as NaN, ~8x cheaper than a polars select per call (serving calls this per batch).
+        return frame.to_numpy().astype(np.float64, copy=False)
     return frame.select([pl.col(c).cast(pl.Float64) for c in cols]).to_numpy()
 
 

@@ -126,9 +126,12 @@ class ServingResource(dg.ConfigurableResource):
         spec = self.served_spec(model_tag)
         workers = spec.serving.workers or os.cpu_count() or 1
         port = free_port(self.host)
+        lane_port = free_port(self.host)
         url = f"http://{self.host}:{port}"
         log_path = self.folder(pipeline) / f"server-{port}.log"
         env = os.environ | {
+            "KILN_LANE_PORT": str(lane_port),  # the router's /predict lane into the workers (serving.service)
+            "KILN_LANE_HOST": self.host,
             "BENTOML_HOME": self.bentoml_home,
             "KILN_MODEL_TAG": model_tag,
             "KILN_PREDICTION_LOG": str(self.prediction_log_dir(pipeline)),
@@ -140,8 +143,8 @@ class ServingResource(dg.ConfigurableResource):
         with log_path.open("ab") as log:
             proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self._wait_ready(pipeline, proc, url, log_path)
-        return {"url": url, "pid": proc.pid, "port": port, "version": model_version, "bento": bento_tag, "model_tag": model_tag,
-                "log": str(log_path)}
+        return {"url": url, "lane_url": f"http://{self.host}:{lane_port}", "pid": proc.pid, "port": port, "version": model_version,
+                "bento": bento_tag, "model_tag": model_tag, "log": str(log_path)}
 
     def _wait_ready(self, pipeline: str, proc: subprocess.Popen[bytes], url: str, log_path: Path, path: str = "/readyz") -> None:
         what = "the router" if "serving.router" in proc.args else "bentoml serve"  # type: ignore[operator]

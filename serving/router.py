@@ -118,7 +118,7 @@ class Router:
         after = self._arm_upstreams()
         # An arm's live numbers belong to one backend: a new backend (even of the same version) starts from zero.
         self.arms = {k: v for k, v in self.arms.items() if k in after and before.get(k) == after[k]}
-        live = set(after.values())
+        live = {u.get(k) for arm in ("champion", "challenger") if (u := self.config.get(arm)) for k in ("url", "lane_url")}
         for url in [u for u in self.upstreams if u not in live]:  # in-flight requests keep their connection; idle ones go
             self.upstreams.pop(url).close()
 
@@ -181,10 +181,12 @@ class Router:
             if not upstream:
                 return Response(503, JSON_HEADERS, b'{"error":"no backend is serving yet"}')
             url = upstream["url"]
+            # /predict takes the backend's lane (same answer, no BentoML middleware); everything else its HTTP route.
+            via = (upstream.get("lane_url") or url) if request.path == "/predict" else url
             self.in_flight[url] = self.in_flight.get(url, 0) + 1
             started = time.perf_counter()
             try:
-                answer = await self.upstream(url).request(request.method, target, request.raw_headers, content)
+                answer = await self.upstream(via).request(request.method, target, request.raw_headers, content)
             except (OSError, TimeoutError) as exc:  # ConnectionError is an OSError
                 if attempt < 2:
                     await asyncio.sleep(0.05)

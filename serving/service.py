@@ -10,6 +10,13 @@ Valid requests are scored in adaptive micro-batches (:mod:`serving.batching`, si
 once per batch, and each request gets its own rows' predictions. The two routes are a raw ASGI app mounted
 on the BentoML service (no web framework's per-request layers); BentoML serves ``/livez``, ``/readyz`` and
 ``/metrics``. Tracing spans are off (Kiln exports none; a span per request costs more than a prediction).
+
+The router in front (:mod:`serving.router`) reaches ``/predict`` through a *lane*: with ``KILN_LANE_PORT`` set
+(``ServingResource`` does), every worker also listens on that port (SO_REUSEPORT) with Kiln's lean HTTP/1.1
+protocol (:mod:`serving.proxy`) and answers ``POST /predict`` with the same code as the BentoML route, minus
+BentoML's per-request middleware (a third of a small request's CPU). BentoML's route stays the public one
+(what a Kubernetes Service or a client without the router calls); its ``bentoml_service_*`` series count only
+the requests that came that way, Kiln's ``kiln_*`` series count both.
 Answers carry the model version in the ``X-Kiln-Model-Version`` header. With ``KILN_API_KEY``
 set, ``/predict`` and ``/metadata`` need ``Authorization: Bearer <key>`` (or ``X-API-Key``);
 ``/livez``, ``/readyz`` and ``/metrics`` stay open. Access logs are off unless ``KILN_ACCESS_LOG=1``;
@@ -42,6 +49,7 @@ import bentoml
 
 from assets.features import compute_features
 from platform_defs.spec import PipelineSpec
+from serving.proxy import JSON_HEADERS, Request, Response
 from serving.requests import MAX_BODY_BYTES, RequestError, Rows, frame_of, parse_request
 
 LOG_FILES_KEPT = 48
@@ -199,6 +207,9 @@ class KilnService:
         self.unknown_category = self.spec.serving.unknown_category
         self.metrics = EndpointMetrics(self.spec.name, self.version)
         self.batcher: MicroBatcher[Rows] = MicroBatcher(self.score, self.max_rows, self.spec.serving.max_latency_ms / 1000)
+        lane = os.environ.get("KILN_LANE_PORT")
+        if lane:
+            self._open_lane(int(lane))
 
     def _load_model(self) -> Any:
         """A function from a features frame to a 1-D array of predictions (the one place a model is loaded)."""
@@ -220,11 +231,20 @@ class KilnService:
     async def predict(self, scope: dict[str, Any], receive: Any) -> tuple[int, bytes]:
         """Score rows: ``{"rows": [...]}`` -> ``{"predictions": [...], "model_version": "<n>"}``; 4xx names the field."""
         started = time.perf_counter()
-        if self.api_key and not api_key_ok(_auth_headers(scope["headers"]), self.api_key):
+        try:
+            body = await read_body(receive)
+        except RequestError as exc:
+            self.metrics.request(exc.status, time.perf_counter() - started)
+            return exc.status, _json({"error": str(exc)})
+        return await self.answer(scope["headers"], body, started)
+
+    async def answer(self, headers: list[tuple[bytes, bytes]], body: bytes, started: float) -> tuple[int, bytes]:
+        """The ``/predict`` answer for a request's raw headers and body (BentoML's HTTP route and the router's lane)."""
+        if self.api_key and not api_key_ok(_auth_headers(headers), self.api_key):
             self.metrics.request(401, time.perf_counter() - started)
             return 401, b'{"error":"unauthorized: send the API key as \'Authorization: Bearer <key>\'"}'
         try:
-            rows = parse_request(await read_body(receive), self.spec, self.max_rows, self.unknown_category)
+            rows = parse_request(body, self.spec, self.max_rows, self.unknown_category)
         except RequestError as exc:
             self.metrics.request(exc.status, time.perf_counter() - started)
             return exc.status, _json({"error": str(exc)})
@@ -236,6 +256,30 @@ class KilnService:
         content = _json({"predictions": predictions, "model_version": self.version})
         self.metrics.request(200, time.perf_counter() - started)
         return 200, content
+
+    async def lane(self, request: Request) -> Response:
+        """The router's lane (``KILN_LANE_PORT``): ``POST /predict`` only, answered exactly as on BentoML's route."""
+        if request.path != "/predict" or request.method != "POST":
+            return Response(404, JSON_HEADERS, b'{"error":"the router lane serves POST /predict only"}')
+        status, content = await self.answer(request.raw_headers, request.body, time.perf_counter())
+        return Response(status, [(b"content-type", JSON), (b"x-kiln-model-version", self.version_header)], content)
+
+    def _open_lane(self, port: int) -> None:
+        """Listen on the lane port (shared by all workers through SO_REUSEPORT) before the service reports ready."""
+        import asyncio
+        import socket
+
+        from serving.proxy import ServerProtocol
+
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((os.environ.get("KILN_LANE_HOST", "127.0.0.1"), port))
+        sock.listen(2048)  # bound and listening now: connections queue until the server below accepts them
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        connections: set[ServerProtocol] = set()
+        self._lane = loop.create_task(loop.create_server(lambda: ServerProtocol(self.lane, connections), sock=sock))
 
     def metadata(self, scope: dict[str, Any]) -> tuple[int, bytes]:
         """Pipeline, model version, MLflow run id, Dagster run id and training data version."""
