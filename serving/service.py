@@ -38,6 +38,7 @@ The router in front of it (:mod:`serving.router`) adds ``kiln_router_*`` series 
 
 from __future__ import annotations
 
+import gc
 import hmac
 import os
 import threading
@@ -210,6 +211,9 @@ class KilnService:
         lane = os.environ.get("KILN_LANE_PORT")
         if lane:
             self._open_lane(int(lane))
+        # Everything loaded so far (BentoML, polars, the model: millions of objects) lives as long as the worker; out of
+        # the collector's sight, each full collection triggered by a batch's allocations no longer walks all of it.
+        gc.freeze()
 
     def _load_model(self) -> Any:
         """A function from a features frame to a 1-D array of predictions (the one place a model is loaded)."""
