@@ -103,6 +103,7 @@ class ServingResource(dg.ConfigurableResource):
             "router_pid": router_pid,
             "backend_pid": backend["pid"],
             "backend_url": backend["url"],
+            "backend_lane_url": backend.get("lane_url"),
             "bento": bento_tag,
             "model_tag": model_tag,
             "model_version": model_version,
@@ -265,7 +266,8 @@ class ServingResource(dg.ConfigurableResource):
             stop(old.get("pid"))
         record = dict(self.state(pipeline) or {})
         record.pop("challenger", None)
-        record.update(backend_pid=challenger["pid"], backend_url=challenger["url"], bento=challenger["bento"],
+        record.update(backend_pid=challenger["pid"], backend_url=challenger["url"], backend_lane_url=challenger.get("lane_url"),
+                      bento=challenger["bento"],
                       model_tag=challenger["model_tag"], model_version=challenger["version"], log=challenger["log"],
                       started_at=time.time(), reused=False)
         self._write_record(pipeline, record)

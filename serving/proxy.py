@@ -156,6 +156,8 @@ class ServerProtocol(asyncio.Protocol):
                 response = error(502, f"router error: {type(exc).__name__}: {exc}")
             if self.transport is None:
                 return
+            if request.method == "HEAD":  # the headers a GET would get, no body
+                response = Response(response.status, [*response.headers, (b"content-length", b"%d" % len(response.body))], b"")
             self._write(response, keep_alive)
             self.last_active = time.monotonic()
             if not keep_alive:
@@ -166,7 +168,8 @@ class ServerProtocol(asyncio.Protocol):
         assert self.transport is not None
         parts = [status_line(response.status)]
         parts.extend(b"%s: %s\r\n" % kv for kv in response.headers)
-        parts.append(b"content-length: %d\r\n" % len(response.body))
+        if not any(k == b"content-length" for k, _ in response.headers):
+            parts.append(b"content-length: %d\r\n" % len(response.body))
         if not keep_alive:
             parts.append(b"connection: close\r\n")
         parts.append(b"\r\n")
@@ -267,7 +270,9 @@ class Upstream:
                 break
         if conn is None:
             _, conn = await loop.create_connection(UpstreamConnection, self.host, self.port)
-        parts = [b"%s %s HTTP/1.1\r\nhost: %s\r\ncontent-length: %d\r\n" % (method.encode(), target, self.host_header, len(body))]
+        # HEAD goes out as GET: the response parser cannot be told that a HEAD answer's content-length has no body.
+        wire = b"GET" if method == "HEAD" else method.encode()
+        parts = [b"%s %s HTTP/1.1\r\nhost: %s\r\ncontent-length: %d\r\n" % (wire, target, self.host_header, len(body))]
         parts.extend(b"%s: %s\r\n" % kv for kv in headers if kv[0] not in HOP_HEADERS)
         parts.append(b"\r\n")
         parts.append(body)

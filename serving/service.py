@@ -273,7 +273,7 @@ class KilnService:
         import asyncio
         import socket
 
-        from serving.proxy import ServerProtocol
+        from serving.proxy import ServerProtocol, close_idle
 
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -284,6 +284,7 @@ class KilnService:
         loop = asyncio.get_running_loop()
         connections: set[ServerProtocol] = set()
         self._lane = loop.create_task(loop.create_server(lambda: ServerProtocol(self.lane, connections), sock=sock))
+        self._lane_sweeper = loop.create_task(close_idle(connections, asyncio.Event()))  # idle keep-alive clients
 
     def metadata(self, scope: dict[str, Any]) -> tuple[int, bytes]:
         """Pipeline, model version, MLflow run id, Dagster run id and training data version."""

@@ -123,3 +123,16 @@ def test_a_backend_that_went_away_raises_a_connection_error() -> None:
             await pool.request("GET", b"/", [], b"")
 
     run(go())
+
+
+def test_head_is_answered_with_headers_only_through_the_pool() -> None:
+    async def go() -> None:
+        server, port, _ = await serve()
+        front, front_port, _ = await serve(lambda r: Upstream(f"http://127.0.0.1:{port}").request(r.method, r.path.encode(), [], b""))
+        async with httpx.AsyncClient(timeout=10) as client:
+            r = await client.head(f"http://127.0.0.1:{front_port}/h")
+            assert r.status_code == 200 and r.content == b"" and int(r.headers["content-length"]) > 0
+        front.close()
+        server.close()
+
+    run(go())
