@@ -18,11 +18,10 @@ BOOST_ROUNDS_KEY = "num_boost_round"
 
 def matrix(frame: pl.DataFrame, spec: PipelineSpec) -> np.ndarray:
     """Features as a float matrix in the spec's order (nulls become NaN, LightGBM's missing)."""
+    import numpy as np
     import polars as pl
 
     from assets.features import feature_columns
-
-    import numpy as np
 
     cols = feature_columns(spec, frame)
     if cols == frame.columns and all(dtype.is_numeric() for dtype in frame.dtypes):

@@ -56,6 +56,8 @@ class MicroBatcher(Generic[T]):
         self.cost_s = 0.0  # moving average of one batch's scoring time: the gap between batch starts under load
         self._last_end = -1e9
         self._queue: deque[_Pending[T]] = deque()
+        self._queued_rows = 0
+        self._resting = False
         self._pool = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="kiln-batch")
         self._wake: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
@@ -68,9 +70,12 @@ class MicroBatcher(Generic[T]):
             self._wake = asyncio.Event()
             self._worker = loop.create_task(self._run())
         future: asyncio.Future[Any] = loop.create_future()
-        wake = not self.running or not self._queue  # idle: dispatch now; busy: the first waiter starts the latency clock
+        # Idle: dispatch now; busy: the first waiter starts the latency clock; resting between batches: only a full
+        # batch cuts the rest short (waking the dispatcher per arrival would cost more than the rest saves).
+        wake = (not self.running and not self._resting) or not self._queue
         self._queue.append(_Pending(item, rows, future, time.perf_counter()))
-        if wake:
+        self._queued_rows += rows
+        if wake or (self._resting and self._queued_rows >= self.max_rows):
             assert self._wake is not None
             self._wake.set()
         return await future
@@ -85,12 +90,15 @@ class MicroBatcher(Generic[T]):
                 continue
             if not self.running:
                 gap = self._last_end + min(self.cost_s, self.max_latency_s) - time.perf_counter()
-                if gap > 0 and sum(p.rows for p in self._queue) < self.max_rows:
+                if gap > 0 and self._queued_rows < self.max_rows:
                     wake.clear()
+                    self._resting = True
                     try:
                         await asyncio.wait_for(wake.wait(), timeout=gap)
                     except TimeoutError:
                         pass
+                    finally:
+                        self._resting = False
                     continue
             else:
                 # A batch is in flight: let arrivals gather for the next one, until it finishes or the oldest waiter's
@@ -119,6 +127,7 @@ class MicroBatcher(Generic[T]):
             nxt = self._queue.popleft()
             batch.append(nxt)
             rows += nxt.rows
+        self._queued_rows -= rows
         return batch
 
     async def _score(self, batch: list[_Pending[T]]) -> None:
@@ -160,6 +169,7 @@ class MicroBatcher(Generic[T]):
             self._worker.cancel()
         while self._queue:
             self._queue.popleft().future.cancel()
+        self._queued_rows = 0
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
