@@ -7,15 +7,19 @@ the model version, so the endpoint batches here instead, after validation:
 - when the endpoint is idle a request is dispatched at once (no delay is added);
 - while a batch is scoring, arrivals queue up and become the next batch, up to ``max_rows`` rows (a request that
   does not fit waits for the one after);
-- under load, a batch starts no sooner than one *gap* after the previous one ended, the gap being the recent time
+- under load (the last batch served several requests), a batch starts no sooner than one *gap* after the previous
+  one ended, the gap being the recent time
   one batch took to score (never more than ``max_latency_s``): a scorer that restarts the moment it finishes keeps
   a core busy on batches of one or two, while resting as long as it worked lets each batch take about twice the
   requests for half the CPU, at the price of at most one batch duration of extra wait (an endpoint idle for
   longer than the gap dispatches at once);
 - no request waits in the queue longer than ``max_latency_s`` for a free scorer: past that, a second batch starts
   next to the one in flight (at most ``max_parallel`` at a time);
-- the score function runs once per batch in a worker thread (the event loop keeps reading requests meanwhile) and
-  returns one prediction per row, in request order; each request gets back its own rows' slice;
+- the score function runs once per batch and returns one prediction per row, in request order; each request gets
+  back its own rows' slice. A small, quick batch (up to ``inline_rows`` rows, recent batches under
+  ``INLINE_COST_S``) is scored on the event loop: two thread switches cost more than it does, and on a busy machine
+  each can wait for a time slice. Larger or slower batches go to a worker thread, so the loop keeps reading
+  requests and a second batch can start next to a slow one;
 - if a batch of several requests fails, each is scored alone, so only the request that breaks the model fails.
 """
 
@@ -30,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+INLINE_COST_S = 0.005
 
 
 @dataclass(slots=True)
@@ -44,7 +49,7 @@ class MicroBatcher(Generic[T]):
     """Scores queued items in adaptive batches; ``await submit(item, rows)`` answers that item's predictions."""
 
     def __init__(self, score: Callable[[list[T]], Sequence[Any]], max_rows: int, max_latency_s: float,
-                 max_parallel: int = 2) -> None:
+                 max_parallel: int = 2, inline_rows: int = 64) -> None:
         if max_rows < 1 or max_latency_s <= 0 or max_parallel < 1:
             raise ValueError(f"MicroBatcher: max_rows ({max_rows}) and max_parallel ({max_parallel}) must be >= 1 and "
                              f"max_latency_s ({max_latency_s}) > 0")
@@ -52,6 +57,8 @@ class MicroBatcher(Generic[T]):
         self.max_rows = max_rows
         self.max_latency_s = max_latency_s
         self.max_parallel = max_parallel
+        self.inline_rows = inline_rows
+        self._last_requests = 0  # requests in the last batch: resting between batches pays only when it was several
         self.running = 0
         self.cost_s = 0.0  # moving average of one batch's scoring time: the gap between batch starts under load
         self._last_end = -1e9
@@ -88,7 +95,7 @@ class MicroBatcher(Generic[T]):
                 wake.clear()
                 await wake.wait()
                 continue
-            if not self.running:
+            if not self.running and self._last_requests > 1:
                 gap = self._last_end + min(self.cost_s, self.max_latency_s) - time.perf_counter()
                 if gap > 0 and self._queued_rows < self.max_rows:
                     wake.clear()
@@ -100,7 +107,7 @@ class MicroBatcher(Generic[T]):
                     finally:
                         self._resting = False
                     continue
-            else:
+            elif self.running:
                 # A batch is in flight: let arrivals gather for the next one, until it finishes or the oldest waiter's
                 # latency budget runs out (then a parallel batch, if a scorer is free).
                 budget = self._queue[0].queued_at + self.max_latency_s - time.perf_counter()
@@ -130,12 +137,17 @@ class MicroBatcher(Generic[T]):
         self._queued_rows -= rows
         return batch
 
+    async def _run_score(self, items: list[T], rows: int) -> Sequence[Any]:
+        if rows <= self.inline_rows and self.cost_s < INLINE_COST_S:
+            return self._call(items, rows)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._call, items, rows)
+
     async def _score(self, batch: list[_Pending[T]]) -> None:
-        loop = asyncio.get_running_loop()
         started = time.perf_counter()
+        self._last_requests = len(batch)
         try:
             try:
-                out = await loop.run_in_executor(self._pool, self._call, [p.item for p in batch], sum(p.rows for p in batch))
+                out = await self._run_score([p.item for p in batch], sum(p.rows for p in batch))
                 self.cost_s += (time.perf_counter() - started - self.cost_s) * 0.2
             except Exception as exc:  # noqa: BLE001 - handed to the waiting requests, never lost
                 if len(batch) == 1:
@@ -143,7 +155,7 @@ class MicroBatcher(Generic[T]):
                     return
                 for pending in batch:  # isolate the culprit: a request that breaks scoring fails alone
                     try:
-                        _settle(pending.future, await loop.run_in_executor(self._pool, self._call, [pending.item], pending.rows))
+                        _settle(pending.future, await self._run_score([pending.item], pending.rows))
                     except Exception as one:  # noqa: BLE001
                         _settle(pending.future, error=one)
                 return

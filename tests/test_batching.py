@@ -93,7 +93,7 @@ def test_an_idle_batcher_dispatches_at_once() -> None:
 
 def test_queue_wait_is_bounded_by_max_latency_even_behind_a_slow_batch() -> None:
     scorer = Scorer(delay=1.5)
-    batcher: MicroBatcher[list[int]] = MicroBatcher(scorer, max_rows=10, max_latency_s=0.1, max_parallel=2)
+    batcher: MicroBatcher[list[int]] = MicroBatcher(scorer, max_rows=10, max_latency_s=0.1, max_parallel=2, inline_rows=0)
 
     async def go() -> float:
         slow = asyncio.ensure_future(batcher.submit([1], 1))
@@ -121,3 +121,27 @@ def test_a_bad_score_function_length_is_an_error_not_a_wrong_answer() -> None:
 def test_invalid_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="max_rows"):
         MicroBatcher(Scorer(), max_rows=0, max_latency_s=0.01)
+
+
+def test_small_quick_batches_score_on_the_event_loop_and_slow_ones_in_a_thread() -> None:
+    threads: list[str] = []
+
+    def score(items: list[list[int]]) -> list[int]:
+        threads.append(threading.current_thread().name)
+        if items[0][0] == 2:
+            time.sleep(0.1)  # far slower than INLINE_COST_S: the next batches go to the pool
+        return [v for item in items for v in item]
+
+    batcher: MicroBatcher[list[int]] = MicroBatcher(score, max_rows=100, max_latency_s=0.05, inline_rows=4)
+
+    async def go() -> None:
+        await batcher.submit([1], 1)
+        await batcher.submit([5] * 5, 5)  # more rows than inline_rows
+        await batcher.submit([2], 1)
+        for _ in range(20):
+            await batcher.submit([3], 1)
+
+    run(go())
+    assert threads[0] == threading.main_thread().name and threads[1].startswith("kiln-batch")
+    assert threads[2] == threading.main_thread().name and threads[3].startswith("kiln-batch")
+    assert threads[-1] == threading.main_thread().name  # quick again: back on the loop
