@@ -17,6 +17,7 @@ protocol (:mod:`serving.proxy`) and answers ``POST /predict`` with the same code
 BentoML's per-request middleware (a third of a small request's CPU). BentoML's route stays the public one
 (what a Kubernetes Service or a client without the router calls); its ``bentoml_service_*`` series count only
 the requests that came that way, Kiln's ``kiln_*`` series count both.
+
 Answers carry the model version in the ``X-Kiln-Model-Version`` header. With ``KILN_API_KEY``
 set, ``/predict`` and ``/metadata`` need ``Authorization: Bearer <key>`` (or ``X-API-Key``);
 ``/livez``, ``/readyz`` and ``/metrics`` stay open. Access logs are off unless ``KILN_ACCESS_LOG=1``;
