@@ -50,9 +50,22 @@ def _expressions(spec_json: str) -> tuple[list[Any], Any]:
     return exprs, function
 
 
+_SPEC_JSON: dict[int, tuple[PipelineSpec, str]] = {}
+
+
+def _spec_json(spec: PipelineSpec) -> str:
+    """``spec.to_json()`` once per spec object: serving calls compute_features per batch, and dumping costs ~0.1 ms."""
+    cached = _SPEC_JSON.get(id(spec))
+    if cached is None or cached[0] is not spec:
+        if len(_SPEC_JSON) > 64:
+            _SPEC_JSON.clear()
+        cached = _SPEC_JSON[id(spec)] = (spec, spec.to_json())
+    return cached[1]
+
+
 def compute_features(frame: pl.DataFrame, spec: PipelineSpec) -> pl.DataFrame:
     """The model's input matrix for rows of source columns, in ``spec.feature_names`` order."""
-    exprs, function = _expressions(spec.to_json())
+    exprs, function = _expressions(_spec_json(spec))
     out = frame.select(exprs)
     if function is not None:
         extra = function(frame)

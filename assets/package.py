@@ -14,7 +14,8 @@ if TYPE_CHECKING:
 SERVICE = "serving.service:KilnService"
 # The bento carries Kiln's own modules so the container serves with the same feature code.
 INCLUDE = ["serving/*.py", "assets/*.py", "platform_defs/*.py", "platform_defs/simulators/*.py"]
-SERVING_PACKAGES = ["lightgbm>=4,<5", "polars>=1", "pyarrow>=14", "numpy>=1.26", "pydantic>=2.6,<3", "pyyaml>=6", "fastapi"]
+SERVING_PACKAGES = ["lightgbm>=4,<5", "polars>=1", "pyarrow>=14", "numpy>=1.26", "pydantic>=2.6,<3", "pyyaml>=6", "orjson>=3.9",
+                    "httptools>=0.6"]
 
 
 def project_root() -> Path:

@@ -5,7 +5,9 @@ retrain -> a live Kiln endpoint: the router on the public port in front of `bent
 champion's booster with:
 
 - **kiln**: ``POST /predict`` ``{"rows": [<raw input row>]}`` through the router (validation, ``compute_features``,
-  predict, prediction log, metrics) - and **kiln-backend**, the `bentoml serve` process without the router hop;
+  predict, prediction log, metrics; micro-batched across concurrent requests) - the BENCH number; and, without the
+  router hop, **kiln-backend** (BentoML's HTTP route of the `bentoml serve` worker) and **kiln-lane** (the worker's
+  lane port, the way the router reaches it);
 - **mlflow**: ``mlflow models serve --env-manager local`` of ``models:/fraud/<v>`` with ``dataframe_split`` of the
   already-computed feature row (so it does less work than Kiln: no validation, no feature code);
 - **uvicorn**: a bare Starlette app under uvicorn calling ``booster.predict`` on a JSON feature row (the HTTP floor);
@@ -236,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         targets = {
             "kiln": (f"{state['url']}/predict", kiln_body),
             "kiln-backend": (f"{state['backend_url']}/predict", kiln_body),
+            **({"kiln-lane": (f"{state['backend_lane_url']}/predict", kiln_body)} if state.get("backend_lane_url") else {}),
             "mlflow": (f"http://127.0.0.1:{mlflow_port}/invocations",
                        json.dumps({"dataframe_split": {"columns": columns, "data": [feature_row]}}).encode()),
             "uvicorn": (f"http://127.0.0.1:{floor_port}/predict", json.dumps({"rows": [feature_row]}).encode()),

@@ -1,9 +1,9 @@
 """Service-level indicators of one pipeline, read from the platform itself (`kiln slo <p>`).
 
-Endpoint availability and p95 latency come from the live endpoint's ``/metrics`` (BentoML's built-in
-``bentoml_service_request_*`` series), data freshness from the source files, the drift trend from the
-windows ``<p>/predictions`` stored, training success from the Dagster runs of ``<p>_retrain``, and the
-serving cost from the endpoint process tree's CPU time in ``/proc``.
+Endpoint availability and p95 latency come from the live endpoint's ``/metrics`` (Kiln's ``kiln_requests_*``
+series; BentoML's built-in ``bentoml_service_request_*`` ones for an endpoint without them), data freshness
+from the source files, the drift trend from the windows ``<p>/predictions`` stored, training success from the
+Dagster runs of ``<p>_retrain``, and the serving cost from the endpoint process tree's CPU time in ``/proc``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from platform_defs.spec import PipelineSpec
 
 REQUESTS = "bentoml_service_request"  # counter; prometheus_client's parser strips the _total suffix
 DURATION = "bentoml_service_request_duration_seconds"
+KILN_REQUESTS = "kiln_requests"  # serving.metrics: /predict answers by status, whichever route they came by
+KILN_DURATION = "kiln_request_duration_seconds"
 PREDICT_PATH = "/predict"
 TREND_WINDOWS = 10
 
@@ -49,18 +51,32 @@ def quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
 
 
 def endpoint_sli(text: str, path: str = PREDICT_PATH) -> dict[str, Any]:
-    """Requests, availability (share of non-5xx answers) and p95 latency of ``path`` from a ``/metrics`` answer."""
+    """Requests, availability (share of non-5xx answers) and p95 latency of ``path`` from a ``/metrics`` answer.
+
+    Kiln's ``kiln_requests_total{status}`` and ``kiln_request_duration_seconds`` count every ``/predict``, whichever
+    way it came (BentoML's route or the router's lane, see serving.service); BentoML's ``bentoml_service_request_*``
+    series, which see only the first, are read for an endpoint that has no Kiln series.
+    """
     families = parse_metrics(text)
     total = errors = 0.0
-    for labels, value, name in families.get(REQUESTS, []):
-        if labels.get("endpoint") == path and name.endswith("_total"):
-            total += value
-            errors += value if str(labels.get("http_response_code", "")).startswith("5") else 0.0
     merged: dict[float, float] = {}
-    for labels, value, name in families.get(DURATION, []):
-        if labels.get("endpoint") == path and name.endswith("_bucket"):
-            bound = float(labels["le"])
-            merged[bound] = merged.get(bound, 0.0) + value
+    if path == PREDICT_PATH and KILN_REQUESTS in families:
+        for labels, value, name in families[KILN_REQUESTS]:
+            if name.endswith("_total"):
+                total += value
+                errors += value if str(labels.get("status", "")).startswith("5") else 0.0
+        for labels, value, name in families.get(KILN_DURATION, []):
+            if name.endswith("_bucket"):
+                merged[float(labels["le"])] = merged.get(float(labels["le"]), 0.0) + value
+    else:
+        for labels, value, name in families.get(REQUESTS, []):
+            if labels.get("endpoint") == path and name.endswith("_total"):
+                total += value
+                errors += value if str(labels.get("http_response_code", "")).startswith("5") else 0.0
+        for labels, value, name in families.get(DURATION, []):
+            if labels.get("endpoint") == path and name.endswith("_bucket"):
+                bound = float(labels["le"])
+                merged[bound] = merged.get(bound, 0.0) + value
     p95 = quantile(list(merged.items()), 0.95)
     return {"requests": int(total), "errors_5xx": int(errors), "availability": (total - errors) / total if total else None,
             "p95_latency_s": p95}

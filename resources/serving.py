@@ -103,6 +103,7 @@ class ServingResource(dg.ConfigurableResource):
             "router_pid": router_pid,
             "backend_pid": backend["pid"],
             "backend_url": backend["url"],
+            "backend_lane_url": backend.get("lane_url"),
             "bento": bento_tag,
             "model_tag": model_tag,
             "model_version": model_version,
@@ -126,9 +127,12 @@ class ServingResource(dg.ConfigurableResource):
         spec = self.served_spec(model_tag)
         workers = spec.serving.workers or os.cpu_count() or 1
         port = free_port(self.host)
+        lane_port = free_port(self.host)
         url = f"http://{self.host}:{port}"
         log_path = self.folder(pipeline) / f"server-{port}.log"
         env = os.environ | {
+            "KILN_LANE_PORT": str(lane_port),  # the router's /predict lane into the workers (serving.service)
+            "KILN_LANE_HOST": self.host,
             "BENTOML_HOME": self.bentoml_home,
             "KILN_MODEL_TAG": model_tag,
             "KILN_PREDICTION_LOG": str(self.prediction_log_dir(pipeline)),
@@ -140,8 +144,8 @@ class ServingResource(dg.ConfigurableResource):
         with log_path.open("ab") as log:
             proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self._wait_ready(pipeline, proc, url, log_path)
-        return {"url": url, "pid": proc.pid, "port": port, "version": model_version, "bento": bento_tag, "model_tag": model_tag,
-                "log": str(log_path)}
+        return {"url": url, "lane_url": f"http://{self.host}:{lane_port}", "pid": proc.pid, "port": port, "version": model_version,
+                "bento": bento_tag, "model_tag": model_tag, "log": str(log_path)}
 
     def _wait_ready(self, pipeline: str, proc: subprocess.Popen[bytes], url: str, log_path: Path, path: str = "/readyz") -> None:
         what = "the router" if "serving.router" in proc.args else "bentoml serve"  # type: ignore[operator]
@@ -262,7 +266,8 @@ class ServingResource(dg.ConfigurableResource):
             stop(old.get("pid"))
         record = dict(self.state(pipeline) or {})
         record.pop("challenger", None)
-        record.update(backend_pid=challenger["pid"], backend_url=challenger["url"], bento=challenger["bento"],
+        record.update(backend_pid=challenger["pid"], backend_url=challenger["url"], backend_lane_url=challenger.get("lane_url"),
+                      bento=challenger["bento"],
                       model_tag=challenger["model_tag"], model_version=challenger["version"], log=challenger["log"],
                       started_at=time.time(), reused=False)
         self._write_record(pipeline, record)

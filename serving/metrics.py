@@ -14,7 +14,7 @@ SCORE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 
 
 class EndpointMetrics:
-    """Requests by status, latency, rows per request and the prediction-score distribution, labelled by model version."""
+    """Requests by status, latency, batch sizes and the prediction-score distribution, labelled by model version."""
 
     def __init__(self, pipeline: str, model_version: str) -> None:
         import prometheus_client as prom
@@ -25,7 +25,10 @@ class EndpointMetrics:
         self.latency = prom.Histogram(
             "kiln_request_duration_seconds", "Time to answer /predict, parsing to response", labels, buckets=LATENCY_BUCKETS
         ).labels(**self.values)
-        self.batch = prom.Histogram("kiln_batch_rows", "Rows per scored request", labels, buckets=BATCH_BUCKETS).labels(**self.values)
+        self.batch_rows = prom.Histogram("kiln_batch_rows", "Rows per scored batch", labels, buckets=BATCH_BUCKETS).labels(**self.values)
+        self.batch_requests = prom.Histogram(
+            "kiln_batch_requests", "Requests per scored batch", labels, buckets=BATCH_BUCKETS
+        ).labels(**self.values)
         self.rows = prom.Counter("kiln_predicted_rows", "Rows scored", labels).labels(**self.values)
         self.score = prom.Histogram(
             "kiln_prediction_score", "Distribution of predicted scores", labels, buckets=SCORE_BUCKETS
@@ -39,12 +42,13 @@ class EndpointMetrics:
         counter.inc()
         self.latency.observe(seconds)
 
-    def scored(self, predictions: Any) -> None:
-        """Record a batch: its size and all its scores at once (bucket counts by numpy, not one observe per row)."""
+    def batch(self, requests: int, predictions: Any) -> None:
+        """Record a scored batch: its requests, its rows and all its scores at once (bucket counts by numpy)."""
         import numpy as np
 
         scores = np.asarray(predictions, dtype=float).ravel()
-        self.batch.observe(len(scores))
+        self.batch_requests.observe(requests)
+        self.batch_rows.observe(len(scores))
         self.rows.inc(len(scores))
         observe_many(self.score, scores, SCORE_BUCKETS)
 

@@ -1,19 +1,27 @@
 """Turn a `/predict` request body into typed rows, or a client error that names the field.
 
-The checks are generated from the spec's schema and run per column, never per row in Python:
-keys are checked with set unions and ``map(len, ...)``, value types with ``set(map(type, ...))``,
-and null, range and category rules with polars expressions over the whole batch.
+Two paths, one contract. Most requests are small (a few rows), and for them building polars series per column
+costs more than the checks themselves, so :func:`parse_request` first tries the *fast path*: orjson decodes the
+body and a checker generated once per spec validates the values of each column in plain Python, keeping them as
+typed lists that the batcher (:mod:`serving.batching`) turns into one frame per batch. Anything the fast path does
+not accept outright (a large request, any broken rule, any odd value) goes to the *full path*, which decides: keys
+are checked with set unions and ``map(len, ...)``, value types with ``set(map(type, ...))``, and null, range and
+category rules with polars expressions over the whole request, and its error names the field and the reason.
+So the fast path can only ever say yes; every no, and its message, comes from the full path.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from itertools import repeat
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
-from platform_defs.spec import PipelineSpec
+from platform_defs.spec import ColumnSpec, PipelineSpec
 
 if TYPE_CHECKING:
     import polars as pl
@@ -29,6 +37,8 @@ ACCEPTED_TYPES: dict[str, frozenset[type]] = {
 }
 TYPE_NAMES = {float: "number", int: "integer", bool: "boolean", str: "string", NONE: "null", dict: "object", list: "array"}
 MAX_BODY_BYTES = 32 * 1024 * 1024
+FAST_ROWS = 64  # requests up to this many rows try the plain-Python fast path; larger ones are cheaper column-wise
+INT64 = (-(2**63), 2**63 - 1)
 
 
 class RequestError(ValueError):
@@ -43,18 +53,54 @@ def _reject_constant(token: str) -> float:
     raise RequestError(f"body: {token} is not valid JSON (numbers must be finite)")
 
 
-def parse_body(body: bytes, spec: PipelineSpec, max_rows: int, unknown_category: str = "reject") -> pl.DataFrame:
-    """Validate a raw ``{"rows": [...]}`` body and return the rows as a typed frame."""
+@dataclass(frozen=True, slots=True)
+class Rows:
+    """One request's valid rows: typed column lists (fast path) or a typed frame (full path)."""
+
+    count: int
+    columns: dict[str, list[Any]] | None = None
+    frame: pl.DataFrame | None = None
+
+
+def parse_request(body: bytes, spec: PipelineSpec, max_rows: int, unknown_category: str = "reject") -> Rows:
+    """Validate a raw ``{"rows": [...]}`` body: the fast path when it accepts, else the full path (which may raise)."""
+    payload = _decode(body)
+    if type(payload) is dict and len(payload) == 1:
+        rows = payload.get("rows")
+        if type(rows) is list and 0 < len(rows) <= min(max_rows, FAST_ROWS):
+            columns = _fast_rows(rows, spec, unknown_category)
+            if columns is not None:
+                return Rows(len(rows), columns=columns)
+    frame = _parse_payload(payload, spec, max_rows, unknown_category)
+    return Rows(frame.height, frame=frame)
+
+
+def _decode(body: bytes) -> Any:
+    """The body's JSON value; orjson first, the standard library for anything orjson refuses (and for the message)."""
     if not body:
         raise RequestError('body: empty; expected a JSON object {"rows": [...]}')
     if len(body) > MAX_BODY_BYTES:
         raise RequestError(f"body: {len(body)} bytes exceed the limit of {MAX_BODY_BYTES}", status=413)
+    import orjson
+
     try:
-        payload = json.loads(body, parse_constant=_reject_constant)
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass  # big integers, 1e400, lone surrogates, deep nesting...: the standard parser decides and words the error
+    try:
+        return json.loads(body, parse_constant=_reject_constant)
     except RequestError:
         raise
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise RequestError(f"body: not valid JSON: {str(exc)[:200]}") from None
+
+
+def parse_body(body: bytes, spec: PipelineSpec, max_rows: int, unknown_category: str = "reject") -> pl.DataFrame:
+    """Validate a raw ``{"rows": [...]}`` body and return the rows as a typed frame (the full path)."""
+    return _parse_payload(_decode(body), spec, max_rows, unknown_category)
+
+
+def _parse_payload(payload: Any, spec: PipelineSpec, max_rows: int, unknown_category: str) -> pl.DataFrame:
     if not isinstance(payload, dict):
         raise RequestError(f'body: expected a JSON object {{"rows": [...]}}, got {TYPE_NAMES.get(type(payload), "a value")}')
     extra = sorted(str(k) for k in payload if k != "rows")
@@ -101,6 +147,8 @@ def parse_rows(rows: Any, spec: PipelineSpec, max_rows: int, unknown_category: s
         try:
             if col.dtype == "datetime":
                 series = pl.Series(name, values, dtype=pl.String).str.to_datetime(strict=True, time_unit="us")
+                if getattr(series.dtype, "time_zone", None):  # offsets become naive UTC, as on the fast path
+                    series = series.dt.convert_time_zone("UTC").dt.replace_time_zone(None)
             elif col.dtype == "float":
                 series = pl.Series(name, values, dtype=pl.Float64, strict=False)
             else:
@@ -168,3 +216,140 @@ def _num(value: float | None, unbounded: str) -> str:
     if value is None:
         return unbounded
     return str(int(value)) if math.isfinite(value) and value == int(value) else str(value)
+
+
+# ---------------------------------------------------------------------------------------------------- the fast path
+_FAST: dict[tuple[int, str], tuple[PipelineSpec, frozenset[str], list[tuple[str, Callable[[list[Any]], list[Any] | None]]]]] = {}
+
+
+def _fast_rows(rows: list[Any], spec: PipelineSpec, unknown_category: str) -> dict[str, list[Any]] | None:
+    """Typed column lists when every row and value obviously keeps the contract, else None (the full path decides)."""
+    cached = _FAST.get((id(spec), unknown_category))
+    if cached is None or cached[0] is not spec:
+        if len(_FAST) > 64:
+            _FAST.clear()
+        checkers = [(name, _checker(spec.schema_[name], unknown_category == "reject")) for name in spec.input_columns]
+        cached = _FAST[(id(spec), unknown_category)] = (spec, frozenset(spec.input_columns), checkers)
+    _, expected, checkers = cached
+    for row in rows:
+        if type(row) is not dict or row.keys() != expected:
+            return None
+    columns: dict[str, list[Any]] = {}
+    for name, check in checkers:
+        values = check([row[name] for row in rows])
+        if values is None:
+            return None
+        columns[name] = values
+    return columns
+
+
+def _checker(col: ColumnSpec, reject_unknown: bool) -> Callable[[list[Any]], list[Any] | None]:
+    """A function from one column's JSON values to typed values, or None at the first value it does not accept."""
+    nullable, lo, hi = col.nullable, col.min, col.max
+    if col.dtype in ("float", "int"):
+        want_float = col.dtype == "float"
+        low = -math.inf if lo is None else lo
+        high = math.inf if hi is None else hi
+        if not want_float:
+            low, high = max(low, INT64[0]), min(high, INT64[1])
+
+        def numbers(values: list[Any]) -> list[Any] | None:
+            out: list[Any] = []
+            for v in values:
+                t = type(v)
+                if v is None:
+                    if not nullable:
+                        return None
+                elif t is int:
+                    if not low <= v <= high:
+                        return None
+                    if want_float:
+                        try:
+                            v = float(v)
+                        except OverflowError:  # an integer beyond any float: the full path words the error
+                            return None
+                elif t is float and want_float:
+                    if not low <= v <= high or v != v:  # NaN compares false, infinities fall outside any range
+                        return None
+                else:
+                    return None
+                out.append(v)
+            return out
+
+        return numbers
+    if col.dtype == "datetime":
+        def datetimes(values: list[Any]) -> list[Any] | None:
+            out: list[Any] = []
+            for v in values:
+                if v is None:
+                    if not nullable:
+                        return None
+                    out.append(None)
+                    continue
+                if type(v) is not str:
+                    return None
+                try:
+                    when = datetime.fromisoformat(v)
+                except ValueError:
+                    return None
+                if when.tzinfo is not None:
+                    when = when.astimezone(UTC).replace(tzinfo=None)
+                out.append(when)
+            return out
+
+        return datetimes
+    kind = bool if col.dtype == "bool" else str
+    allowed = frozenset(col.allowed) if col.allowed is not None and reject_unknown else None
+
+    def scalars(values: list[Any]) -> list[Any] | None:
+        for v in values:
+            if v is None:
+                if not nullable:
+                    return None
+            elif type(v) is not kind or (allowed is not None and v not in allowed):
+                return None
+        return values
+
+    return scalars
+
+
+def frame_of(parts: Sequence[Rows], spec: PipelineSpec) -> pl.DataFrame:
+    """One typed frame of several requests' rows, in order (what a batch scores)."""
+    import polars as pl
+
+    schema = _schema(spec)
+    segments: list[pl.DataFrame] = []
+    pending: list[tuple[Any, ...]] = []
+    for part in parts:
+        if part.columns is not None:
+            pending.extend(zip(*part.columns.values(), strict=True))
+            continue
+        if pending:
+            # Row tuples: polars builds a small frame from them several times faster than from column lists.
+            segments.append(pl.DataFrame(pending, schema=schema, orient="row"))
+            pending = []
+        assert part.frame is not None
+        segments.append(part.frame)
+    if pending:
+        segments.append(pl.DataFrame(pending, schema=schema, orient="row"))
+    return segments[0] if len(segments) == 1 else pl.concat(segments, how="vertical")
+
+
+_SCHEMAS: dict[int, tuple[PipelineSpec, dict[str, Any]]] = {}
+
+
+def _schema(spec: PipelineSpec) -> dict[str, Any]:
+    """The polars schema of validated request rows (the full path's dtypes)."""
+    import polars as pl
+
+    from assets.ingest import POLARS_DTYPES
+
+    cached = _SCHEMAS.get(id(spec))
+    if cached is not None and cached[0] is spec:
+        return cached[1]
+    schema = {name: pl.Datetime("us") if spec.schema_[name].dtype == "datetime" else getattr(pl, POLARS_DTYPES[spec.schema_[name].dtype])
+              for name in spec.input_columns}
+    if len(_SCHEMAS) > 64:
+        _SCHEMAS.clear()
+    _SCHEMAS[id(spec)] = (spec, schema)
+    return schema

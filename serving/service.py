@@ -3,8 +3,21 @@
 The model comes from the bento model named by ``KILN_MODEL_TAG``; the pipeline spec travels
 inside that model's metadata, so features are computed by the same code as `<p>/features`.
 
-``POST /predict`` reads the raw body and validates it column-wise against the spec's schema
+``POST /predict`` reads the raw body and validates it against the spec's schema on its own
 (:mod:`serving.requests`): every bad request gets 4xx naming the field and reason, none gets 5xx.
+Valid requests are scored in adaptive micro-batches (:mod:`serving.batching`, sized by the spec's
+``serving.max_batch_rows`` and ``serving.max_latency_ms``): features, predict and the prediction log run
+once per batch, and each request gets its own rows' predictions. The two routes are a raw ASGI app mounted
+on the BentoML service (no web framework's per-request layers); BentoML serves ``/livez``, ``/readyz`` and
+``/metrics``. Tracing spans are off (Kiln exports none; a span per request costs more than a prediction).
+
+The router in front (:mod:`serving.router`) reaches ``/predict`` through a *lane*: with ``KILN_LANE_PORT`` set
+(``ServingResource`` does), every worker also listens on that port (SO_REUSEPORT) with Kiln's lean HTTP/1.1
+protocol (:mod:`serving.proxy`) and answers ``POST /predict`` with the same code as the BentoML route, minus
+BentoML's per-request middleware (a third of a small request's CPU). BentoML's route stays the public one
+(what a Kubernetes Service or a client without the router calls); its ``bentoml_service_*`` series count only
+the requests that came that way, Kiln's ``kiln_*`` series count both.
+
 Answers carry the model version in the ``X-Kiln-Model-Version`` header. With ``KILN_API_KEY``
 set, ``/predict`` and ``/metadata`` need ``Authorization: Bearer <key>`` (or ``X-API-Key``);
 ``/livez``, ``/readyz`` and ``/metrics`` stay open. Access logs are off unless ``KILN_ACCESS_LOG=1``;
@@ -16,7 +29,8 @@ all labelled ``pipeline`` and ``model_version``:
 
 - ``kiln_requests_total{status}``: /predict answers by HTTP status (200, 400, 401, 413, ...)
 - ``kiln_request_duration_seconds``: histogram of /predict latency (body read to response)
-- ``kiln_batch_rows``: histogram of rows per scored request
+- ``kiln_batch_rows``: histogram of rows per scored batch
+- ``kiln_batch_requests``: histogram of requests per scored batch
 - ``kiln_predicted_rows_total``: rows scored
 - ``kiln_prediction_score``: histogram of predicted scores
 
@@ -25,53 +39,75 @@ The router in front of it (:mod:`serving.router`) adds ``kiln_router_*`` series 
 
 from __future__ import annotations
 
+import gc
 import hmac
-import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import bentoml
-from fastapi import FastAPI
-from starlette.requests import Request
-from starlette.responses import Response
 
 from assets.features import compute_features
 from platform_defs.spec import PipelineSpec
-from serving.requests import RequestError, parse_body
+from serving.proxy import JSON_HEADERS, Request, Response
+from serving.requests import MAX_BODY_BYTES, RequestError, Rows, frame_of, parse_request
 
 LOG_FILES_KEPT = 48
-app = FastAPI(title="Kiln endpoint")
+ORJSON_LOG_ROWS = 256
+JSON = b"application/json"
 
 
 class PredictionLog:
-    """Append-only JSON-lines log of requests and predictions, one file per hour and process, bounded."""
+    """Append-only JSON-lines log of requests and predictions, one file per hour and process, bounded; one append per batch."""
 
     def __init__(self, folder: str | None) -> None:
         self.folder = Path(folder) if folder else None
         self._current: Path | None = None
+        self._lock = threading.Lock()  # batches may score on two threads
         if self.folder:
             self.folder.mkdir(parents=True, exist_ok=True)
 
-    def write(self, frame: Any, predictions: Any, model_version: str) -> None:
+    def write(self, frame: Any, predictions: Any, model_version: str, parts: list[Rows] | None = None) -> None:
+        """Append a scored batch. Small batches of fast-path rows are dumped by orjson from the request values (a
+        polars frame round trip costs ~0.5 ms whatever its size); their datetimes are written as polars writes them."""
         if self.folder is None:
             return
-        import polars as pl
-
         now = time.time()
-        out = frame.with_columns(
-            pl.lit(now).alias("_logged_at"),
-            pl.lit(model_version).alias("_model_version"),
-            pl.Series("_prediction", predictions),
-        )
+        if parts is not None and len(predictions) <= ORJSON_LOG_ROWS and all(p.columns is not None for p in parts):
+            data = self._dump(parts, predictions, model_version, now)
+        else:
+            import polars as pl
+
+            out = frame.with_columns(
+                pl.lit(now).alias("_logged_at"),
+                pl.lit(model_version).alias("_model_version"),
+                pl.Series("_prediction", predictions),
+            )
+            data = out.write_ndjson().encode()  # serialized in memory first: one small append per batch
         path = self.folder / f"{time.strftime('%Y%m%d%H', time.gmtime(now))}-{os.getpid()}.jsonl"
-        data = out.write_ndjson().encode()  # serialized in memory first: one small append per request
-        with path.open("ab") as fh:
-            fh.write(data)
-        if path != self._current:  # a new hourly file: drop the oldest beyond the bound
-            self._current = path
-            self._rotate()
+        with self._lock:
+            with path.open("ab") as fh:
+                fh.write(data)
+            if path != self._current:  # a new hourly file: drop the oldest beyond the bound
+                self._current = path
+                self._rotate()
+
+    @staticmethod
+    def _dump(parts: list[Rows], predictions: Any, model_version: str, now: float) -> bytes:
+        import orjson
+
+        lines = []
+        scores = iter(predictions.tolist())
+        for part in parts:
+            assert part.columns is not None
+            names = [*part.columns, "_logged_at", "_model_version", "_prediction"]
+            for values in zip(*part.columns.values(), strict=True):
+                lines.append(orjson.dumps(dict(zip(names, (*values, now, model_version, next(scores)), strict=True)),
+                                          default=str, option=orjson.OPT_PASSTHROUGH_DATETIME))
+        lines.append(b"")
+        return b"\n".join(lines)
 
     def _rotate(self) -> None:
         assert self.folder is not None
@@ -91,22 +127,72 @@ def api_key_ok(headers: Any, key: str | None) -> bool:
     return hmac.compare_digest(given.encode(), key.encode())
 
 
-def json_response(body: dict[str, Any], status: int, version: str) -> Response:
-    return Response(json.dumps(body, allow_nan=False), status_code=status, media_type="application/json",
-                    headers={"X-Kiln-Model-Version": version})
+def _auth_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in raw if k in (b"authorization", b"x-api-key")}
 
 
-@bentoml.asgi_app(app, path="/")
+def _json(body: Any) -> bytes:
+    import orjson
+
+    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+class Endpoint:
+    """The ASGI app mounted on the service: ``POST /predict`` and ``GET /metadata`` (the service instance does the work)."""
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        service: KilnService = bentoml.get_current_service()
+        path = scope["path"]
+        root = scope.get("root_path") or ""
+        if root and path.startswith(root):
+            path = path[len(root):] or "/"
+        method = scope["method"]
+        if path == "/predict" and method == "POST":
+            status, content = await service.predict(scope, receive)
+        elif path == "/metadata" and method == "GET":
+            status, content = service.metadata(scope)
+        elif path in ("/predict", "/metadata"):
+            status, content = 405, b'{"error":"method not allowed: POST /predict, GET /metadata"}'
+        else:
+            status, content = 404, b'{"error":"not found: POST /predict, GET /metadata, /livez, /readyz, /metrics"}'
+        await send({"type": "http.response.start", "status": status, "headers": [
+            (b"content-type", JSON), (b"content-length", str(len(content)).encode()),
+            (b"x-kiln-model-version", service.version_header)]})
+        await send({"type": "http.response.body", "body": content})
+
+
+async def read_body(receive: Any) -> bytes:
+    chunks = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise RequestError(f"body: more than {MAX_BODY_BYTES} bytes; send fewer rows per request", status=413)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+@bentoml.asgi_app(Endpoint(), path="/")
 @bentoml.service(
     name="kiln",
     traffic={"timeout": 30},
     workers=int(os.environ.get("KILN_WORKERS", "1")),
     logging={"access": {"enabled": os.environ.get("KILN_ACCESS_LOG") == "1"}},
+    tracing={"excluded_urls": ["."]},  # every URL: no span per request (Kiln exports no traces)
 )
 class KilnService:
     """Predicts for rows of the spec's input columns; answers 4xx naming the field on bad input."""
 
     def __init__(self) -> None:
+        from serving.batching import MicroBatcher
         from serving.metrics import EndpointMetrics
 
         tag = os.environ["KILN_MODEL_TAG"]
@@ -115,12 +201,20 @@ class KilnService:
         self.spec = PipelineSpec.from_json(str(info.metadata["kiln_spec"]))
         self.labels = dict(info.labels)
         self.version = self.labels["mlflow_model_version"]
+        self.version_header = self.version.encode("latin-1")
         self.predict_features = self._load_model()
         self.log = PredictionLog(os.environ.get("KILN_PREDICTION_LOG"))
         self.api_key = os.environ.get("KILN_API_KEY") or None
         self.max_rows = self.spec.serving.max_batch_rows
         self.unknown_category = self.spec.serving.unknown_category
         self.metrics = EndpointMetrics(self.spec.name, self.version)
+        self.batcher: MicroBatcher[Rows] = MicroBatcher(self.score, self.max_rows, self.spec.serving.max_latency_ms / 1000)
+        lane = os.environ.get("KILN_LANE_PORT")
+        if lane:
+            self._open_lane(int(lane))
+        # Everything loaded so far (BentoML, polars, the model: millions of objects) lives as long as the worker; out of
+        # the collector's sight, each full collection triggered by a batch's allocations no longer walks all of it.
+        gc.freeze()
 
     def _load_model(self) -> Any:
         """A function from a features frame to a 1-D array of predictions (the one place a model is loaded)."""
@@ -129,33 +223,75 @@ class KilnService:
         self.predictor = load_predictor(self.model_ref.path, self.spec, num_threads=1)  # LightGBM or torch, from the MLmodel
         return self.predictor.predict
 
-    @app.post("/predict")
-    async def predict(self, request: Request) -> Response:
-        """Score rows: ``{"rows": [...]}`` -> ``{"predictions": [...], "model_version": "<n>"}``; 4xx names the field."""
+    def score(self, parts: list[Rows]) -> Any:
+        """One batch: several requests' rows -> features -> predictions (in order), logged and counted once."""
         import numpy as np
 
+        frame = frame_of(parts, self.spec)
+        predictions = np.asarray(self.predict_features(compute_features(frame, self.spec)), dtype=float).ravel()
+        self.log.write(frame, predictions, self.version, parts)
+        self.metrics.batch(len(parts), predictions)
+        return predictions
+
+    async def predict(self, scope: dict[str, Any], receive: Any) -> tuple[int, bytes]:
+        """Score rows: ``{"rows": [...]}`` -> ``{"predictions": [...], "model_version": "<n>"}``; 4xx names the field."""
         started = time.perf_counter()
-        if not api_key_ok(request.headers, self.api_key):
-            self.metrics.request(401, time.perf_counter() - started)
-            return json_response({"error": "unauthorized: send the API key as 'Authorization: Bearer <key>'"}, 401, self.version)
         try:
-            frame = parse_body(await request.body(), self.spec, self.max_rows, self.unknown_category)
+            body = await read_body(receive)
         except RequestError as exc:
             self.metrics.request(exc.status, time.perf_counter() - started)
-            return json_response({"error": str(exc)}, exc.status, self.version)
-        predictions = np.asarray(self.predict_features(compute_features(frame, self.spec)), dtype=float).ravel()
-        self.log.write(frame, predictions, self.version)
-        self.metrics.scored(predictions)
-        response = json_response({"predictions": predictions.tolist(), "model_version": self.version}, 200, self.version)
-        self.metrics.request(200, time.perf_counter() - started)
-        return response
+            return exc.status, _json({"error": str(exc)})
+        return await self.answer(scope["headers"], body, started)
 
-    @app.get("/metadata")
-    def metadata(self, request: Request) -> Response:
+    async def answer(self, headers: list[tuple[bytes, bytes]], body: bytes, started: float) -> tuple[int, bytes]:
+        """The ``/predict`` answer for a request's raw headers and body (BentoML's HTTP route and the router's lane)."""
+        if self.api_key and not api_key_ok(_auth_headers(headers), self.api_key):
+            self.metrics.request(401, time.perf_counter() - started)
+            return 401, b'{"error":"unauthorized: send the API key as \'Authorization: Bearer <key>\'"}'
+        try:
+            rows = parse_request(body, self.spec, self.max_rows, self.unknown_category)
+        except RequestError as exc:
+            self.metrics.request(exc.status, time.perf_counter() - started)
+            return exc.status, _json({"error": str(exc)})
+        try:
+            predictions = await self.batcher.submit(rows, rows.count)
+        except Exception as exc:  # noqa: BLE001 - the model failed on valid rows: a server error, said as such
+            self.metrics.request(500, time.perf_counter() - started)
+            return 500, _json({"error": f"scoring failed: {type(exc).__name__}: {str(exc)[:300]}"})
+        content = _json({"predictions": predictions, "model_version": self.version})
+        self.metrics.request(200, time.perf_counter() - started)
+        return 200, content
+
+    async def lane(self, request: Request) -> Response:
+        """The router's lane (``KILN_LANE_PORT``): ``POST /predict`` only, answered exactly as on BentoML's route."""
+        if request.path != "/predict" or request.method != "POST":
+            return Response(404, JSON_HEADERS, b'{"error":"the router lane serves POST /predict only"}')
+        status, content = await self.answer(request.raw_headers, request.body, time.perf_counter())
+        return Response(status, [(b"content-type", JSON), (b"x-kiln-model-version", self.version_header)], content)
+
+    def _open_lane(self, port: int) -> None:
+        """Listen on the lane port (shared by all workers through SO_REUSEPORT) before the service reports ready."""
+        import asyncio
+        import socket
+
+        from serving.proxy import ServerProtocol, close_idle
+
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((os.environ.get("KILN_LANE_HOST", "127.0.0.1"), port))
+        sock.listen(2048)  # bound and listening now: connections queue until the server below accepts them
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        connections: set[ServerProtocol] = set()
+        self._lane = loop.create_task(loop.create_server(lambda: ServerProtocol(self.lane, connections), sock=sock))
+        self._lane_sweeper = loop.create_task(close_idle(connections, asyncio.Event()))  # idle keep-alive clients
+
+    def metadata(self, scope: dict[str, Any]) -> tuple[int, bytes]:
         """Pipeline, model version, MLflow run id, Dagster run id and training data version."""
-        if not api_key_ok(request.headers, self.api_key):
-            return json_response({"error": "unauthorized"}, 401, self.version)
-        return json_response({
+        if self.api_key and not api_key_ok(_auth_headers(scope["headers"]), self.api_key):
+            return 401, b'{"error":"unauthorized"}'
+        return 200, _json({
             "pipeline": self.spec.name,
             "model_version": self.version,
             "mlflow_run_id": self.labels.get("mlflow_run_id"),
@@ -164,4 +300,4 @@ class KilnService:
             "input_columns": self.spec.input_columns,
             "bento_model": str(self.model_ref.tag),
             "serving": self.spec.serving.model_dump(),
-        }, 200, self.version)
+        })

@@ -187,7 +187,7 @@ def test_metrics_and_metadata(world: dict[str, Any]) -> None:
     version = world["serving"].state(NAME)["model_version"]
     for series in ("bentoml_service_request_total", "bentoml_service_request_duration_seconds", "kiln_requests_total",
                    "kiln_request_duration_seconds_bucket", "kiln_batch_rows_bucket", "kiln_prediction_score_bucket",
-                   "kiln_router_requests_total"):
+                   "kiln_batch_requests_bucket", "kiln_router_requests_total"):
         assert series in text, series
     assert f'model_version="{version}"' in text and 'status="400"' in text
     meta = httpx.get(f"{url}/metadata", headers=AUTH, timeout=30).json()

@@ -79,3 +79,56 @@ def test_routing_key_is_stable_and_spread() -> None:
     shares = [share_of(f"key-{i}") for i in range(10_000)]
     assert shares[:5] == [share_of(f"key-{i}") for i in range(5)]
     assert abs(sum(s < 0.1 for s in shares) / len(shares) - 0.1) < 0.015
+
+
+def _body(rows: Any) -> bytes:
+    return json.dumps({"rows": rows}).encode()
+
+
+def test_fast_path_accepts_small_valid_requests_with_the_full_paths_types(spec: PipelineSpec) -> None:
+    from serving.requests import frame_of, parse_request
+
+    rows = [ROW | {"ts": "2026-01-01T23:30:00-01:00"}, ROW | {"amount": 3, "customer_age": 40, "ts": "2026-01-01T10:00:00+02:00"}]
+    fast = parse_request(_body(rows), spec, 10)
+    assert fast.columns is not None and fast.count == 2  # took the fast path
+    frame = frame_of([fast], spec)
+    full = parse_body(_body(rows), spec, 10)
+    assert frame.schema == full.schema and frame.to_dicts() == full.to_dicts()
+    assert [t.hour for t in frame["ts"].to_list()] == [0, 8]  # offsets become naive UTC on both paths
+
+
+@pytest.mark.parametrize(
+    "row",
+    [ROW | {"card_present": "yes"}, ROW | {"txns_last_24h": 2.0}, ROW | {"txns_last_24h": True}, ROW | {"amount": -1},
+     ROW | {"amount": 10**400}, ROW | {"txns_last_24h": 10**30}, ROW | {"merchant_category": "casino"},
+     ROW | {"customer_age": 17}, ROW | {"txn_id": None}, ROW | {"ts": "not a time"}, ROW | {"colour": "red"},
+     {k: v for k, v in ROW.items() if k != "ts"}, ROW | {"channel": {"nested": 1}}],
+)
+def test_fast_path_never_accepts_what_the_full_path_refuses(spec: PipelineSpec, row: dict[str, Any]) -> None:
+    from serving.requests import parse_request
+
+    with pytest.raises(RequestError) as full:
+        parse_body(_body([row]), spec, 10)
+    with pytest.raises(RequestError) as fast:
+        parse_request(_body([ROW, row]), spec, 10)
+    assert str(fast.value).split(":")[0] == str(full.value).split(":")[0] and fast.value.status == full.value.status
+
+
+def test_large_requests_and_mixed_batches_keep_request_order(spec: PipelineSpec) -> None:
+    from serving.requests import FAST_ROWS, frame_of, parse_request
+
+    big = parse_request(_body([ROW | {"txn_id": f"big-{i}"} for i in range(FAST_ROWS + 1)]), spec, 1000)
+    small = parse_request(_body([ROW | {"txn_id": "small"}]), spec, 1000)
+    assert big.frame is not None and small.columns is not None
+    frame = frame_of([small, big, small], spec)
+    assert frame.height == FAST_ROWS + 3
+    assert frame["txn_id"].to_list() == ["small", *(f"big-{i}" for i in range(FAST_ROWS + 1)), "small"]
+
+
+def test_non_json_numbers_and_junk_get_400_on_the_fast_entry(spec: PipelineSpec) -> None:
+    from serving.requests import parse_request
+
+    for raw in (b"", b"{", b'{"rows": [NaN]}', b"[" * 5000, b"\xff\xfe", _body([ROW]) + b"x"):
+        with pytest.raises(RequestError) as caught:
+            parse_request(raw, spec, 10)
+        assert caught.value.status == 400 and "body" in str(caught.value) or "rows" in str(caught.value)
