@@ -91,6 +91,7 @@ def previews(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
             prod.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
             prod.setenv("KILN_SOURCE_ROOT", str(home / "sources"))
             prod.setenv("KILN_STATE_ROOT", str(home / "state"))
+            prod.setenv("KILN_STORAGE_PREFIX", str(home / "storage"))  # as deploy.yml sets it (asset values, bento exports)
             prod_md = run("fraud", changed_dir / "fraud.yaml", SAMPLE)
         yield {"prod_md": prod_md, "before_champion": before_champion, "champion": champion, "unchanged": unchanged,
                "unchanged_md": render(unchanged), "rc": rc, "changed_md": out.read_text() if out.exists() else "",
