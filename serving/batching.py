@@ -8,11 +8,10 @@ the model version, so the endpoint batches here instead, after validation:
 - while a batch is scoring, arrivals queue up and become the next batch, up to ``max_rows`` rows (a request that
   does not fit waits for the one after);
 - under load (the last batch served several requests), a batch starts no sooner than one *gap* after the previous
-  one ended, the gap being the recent time
-  one batch took to score (never more than ``max_latency_s``): a scorer that restarts the moment it finishes keeps
-  a core busy on batches of one or two, while resting as long as it worked lets each batch take about twice the
-  requests for half the CPU, at the price of at most one batch duration of extra wait (an endpoint idle for
-  longer than the gap dispatches at once);
+  one ended, the gap being the recent time one batch took to score (never more than ``max_latency_s``): a scorer
+  that restarts the moment it finishes keeps a core busy on batches of one or two, while resting as long as it
+  worked lets each batch take about twice the requests for half the CPU, at the price of at most one batch
+  duration of extra wait (an endpoint idle for longer than the gap dispatches at once);
 - no request waits in the queue longer than ``max_latency_s`` for a free scorer: past that, a second batch starts
   next to the one in flight (at most ``max_parallel`` at a time);
 - the score function runs once per batch and returns one prediction per row, in request order; each request gets
