@@ -60,23 +60,18 @@ def endpoint_sli(text: str, path: str = PREDICT_PATH) -> dict[str, Any]:
     families = parse_metrics(text)
     total = errors = 0.0
     merged: dict[float, float] = {}
-    if path == PREDICT_PATH and KILN_REQUESTS in families:
-        for labels, value, name in families[KILN_REQUESTS]:
-            if name.endswith("_total"):
-                total += value
-                errors += value if str(labels.get("status", "")).startswith("5") else 0.0
-        for labels, value, name in families.get(KILN_DURATION, []):
-            if name.endswith("_bucket"):
-                merged[float(labels["le"])] = merged.get(float(labels["le"]), 0.0) + value
+    if path == PREDICT_PATH and KILN_REQUESTS in families:  # Kiln's series are /predict's alone: no endpoint label
+        requests, duration, status_label, endpoint = KILN_REQUESTS, KILN_DURATION, "status", None
     else:
-        for labels, value, name in families.get(REQUESTS, []):
-            if labels.get("endpoint") == path and name.endswith("_total"):
-                total += value
-                errors += value if str(labels.get("http_response_code", "")).startswith("5") else 0.0
-        for labels, value, name in families.get(DURATION, []):
-            if labels.get("endpoint") == path and name.endswith("_bucket"):
-                bound = float(labels["le"])
-                merged[bound] = merged.get(bound, 0.0) + value
+        requests, duration, status_label, endpoint = REQUESTS, DURATION, "http_response_code", path
+    for labels, value, name in families.get(requests, []):
+        if name.endswith("_total") and (endpoint is None or labels.get("endpoint") == endpoint):
+            total += value
+            errors += value if str(labels.get(status_label, "")).startswith("5") else 0.0
+    for labels, value, name in families.get(duration, []):
+        if name.endswith("_bucket") and (endpoint is None or labels.get("endpoint") == endpoint):
+            bound = float(labels["le"])
+            merged[bound] = merged.get(bound, 0.0) + value
     p95 = quantile(list(merged.items()), 0.95)
     return {"requests": int(total), "errors_5xx": int(errors), "availability": (total - errors) / total if total else None,
             "p95_latency_s": p95}
