@@ -156,10 +156,11 @@ def inline_png(name: str, data: bytes) -> str:
 
 
 def attach(output: dg.Output, spec: PipelineSpec, features: pl.DataFrame, mlflow: Any,
-           holdout_scores: np.ndarray | None = None) -> dg.Output:
+           holdout_scores: np.ndarray | None = None, gains: np.ndarray | None = None) -> dg.Output:
     """Render the report for the model in ``output``, log it to its MLflow run and return the output with report metadata.
 
-    ``holdout_scores``: the trainer's own predictions on the holdout rows, when it has them (no reload, no re-predict).
+    ``holdout_scores`` and ``gains``: the trainer's own holdout predictions and LightGBM gain importances, when it has
+    them in memory; without scores the registered model is loaded to score the holdout (and give gains if LightGBM).
     """
     import tempfile
     from pathlib import Path
@@ -173,14 +174,14 @@ def attach(output: dg.Output, spec: PipelineSpec, features: pl.DataFrame, mlflow
     record = output.value
     client = mlflow.client()
     _, holdout = split_holdout(features, spec)
-    # The registered model is loaded for LightGBM's gain importance, or to score the holdout when no scores came with it.
-    needs_model = holdout_scores is None or spec.trainer.kind == "lightgbm"
-    predictor = load_predictor(record["model_uri"], spec) if needs_model else None
-    scores = holdout_scores if holdout_scores is not None else predictor.predict(holdout)  # type: ignore[union-attr]
-    figures = evaluation_figures(spec.task, holdout[spec.target].to_numpy(), scores)
-    if predictor is not None and predictor.flavor == "lightgbm":
-        booster = predictor.booster  # type: ignore[attr-defined]
-        figures["feature_importance"] = importance_figure(feature_columns(spec, features), booster.feature_importance("gain"))
+    if holdout_scores is None:
+        predictor = load_predictor(record["model_uri"], spec)
+        holdout_scores = predictor.predict(holdout)
+        if predictor.flavor == "lightgbm":
+            gains = predictor.booster.feature_importance("gain")  # type: ignore[attr-defined]
+    figures = evaluation_figures(spec.task, holdout[spec.target].to_numpy(), holdout_scores)
+    if gains is not None:
+        figures["feature_importance"] = importance_figure(feature_columns(spec, features), gains)
     champion = None
     current = mlflow.champion(spec.name)
     if current is not None and str(current.version) != record["version"]:

@@ -159,7 +159,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
                 "holdout_rows": holdout.height,
                 "drift_reference": reference_table(drift_reference),
             },
-        ), spec, features, mlflow, holdout_scores=y_pred)
+        ), spec, features, mlflow, holdout_scores=y_pred, gains=booster.feature_importance("gain"))
 
     return model
 
