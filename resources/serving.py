@@ -144,8 +144,10 @@ class ServingResource(dg.ConfigurableResource):
         with log_path.open("ab") as log:
             proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self._wait_ready(pipeline, proc, url, log_path)
+        # workers and max_batch_rows size the router's coalescing of /predict requests (serving.router.Coalescer)
         return {"url": url, "lane_url": f"http://{self.host}:{lane_port}", "pid": proc.pid, "port": port, "version": model_version,
-                "bento": bento_tag, "model_tag": model_tag, "log": str(log_path)}
+                "bento": bento_tag, "model_tag": model_tag, "log": str(log_path), "workers": workers,
+                "max_batch_rows": spec.serving.max_batch_rows}
 
     def _wait_ready(self, pipeline: str, proc: subprocess.Popen[bytes], url: str, log_path: Path, path: str = "/readyz") -> None:
         what = "the router" if "serving.router" in proc.args else "bentoml serve"  # type: ignore[operator]

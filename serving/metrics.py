@@ -35,12 +35,21 @@ class EndpointMetrics:
         ).labels(**self.values)
         self._status: dict[int, Any] = {}
 
-    def request(self, status: int, seconds: float) -> None:
+    def request(self, status: int, seconds: float, count: int = 1) -> None:
+        """``count`` requests answered ``status`` in ``seconds`` each (a combined request from the router counts for all
+        the client requests in it; 0 counts nothing)."""
+        if count < 1:
+            return
         counter = self._status.get(status)
         if counter is None:
             counter = self._status[status] = self.requests.labels(**self.values, status=str(status))
-        counter.inc()
-        self.latency.observe(seconds)
+        counter.inc(count)
+        if count == 1:
+            self.latency.observe(seconds)
+        else:
+            import numpy as np
+
+            observe_many(self.latency, np.full(count, seconds), LATENCY_BUCKETS)
 
     def batch(self, requests: int, predictions: Any) -> None:
         """Record a scored batch: its requests, its rows and all its scores at once (bucket counts by numpy)."""

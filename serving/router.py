@@ -8,13 +8,23 @@ public URL ever refusing a request (zero-downtime roll). With a challenger it ru
   row's key column) is served by the challenger;
 - ``shadow``: every ``/predict`` is mirrored to the challenger and its answer is logged, never served.
 
+Concurrent ``POST /predict`` requests to the same arm are *coalesced* (:class:`Coalescer`): while the backend is
+busy with one combined request, arrivals queue, and the next upstream request carries all their rows (up to the
+spec's ``serving.max_batch_rows``); each client gets its own slice of the predictions, answered exactly as the
+backend would answer it alone. The backend then parses, validates and scores one request per batch instead of one
+per client request, and the router makes one upstream round trip for many. If a combined request is refused (one
+client's rows are invalid) or fails, each of its requests is sent again on its own, so every client gets its own
+answer: a 4xx naming its own field, never a neighbour's.
+
 Both arms are logged (arm, model version, status, latency, predictions) as JSON lines for the gate, and
 counted in memory for ``/_kiln/arms``. Configuration is a JSON file written by ``ServingResource``;
 ``POST /_kiln/reload`` (loopback only, ``X-Kiln-Admin`` token from that file) makes the router re-read it.
 On SIGTERM the router stops the backends it fronts.
 
 Series at the router's ``/metrics`` (appended to the champion backend's own): ``kiln_router_requests_total``
-``{arm, model_version, status}`` and ``kiln_router_request_duration_seconds{arm}``.
+``{arm, model_version, status}``, ``kiln_router_request_duration_seconds{arm}``, and the coalescing counts
+``kiln_router_combined_requests_total{arm}`` (upstream requests that carried several client requests) and
+``kiln_router_coalesced_requests_total{arm}`` (client requests answered from them).
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 FLUSH_EVERY_S = 1.0
 FLUSH_ROWS = 200
 WARMUP_REQUESTS = 10
+DEFAULT_BATCH_ROWS = 1000  # an upstream record without the spec's serving.max_batch_rows (written by an older Kiln)
 
 
 def share_of(key: str) -> float:
@@ -107,6 +118,7 @@ class Router:
         self.last_flush = time.monotonic()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.metrics: RouterMetrics | None = None
+        self.coalescers: dict[str, Coalescer] = {}
         self.load()
 
     # configuration -------------------------------------------------------------------------------------------
@@ -157,9 +169,22 @@ class Router:
                 task = asyncio.get_running_loop().create_task(self._mirror(request))
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)
-        response = await self._forward(arm, request)
+        if path == "/predict" and request.method == "POST":
+            response = await self._predict(arm, request)
+        else:
+            response = await self._forward(arm, request)
         response.headers.append((b"x-kiln-arm", arm.encode()))
         return response
+
+    async def _predict(self, arm: str, request: Request) -> Response:
+        """``POST /predict`` through the arm's coalescer when the body is a plain ``{"rows": [...]}``, else on its own."""
+        rows = combinable_rows(request.body)
+        if rows is None:
+            return await self._forward(arm, request)
+        coalescer = self.coalescers.get(arm)
+        if coalescer is None:
+            coalescer = self.coalescers[arm] = Coalescer(self, arm)
+        return await coalescer.submit(request, rows)
 
     def _authorized(self, headers: dict[bytes, bytes]) -> bool:
         key = self.api_key()
@@ -172,8 +197,10 @@ class Router:
         return hmac.compare_digest(given.encode(), key.encode())
 
     # proxying ------------------------------------------------------------------------------------------------
-    async def _forward(self, arm: str, request: Request, body: bytes | None = None) -> Response:
-        """Send the request to an arm's upstream; on a refused or reset connection retry on the (possibly new) upstream."""
+    async def _forward(self, arm: str, request: Request, body: bytes | None = None, record: bool = True) -> Response:
+        """Send the request to an arm's upstream; on a refused or reset connection retry on the (possibly new) upstream.
+
+        ``record=False``: a combined request, whose client requests the :class:`Coalescer` records one by one."""
         target = request.path.encode("latin-1") + (b"?" + request.query if request.query else b"")
         content = request.body if body is None else body
         for attempt in range(3):
@@ -194,7 +221,7 @@ class Router:
                 return Response(503, JSON_HEADERS, json.dumps({"error": f"backend unavailable: {exc}"}).encode())
             finally:
                 self.in_flight[url] -= 1
-            if request.path == "/predict":
+            if request.path == "/predict" and record:
                 self._record(arm if self.config.get(arm) else "champion", upstream["version"], answer.status,
                              time.perf_counter() - started, answer.body, served=True)
             answer.headers = [kv for kv in answer.headers if kv[0] not in HOP_HEADERS]
@@ -207,7 +234,7 @@ class Router:
         if not challenger:
             return
         try:
-            await self._forward("challenger", request)
+            await self._predict("challenger", request)
         except Exception:  # noqa: BLE001 - a failing shadow must never affect the served answer
             self.arms.setdefault(f"challenger:{challenger['version']}", ArmStats()).add(599, 0.0, None)
 
@@ -229,6 +256,12 @@ class Router:
                                        "latency_ms": round(seconds * 1000, 3), "served": served, "predictions": predictions}))
         if len(self.buffer) >= FLUSH_ROWS or time.monotonic() - self.last_flush > FLUSH_EVERY_S:
             self.flush()
+
+    def observe_combined(self, arm: str, requests: int) -> None:
+        if self.metrics is None:
+            self.metrics = RouterMetrics()
+        self.metrics.combined.labels(arm).inc()
+        self.metrics.coalesced.labels(arm).inc(requests)
 
     def flush(self) -> None:
         self.last_flush = time.monotonic()
@@ -304,6 +337,119 @@ class Router:
         stop_backends(self.config)
 
 
+def combinable_rows(body: bytes) -> list[Any] | None:
+    """The rows of a body that is exactly ``{"rows": [<one or more rows>]}`` (what a combined request can carry)."""
+    import orjson
+
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if type(payload) is not dict or len(payload) != 1:
+        return None
+    rows = payload.get("rows")
+    return rows if type(rows) is list and rows else None
+
+
+class Coalescer:
+    """Combines concurrent ``/predict`` requests to one arm into one upstream request per batch.
+
+    A request arriving while fewer than ``in_flight_limit`` combined requests are out goes at once (with whatever else
+    is queued); otherwise it queues, and when an upstream answer comes back everything queued goes as the next
+    request, up to the spec's ``max_batch_rows`` rows. No timer: an idle endpoint adds no delay, a busy one batches by
+    itself. The backend answers a combined request with one prediction per row in order; each client gets its own
+    slice as ``{"predictions": [...], "model_version": ...}``, the backend's own answer for its rows alone. A combined
+    request that is refused or fails is not answered to anyone: each of its requests is sent again alone.
+    """
+
+    def __init__(self, router: Router, arm: str) -> None:
+        self.router = router
+        self.arm = arm
+        self.queue: deque[tuple[Request, list[Any], asyncio.Future[Response]]] = deque()
+        self.in_flight = 0
+
+    def _upstream(self) -> dict[str, Any]:
+        return self.router.config.get(self.arm) or self.router.config.get("champion") or {}
+
+    async def submit(self, request: Request, rows: list[Any]) -> Response:
+        future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        self.queue.append((request, rows, future))
+        self._dispatch()
+        return await future
+
+    def _dispatch(self) -> None:
+        upstream = self._upstream()
+        limit = int(upstream.get("max_batch_rows") or DEFAULT_BATCH_ROWS)
+        in_flight_limit = max(1, int(upstream.get("workers") or 1))
+        while self.queue and self.in_flight < in_flight_limit:
+            batch = [self.queue.popleft()]
+            rows = len(batch[0][1])
+            while self.queue and rows + len(self.queue[0][1]) <= limit:
+                rows += len(self.queue[0][1])
+                batch.append(self.queue.popleft())
+            self.in_flight += 1
+            task = asyncio.get_running_loop().create_task(self._send(batch))
+            self.router.tasks.add(task)
+            task.add_done_callback(self.router.tasks.discard)
+
+    async def _send(self, batch: list[tuple[Request, list[Any], asyncio.Future[Response]]]) -> None:
+        try:
+            if len(batch) == 1:
+                await self._alone(batch[0][0], batch[0][2])
+                return
+            started = time.perf_counter()
+            try:
+                answers, version = await self._combined(batch)
+            except Exception:  # noqa: BLE001 - whatever went wrong with the combined request, each one is sent alone
+                answers, version = None, ""
+            if answers is None:
+                await asyncio.gather(*(self._alone(request, future) for request, _, future in batch))
+                return
+            seconds = time.perf_counter() - started
+            self.router.observe_combined(self.arm, len(batch))
+            for (_, _, future), answer in zip(batch, answers, strict=True):
+                self.router._record(self.arm if self.router.config.get(self.arm) else "champion", version, answer.status,
+                                    seconds, answer.body, served=True)
+                if not future.done():
+                    future.set_result(answer)
+        finally:
+            self.in_flight -= 1
+            self._dispatch()
+
+    async def _alone(self, request: Request, future: asyncio.Future[Response]) -> None:
+        try:
+            answer = await self.router._forward(self.arm, request)
+        except Exception as exc:  # noqa: BLE001 - handed to the waiting client, as a direct call would raise it
+            if not future.done():
+                future.set_exception(exc)
+            return
+        if not future.done():
+            future.set_result(answer)
+
+    async def _combined(self, batch: list[tuple[Request, list[Any], asyncio.Future[Response]]]) -> tuple[list[Response] | None, str]:
+        """One upstream request for the batch: each client's answer and the model version that answered, or None when
+        the backend did not answer 200 with one prediction per row."""
+        import orjson
+
+        first = batch[0][0]
+        body = orjson.dumps({"rows": [row for _, rows, _ in batch for row in rows]})
+        headers = [*first.raw_headers, (b"x-kiln-requests", b"%d" % len(batch))]
+        combined = Request("POST", "/predict", b"", first.headers, headers, body, first.client)
+        answer = await self.router._forward(self.arm, combined, record=False)
+        if answer.status != 200:
+            return None, ""
+        content = orjson.loads(answer.body)
+        predictions = content.get("predictions")
+        if type(predictions) is not list or len(predictions) != sum(len(rows) for _, rows, _ in batch):
+            return None, ""
+        answers, offset = [], 0
+        for _, rows, _ in batch:
+            part = dict(content, predictions=predictions[offset:offset + len(rows)])
+            offset += len(rows)
+            answers.append(Response(200, list(answer.headers), orjson.dumps(part)))
+        return answers, str(content.get("model_version", ""))
+
+
 class RouterMetrics:
     """The router's own Prometheus series (one process, its own registry)."""
 
@@ -317,6 +463,10 @@ class RouterMetrics:
                                       registry=self.registry,
                                       buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
 
+        self.combined = prom.Counter("kiln_router_combined_requests", "Upstream /predict requests that carried several "
+                                     "client requests (coalesced)", ["arm"], registry=self.registry)
+        self.coalesced = prom.Counter("kiln_router_coalesced_requests", "Client /predict requests answered from a combined "
+                                      "upstream request", ["arm"], registry=self.registry)
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     def observe(self, arm: str, version: str, status: int, seconds: float) -> None:

@@ -65,6 +65,7 @@ class PredictionLog:
     def __init__(self, folder: str | None) -> None:
         self.folder = Path(folder) if folder else None
         self._current: Path | None = None
+        self._fd: int | None = None  # the current hour's file, open for appends (opening it per batch costs as much as a dump)
         self._lock = threading.Lock()  # batches may score on two threads
         if self.folder:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -88,11 +89,16 @@ class PredictionLog:
             data = out.write_ndjson().encode()  # serialized in memory first: one small append per batch
         path = self.folder / f"{time.strftime('%Y%m%d%H', time.gmtime(now))}-{os.getpid()}.jsonl"
         with self._lock:
-            with path.open("ab") as fh:
-                fh.write(data)
-            if path != self._current:  # a new hourly file: drop the oldest beyond the bound
-                self._current = path
-                self._rotate()
+            if path != self._current or self._fd is None or not os.path.exists(path):  # a new hour, or the file was removed
+                if self._fd is not None:
+                    os.close(self._fd)
+                self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                if path != self._current:  # a new hourly file: drop the oldest beyond the bound
+                    self._current = path
+                    self._rotate()
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view):]
 
     @staticmethod
     def _dump(parts: list[Rows], predictions: Any, model_version: str, now: float) -> bytes:
@@ -208,6 +214,7 @@ class KilnService:
         self.max_rows = self.spec.serving.max_batch_rows
         self.unknown_category = self.spec.serving.unknown_category
         self.metrics = EndpointMetrics(self.spec.name, self.version)
+        self._requests: dict[int, int] = {}  # client requests behind a combined request from the router, by id(rows)
         self.batcher: MicroBatcher[Rows] = MicroBatcher(self.score, self.max_rows, self.spec.serving.max_latency_ms / 1000)
         lane = os.environ.get("KILN_LANE_PORT")
         if lane:
@@ -230,7 +237,7 @@ class KilnService:
         frame = frame_of(parts, self.spec)
         predictions = np.asarray(self.predict_features(compute_features(frame, self.spec)), dtype=float).ravel()
         self.log.write(frame, predictions, self.version, parts)
-        self.metrics.batch(len(parts), predictions)
+        self.metrics.batch(sum(self._requests.get(id(p), 1) for p in parts), predictions)
         return predictions
 
     async def predict(self, scope: dict[str, Any], receive: Any) -> tuple[int, bytes]:
@@ -243,30 +250,43 @@ class KilnService:
             return exc.status, _json({"error": str(exc)})
         return await self.answer(scope["headers"], body, started)
 
-    async def answer(self, headers: list[tuple[bytes, bytes]], body: bytes, started: float) -> tuple[int, bytes]:
-        """The ``/predict`` answer for a request's raw headers and body (BentoML's HTTP route and the router's lane)."""
+    async def answer(self, headers: list[tuple[bytes, bytes]], body: bytes, started: float, requests: int = 1) -> tuple[int, bytes]:
+        """The ``/predict`` answer for a request's raw headers and body (BentoML's HTTP route and the router's lane).
+
+        ``requests`` > 1: the router combined that many client requests into this one (:class:`serving.router.Coalescer`);
+        an answer of 200 counts for each of them. Any other answer counts for none: the router then sends each request
+        again on its own, and those answers are the ones counted."""
+        counted = 1 if requests == 1 else 0
         if self.api_key and not api_key_ok(_auth_headers(headers), self.api_key):
-            self.metrics.request(401, time.perf_counter() - started)
+            self.metrics.request(401, time.perf_counter() - started, counted)
             return 401, b'{"error":"unauthorized: send the API key as \'Authorization: Bearer <key>\'"}'
         try:
             rows = parse_request(body, self.spec, self.max_rows, self.unknown_category)
         except RequestError as exc:
-            self.metrics.request(exc.status, time.perf_counter() - started)
+            self.metrics.request(exc.status, time.perf_counter() - started, counted)
             return exc.status, _json({"error": str(exc)})
+        if requests > 1:
+            self._requests[id(rows)] = requests
         try:
             predictions = await self.batcher.submit(rows, rows.count)
         except Exception as exc:  # noqa: BLE001 - the model failed on valid rows: a server error, said as such
-            self.metrics.request(500, time.perf_counter() - started)
+            self.metrics.request(500, time.perf_counter() - started, counted)
             return 500, _json({"error": f"scoring failed: {type(exc).__name__}: {str(exc)[:300]}"})
+        finally:
+            self._requests.pop(id(rows), None)
         content = _json({"predictions": predictions, "model_version": self.version})
-        self.metrics.request(200, time.perf_counter() - started)
+        self.metrics.request(200, time.perf_counter() - started, requests)
         return 200, content
 
     async def lane(self, request: Request) -> Response:
         """The router's lane (``KILN_LANE_PORT``): ``POST /predict`` only, answered exactly as on BentoML's route."""
         if request.path != "/predict" or request.method != "POST":
             return Response(404, JSON_HEADERS, b'{"error":"the router lane serves POST /predict only"}')
-        status, content = await self.answer(request.raw_headers, request.body, time.perf_counter())
+        requests = 1
+        combined = request.headers.get(b"x-kiln-requests")  # set by the router's coalescer (the lane is loopback-only)
+        if combined is not None and combined.isdigit():
+            requests = max(1, min(int(combined), self.max_rows))
+        status, content = await self.answer(request.raw_headers, request.body, time.perf_counter(), requests)
         return Response(status, [(b"content-type", JSON), (b"x-kiln-model-version", self.version_header)], content)
 
     def _open_lane(self, port: int) -> None:

@@ -194,6 +194,53 @@ def test_metrics_and_metadata(world: dict[str, Any]) -> None:
     assert meta["pipeline"] == NAME and meta["model_version"] == version and meta["input_columns"] == world["spec"].input_columns
 
 
+def _series(text: str, name: str) -> float:
+    """The sum of a Prometheus series' samples in a /metrics text (0 when absent)."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+def test_concurrent_requests_are_coalesced_and_each_gets_its_own_answer(world: dict[str, Any]) -> None:
+    """The router combines concurrent /predict requests into one backend request; every client still gets exactly the
+    answer it gets alone, a bad request its own 4xx naming its field, and the backend counts client requests."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = world["url"]
+    rows = [_row(world, txn_id=f"coalesce-{i}", amount=float(5 + 7 * i)) for i in range(24)]
+    alone = {}
+    for row in rows:
+        r = _post(url, {"rows": [row]})
+        assert r.status_code == 200, r.text
+        alone[row["txn_id"]] = r.json()
+    bad = [{"rows": [_row(world, txn_id=f"bad-{i}", country="XX")]} for i in range(4)]
+    bodies = [{"rows": [row]} for row in rows] + bad + [{"rows": rows[:3]}]
+    before = httpx.get(f"{url}/metrics", timeout=30).text
+
+    def send(body: dict[str, Any]) -> httpx.Response:
+        return _post(url, body)
+
+    answers: list[tuple[dict[str, Any], httpx.Response]] = []
+    with ThreadPoolExecutor(max_workers=len(bodies)) as pool:
+        for _ in range(5):
+            answers += list(zip(bodies, pool.map(send, bodies), strict=True))
+    after = httpx.get(f"{url}/metrics", timeout=30).text
+    for body, response in answers:
+        first = body["rows"][0]
+        if first["txn_id"].startswith("bad-"):
+            assert response.status_code == 400 and "country" in response.json()["error"], response.text
+            continue
+        assert response.status_code == 200, response.text
+        if len(body["rows"]) == 1:
+            assert response.json() == alone[first["txn_id"]]
+        else:
+            assert response.json()["predictions"] == [alone[r["txn_id"]]["predictions"][0] for r in body["rows"]]
+    assert _series(after, "kiln_router_combined_requests_total") > _series(before, "kiln_router_combined_requests_total")
+    served = sum(1 for body, _ in answers if not body["rows"][0]["txn_id"].startswith("bad-"))
+    version = world["serving"].state(NAME)["model_version"]
+    ok = f'kiln_requests_total{{model_version="{version}",pipeline="{NAME}",status="200"}}'
+    counted = [float(line.rsplit(" ", 1)[1]) for text in (before, after) for line in text.splitlines() if line.startswith(ok)]
+    assert len(counted) == 2 and counted[1] - counted[0] == served, (counted, served)
+
+
 def test_roll_to_a_new_version_under_load_has_no_failed_request(world: dict[str, Any]) -> None:
     from platform_defs.lifecycle import retrain
     from resources.serving import pid_alive
