@@ -14,11 +14,14 @@ champion's booster with:
 - **in-process**: ``booster.predict`` on one feature row, and Kiln's whole request path (parse, features, predict).
 
 Every server runs one worker process. Load comes from a separate process (asyncio + aiohttp, keep-alive) at 1, 16
-and 64 connections for ``--seconds`` each, one row per request; then Kiln soaks at 16 connections for ``--soak``
-seconds (default 300) with the RSS of all its processes before and after. Run:
+and 64 connections for ``--seconds`` each, one row per request. Then, because a shared machine's speed drifts from
+minute to minute, the BENCH numbers come from ``--rounds`` *paired* rounds at 16 connections: kiln, uvicorn and
+mlflow back to back in each round, the ratios taken within a round, their medians reported. Last, Kiln soaks at 16
+connections for ``--soak`` seconds (default 300) with the RSS of all its processes before and after. Run:
 ``.venv/bin/python benchmarks/serving.py`` (or ``--seconds 5 --soak 60`` for a quick run). The load generator
 shares the machine's cores with the servers, so absolute numbers are a floor on a busy machine. Ends with
-``BENCH serving rps_kiln=<n> rps_mlflow=<n> rps_uvicorn=<n> p99_ms_kiln=<ms> errors=<n>`` (16 connections).
+``BENCH serving rps_kiln=<n> rps_mlflow=<n> rps_uvicorn=<n> p99_ms_kiln=<ms> errors=<n>`` (16 connections, medians of
+the paired rounds; errors over every cell, round and the soak).
 Goals (reported, not enforced): rps_kiln >= 4x mlflow and >= 0.7x uvicorn, p99 <= 25 ms, 0 errors, RSS growth <= 10%.
 """
 
@@ -164,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="load duration per server and connection count")
     parser.add_argument("--soak", type=float, default=300.0, help="soak duration in seconds (Kiln at 16 connections)")
+    parser.add_argument("--rounds", type=int, default=5, help="paired rounds (kiln, uvicorn, mlflow) at 16 connections")
     parser.add_argument("--days", type=int, default=3)
     parser.add_argument("--rows", type=int, default=5000)
     args = parser.parse_args(argv)
@@ -252,6 +256,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {name:<13} {conns:>3} conns: {r['rps']:8.0f} rps  p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  "
                       f"errors {r['errors']}")
 
+        # paired rounds at 16 connections: the machine's speed drifts, so each ratio is taken within one round
+        rounds: list[dict[str, dict[str, Any]]] = []
+        for i in range(args.rounds):
+            rounds.append({name: load(targets[name][0], targets[name][1], 16, args.seconds) for name in ("kiln", "uvicorn", "mlflow")})
+            r = rounds[-1]
+            kiln, uvicorn, mlflow = r["kiln"], r["uvicorn"], r["mlflow"]
+            print(f"  round {i + 1}: kiln {kiln['rps']:.0f} rps (p99 {kiln['p99_ms']:.1f} ms), uvicorn {uvicorn['rps']:.0f}, "
+                  f"mlflow {mlflow['rps']:.0f}: kiln/uvicorn {kiln['rps'] / uvicorn['rps']:.2f}x, "
+                  f"kiln/mlflow {kiln['rps'] / mlflow['rps']:.1f}x")
+
         # in-process
         x = np.asarray([feature_row])
         n = 2000
@@ -289,12 +303,20 @@ def main(argv: list[str] | None = None) -> int:
     growth = (rss_after - rss_before) / rss_before if rss_before else float("nan")
     print(f"soak: {args.soak:.0f} s at 16 connections: {soak['requests']} requests, {soak['rps']:.0f} rps, p99 {soak['p99_ms']:.2f} ms, "
           f"errors {soak['errors']}; RSS (router + bentoml serve tree) {rss_before:.0f} MB -> {rss_after:.0f} MB ({growth:+.1%})")
-    k, m, u = results["kiln"][16], results["mlflow"][16], results["uvicorn"][16]
-    print(f"ratios at 16 connections: kiln/mlflow {k['rps'] / m['rps']:.2f}x (goal >= 4), kiln/uvicorn {k['rps'] / u['rps']:.2f}x "
-          f"(goal >= 0.7); p99 kiln {k['p99_ms']:.1f} ms (goal <= 25); RSS growth {growth:+.1%} (goal <= 10%)")
-    errors = sum(r["errors"] for by in results.values() for r in by.values()) + soak["errors"]
-    print(f"BENCH serving rps_kiln={k['rps']:.0f} rps_mlflow={m['rps']:.0f} rps_uvicorn={u['rps']:.0f} "
-          f"p99_ms_kiln={k['p99_ms']:.1f} errors={errors}")
+    import statistics
+
+    def median(name: str, field: str) -> float:
+        return statistics.median(r[name][field] for r in rounds)
+
+    k_rps, m_rps, u_rps, k_p99 = median("kiln", "rps"), median("mlflow", "rps"), median("uvicorn", "rps"), median("kiln", "p99_ms")
+    vs_uvicorn = statistics.median(r["kiln"]["rps"] / r["uvicorn"]["rps"] for r in rounds)
+    vs_mlflow = statistics.median(r["kiln"]["rps"] / r["mlflow"]["rps"] for r in rounds)
+    print(f"16 connections, median of {len(rounds)} paired rounds: kiln/mlflow {vs_mlflow:.2f}x (goal >= 4), kiln/uvicorn "
+          f"{vs_uvicorn:.2f}x (goal >= 0.7); p99 kiln {k_p99:.1f} ms (goal <= 25); RSS growth {growth:+.1%} (goal <= 10%)")
+    errors = (sum(r["errors"] for by in results.values() for r in by.values()) + soak["errors"]
+              + sum(r[name]["errors"] for r in rounds for name in r))
+    print(f"BENCH serving rps_kiln={k_rps:.0f} rps_mlflow={m_rps:.0f} rps_uvicorn={u_rps:.0f} "
+          f"p99_ms_kiln={k_p99:.1f} errors={errors}")
     return 0
 
 

@@ -178,7 +178,8 @@ class Router:
 
     async def _predict(self, arm: str, request: Request) -> Response:
         """``POST /predict`` through the arm's coalescer when the body is a plain ``{"rows": [...]}``, else on its own."""
-        rows = combinable_rows(request.body)
+        upstream = self.config.get(arm) or self.config.get("champion") or {}
+        rows = combinable_rows(request.body) if upstream.get("lane_url") else None  # only the lane counts combined requests
         if rows is None:
             return await self._forward(arm, request)
         coalescer = self.coalescers.get(arm)

@@ -14,7 +14,9 @@ on the BentoML service (no web framework's per-request layers); BentoML serves `
 The router in front (:mod:`serving.router`) reaches ``/predict`` through a *lane*: with ``KILN_LANE_PORT`` set
 (``ServingResource`` does), every worker also listens on that port (SO_REUSEPORT) with Kiln's lean HTTP/1.1
 protocol (:mod:`serving.proxy`) and answers ``POST /predict`` with the same code as the BentoML route, minus
-BentoML's per-request middleware (a third of a small request's CPU). BentoML's route stays the public one
+BentoML's per-request middleware (a third of a small request's CPU). The router coalesces concurrent client
+requests into one lane request and says how many with ``X-Kiln-Requests`` (trusted on the loopback-only lane,
+ignored on BentoML's route), so ``kiln_requests_total`` still counts client requests. BentoML's route stays the public one
 (what a Kubernetes Service or a client without the router calls); its ``bentoml_service_*`` series count only
 the requests that came that way, Kiln's ``kiln_*`` series count both.
 
