@@ -16,12 +16,13 @@ champion's booster with:
 Every server runs one worker process. Load comes from a separate process (asyncio + aiohttp, keep-alive) at 1, 16
 and 64 connections for ``--seconds`` each, one row per request. Then, because a shared machine's speed drifts from
 minute to minute, the BENCH numbers come from ``--rounds`` *paired* rounds at 16 connections: kiln, uvicorn and
-mlflow back to back in each round, the ratios taken within a round, their medians reported. Last, Kiln soaks at 16
+mlflow back to back in each round, the ratios taken within a round; BENCH reports the round with the median
+kiln/uvicorn ratio. Last, Kiln soaks at 16
 connections for ``--soak`` seconds (default 300) with the RSS of all its processes before and after. Run:
 ``.venv/bin/python benchmarks/serving.py`` (or ``--seconds 5 --soak 60`` for a quick run). The load generator
 shares the machine's cores with the servers, so absolute numbers are a floor on a busy machine. Ends with
-``BENCH serving rps_kiln=<n> rps_mlflow=<n> rps_uvicorn=<n> p99_ms_kiln=<ms> errors=<n>`` (16 connections, medians of
-the paired rounds; errors over every cell, round and the soak).
+``BENCH serving rps_kiln=<n> rps_mlflow=<n> rps_uvicorn=<n> p99_ms_kiln=<ms> errors=<n>`` (16 connections: the paired
+round with the median kiln/uvicorn ratio; errors over every cell, round and the soak).
 Goals (reported, not enforced): rps_kiln >= 4x mlflow and >= 0.7x uvicorn, p99 <= 25 ms, 0 errors, RSS growth <= 10%.
 """
 
@@ -305,14 +306,16 @@ def main(argv: list[str] | None = None) -> int:
           f"errors {soak['errors']}; RSS (router + bentoml serve tree) {rss_before:.0f} MB -> {rss_after:.0f} MB ({growth:+.1%})")
     import statistics
 
-    def median(name: str, field: str) -> float:
-        return statistics.median(r[name][field] for r in rounds)
-
-    k_rps, m_rps, u_rps, k_p99 = median("kiln", "rps"), median("mlflow", "rps"), median("uvicorn", "rps"), median("kiln", "p99_ms")
-    vs_uvicorn = statistics.median(r["kiln"]["rps"] / r["uvicorn"]["rps"] for r in rounds)
+    # BENCH reports one whole round, the one with the median kiln/uvicorn ratio, so its numbers divide to that median.
+    ranked = sorted(range(len(rounds)), key=lambda i: rounds[i]["kiln"]["rps"] / rounds[i]["uvicorn"]["rps"])
+    middle = rounds[ranked[len(ranked) // 2]]
+    k_rps, m_rps, u_rps, k_p99 = (middle["kiln"]["rps"], middle["mlflow"]["rps"], middle["uvicorn"]["rps"],
+                                  middle["kiln"]["p99_ms"])
     vs_mlflow = statistics.median(r["kiln"]["rps"] / r["mlflow"]["rps"] for r in rounds)
-    print(f"16 connections, median of {len(rounds)} paired rounds: kiln/mlflow {vs_mlflow:.2f}x (goal >= 4), kiln/uvicorn "
-          f"{vs_uvicorn:.2f}x (goal >= 0.7); p99 kiln {k_p99:.1f} ms (goal <= 25); RSS growth {growth:+.1%} (goal <= 10%)")
+    worst_p99 = max(r["kiln"]["p99_ms"] for r in rounds)
+    print(f"16 connections, {len(rounds)} paired rounds; BENCH is round {ranked[len(ranked) // 2] + 1}, the median kiln/uvicorn "
+          f"one: kiln/uvicorn {k_rps / u_rps:.2f}x (goal >= 0.7); kiln/mlflow median {vs_mlflow:.2f}x (goal >= 4); p99 kiln "
+          f"{k_p99:.1f} ms, worst round {worst_p99:.1f} ms (goal <= 25); RSS growth {growth:+.1%} (goal <= 10%)")
     errors = (sum(r["errors"] for by in results.values() for r in by.values()) + soak["errors"]
               + sum(r[name]["errors"] for r in rounds for name in r))
     print(f"BENCH serving rps_kiln={k_rps:.0f} rps_mlflow={m_rps:.0f} rps_uvicorn={u_rps:.0f} "

@@ -60,6 +60,7 @@ class Rows:
     count: int
     columns: dict[str, list[Any]] | None = None
     frame: pl.DataFrame | None = None
+    requests: int = 1  # client requests behind these rows (several when the router combined them)
 
 
 def parse_request(body: bytes, spec: PipelineSpec, max_rows: int, unknown_category: str = "reject") -> Rows:

@@ -41,6 +41,7 @@ The router in front of it (:mod:`serving.router`) adds ``kiln_router_*`` series 
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import hmac
 import os
@@ -216,7 +217,6 @@ class KilnService:
         self.max_rows = self.spec.serving.max_batch_rows
         self.unknown_category = self.spec.serving.unknown_category
         self.metrics = EndpointMetrics(self.spec.name, self.version)
-        self._requests: dict[int, int] = {}  # client requests behind a combined request from the router, by id(rows)
         self.batcher: MicroBatcher[Rows] = MicroBatcher(self.score, self.max_rows, self.spec.serving.max_latency_ms / 1000)
         lane = os.environ.get("KILN_LANE_PORT")
         if lane:
@@ -239,7 +239,7 @@ class KilnService:
         frame = frame_of(parts, self.spec)
         predictions = np.asarray(self.predict_features(compute_features(frame, self.spec)), dtype=float).ravel()
         self.log.write(frame, predictions, self.version, parts)
-        self.metrics.batch(sum(self._requests.get(id(p), 1) for p in parts), predictions)
+        self.metrics.batch(sum(p.requests for p in parts), predictions)
         return predictions
 
     async def predict(self, scope: dict[str, Any], receive: Any) -> tuple[int, bytes]:
@@ -268,14 +268,12 @@ class KilnService:
             self.metrics.request(exc.status, time.perf_counter() - started, counted)
             return exc.status, _json({"error": str(exc)})
         if requests > 1:
-            self._requests[id(rows)] = requests
+            rows = dataclasses.replace(rows, requests=requests)
         try:
             predictions = await self.batcher.submit(rows, rows.count)
         except Exception as exc:  # noqa: BLE001 - the model failed on valid rows: a server error, said as such
             self.metrics.request(500, time.perf_counter() - started, counted)
             return 500, _json({"error": f"scoring failed: {type(exc).__name__}: {str(exc)[:300]}"})
-        finally:
-            self._requests.pop(id(rows), None)
         content = _json({"predictions": predictions, "model_version": self.version})
         self.metrics.request(200, time.perf_counter() - started, requests)
         return 200, content
