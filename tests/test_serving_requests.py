@@ -58,6 +58,23 @@ def test_unknown_category_policy(spec: PipelineSpec) -> None:
     assert parse_rows([row], spec, 10, unknown_category="allow")["country"].to_list() == ["ZZ"]
 
 
+def test_categorical_feature_codes_are_positions_in_allowed_and_unknowns_are_null(spec: PipelineSpec) -> None:
+    import polars as pl
+
+    from assets.features import compute_features
+
+    allowed = spec.schema_["country"].allowed
+    assert allowed
+    countries = [allowed[0], allowed[-1], "ZZ", allowed[1]]
+    frame = parse_rows([ROW | {"country": c} for c in countries], spec, 10, unknown_category="allow")
+    codes = compute_features(frame, spec)["country"]
+    assert codes.dtype == pl.Int32 and codes.to_list() == [0, len(allowed) - 1, None, 1]
+    for name in spec.features.categorical:  # the same codes as a lookup table of `allowed` would give
+        values = spec.schema_[name].allowed or []
+        table = frame.select(pl.col(name).replace_strict(values, list(range(len(values))), default=None, return_dtype=pl.Int32))
+        assert compute_features(frame, spec)[name].equals(table[name]), name
+
+
 def test_serving_release_options_validate(spec: PipelineSpec, tmp_path: Path) -> None:
     assert spec.serving.release.mode == "none" and spec.serving.unknown_category == "reject" and spec.serving.workers == 0
     data = yaml.safe_load(FRAUD_SPEC.read_text())
