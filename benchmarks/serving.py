@@ -17,8 +17,8 @@ Every server runs one worker process. Load comes from a separate process (asynci
 and 64 connections for ``--seconds`` each, one row per request. Then, because a shared machine's speed drifts from
 minute to minute, the BENCH numbers come from ``--rounds`` *paired* rounds at 16 connections: kiln, uvicorn and
 mlflow back to back in each round, the ratios taken within a round; BENCH reports the round with the median
-kiln/uvicorn ratio. Last, Kiln soaks at 16
-connections for ``--soak`` seconds (default 300) with the RSS of all its processes before and after. Run:
+kiln/uvicorn ratio. Last, Kiln soaks at 16 connections for ``--soak`` seconds (default 300) with the RSS of all its
+processes before and after. Run:
 ``.venv/bin/python benchmarks/serving.py`` (or ``--seconds 5 --soak 60`` for a quick run). The load generator
 shares the machine's cores with the servers, so absolute numbers are a floor on a busy machine. Ends with
 ``BENCH serving rps_kiln=<n> rps_mlflow=<n> rps_uvicorn=<n> p99_ms_kiln=<ms> errors=<n>`` (16 connections: the paired
@@ -172,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--days", type=int, default=3)
     parser.add_argument("--rows", type=int, default=5000)
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1 (BENCH comes from the paired rounds)")
 
     import yaml
 
@@ -308,12 +310,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # BENCH reports one whole round, the one with the median kiln/uvicorn ratio, so its numbers divide to that median.
     ranked = sorted(range(len(rounds)), key=lambda i: rounds[i]["kiln"]["rps"] / rounds[i]["uvicorn"]["rps"])
-    middle = rounds[ranked[len(ranked) // 2]]
+    median_round = ranked[len(ranked) // 2]
+    middle = rounds[median_round]
     k_rps, m_rps, u_rps, k_p99 = (middle["kiln"]["rps"], middle["mlflow"]["rps"], middle["uvicorn"]["rps"],
                                   middle["kiln"]["p99_ms"])
     vs_mlflow = statistics.median(r["kiln"]["rps"] / r["mlflow"]["rps"] for r in rounds)
     worst_p99 = max(r["kiln"]["p99_ms"] for r in rounds)
-    print(f"16 connections, {len(rounds)} paired rounds; BENCH is round {ranked[len(ranked) // 2] + 1}, the median kiln/uvicorn "
+    print(f"16 connections, {len(rounds)} paired rounds; BENCH is round {median_round + 1}, the median kiln/uvicorn "
           f"one: kiln/uvicorn {k_rps / u_rps:.2f}x (goal >= 0.7); kiln/mlflow median {vs_mlflow:.2f}x (goal >= 4); p99 kiln "
           f"{k_p99:.1f} ms, worst round {worst_p99:.1f} ms (goal <= 25); RSS growth {growth:+.1%} (goal <= 10%)")
     errors = (sum(r["errors"] for by in results.values() for r in by.values()) + soak["errors"]
