@@ -147,9 +147,7 @@ def parse_rows(rows: Any, spec: PipelineSpec, max_rows: int, unknown_category: s
         nulls = values.count(None)
         try:
             if col.dtype == "datetime":
-                series = pl.Series(name, values, dtype=pl.String).str.to_datetime(strict=True, time_unit="us")
-                if getattr(series.dtype, "time_zone", None):  # offsets become naive UTC, as on the fast path
-                    series = series.dt.convert_time_zone("UTC").dt.replace_time_zone(None)
+                series = _datetimes(name, values)
             elif col.dtype == "float":
                 series = pl.Series(name, values, dtype=pl.Float64, strict=False)
             else:
@@ -163,6 +161,34 @@ def parse_rows(rows: Any, spec: PipelineSpec, max_rows: int, unknown_category: s
     frame = pl.DataFrame(columns)
     _check_rules(frame, spec, unknown_category)
     return frame
+
+
+def iso_datetime(text: str) -> datetime:
+    """An ISO 8601 timestamp as naive UTC: an offset is converted, a timestamp without one is taken as UTC."""
+    when = datetime.fromisoformat(text)
+    return when.astimezone(UTC).replace(tzinfo=None) if when.tzinfo is not None else when
+
+
+def _datetimes(name: str, values: list[Any]) -> pl.Series:
+    """A datetime column of request values (strings or nulls), naive UTC.
+
+    polars parses the column in one format, guessed from its first value; a column that mixes formats (a timestamp
+    without an offset next to one with ``Z``) is parsed value by value with :func:`iso_datetime`, the fast path's
+    rule, so a request is accepted or refused the same way whatever its size. A value neither accepts raises
+    polars' error, which names the column and the values that failed."""
+    import polars as pl
+
+    try:
+        series = pl.Series(name, values, dtype=pl.String).str.to_datetime(strict=True, time_unit="us")
+    except pl.exceptions.PolarsError as polars_error:
+        try:
+            parsed = [None if v is None else iso_datetime(v) for v in values]
+        except ValueError:
+            raise polars_error from None
+        return pl.Series(name, parsed, dtype=pl.Datetime("us"))
+    if getattr(series.dtype, "time_zone", None):  # offsets become naive UTC, as on the fast path
+        series = series.dt.convert_time_zone("UTC").dt.replace_time_zone(None)
+    return series
 
 
 _RULES: dict[tuple[int, str], tuple[PipelineSpec, list[Any], list[Any]]] = {}
@@ -290,12 +316,9 @@ def _checker(col: ColumnSpec, reject_unknown: bool) -> Callable[[list[Any]], lis
                 if type(v) is not str:
                     return None
                 try:
-                    when = datetime.fromisoformat(v)
+                    out.append(iso_datetime(v))
                 except ValueError:
                     return None
-                if when.tzinfo is not None:
-                    when = when.astimezone(UTC).replace(tzinfo=None)
-                out.append(when)
             return out
 
         return datetimes

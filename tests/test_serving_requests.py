@@ -114,6 +114,30 @@ def test_fast_path_accepts_small_valid_requests_with_the_full_paths_types(spec: 
     assert [t.hour for t in frame["ts"].to_list()] == [0, 8]  # offsets become naive UTC on both paths
 
 
+def test_timestamps_with_and_without_offsets_mixed_in_one_request_parse_alike_on_both_paths(spec: PipelineSpec) -> None:
+    """polars parses a column in the format of its first value; a request mixing formats must not depend on its size."""
+    from serving.requests import FAST_ROWS, frame_of, parse_request
+
+    stamps = ["2026-01-01T10:00:00", "2026-01-01T10:00:00Z", "2026-01-01T12:00:00+02:00", "2026-01-01 10:00:00.5", None]
+    rows = [ROW | {"ts": ts} for ts in stamps[:-1]]
+    expected = ["2026-01-01 10:00:00", "2026-01-01 10:00:00", "2026-01-01 10:00:00", "2026-01-01 10:00:00.500000"]
+    small = frame_of([parse_request(_body(rows), spec, 1000)], spec)
+    assert [str(t) for t in small["ts"].to_list()] == expected
+    big = parse_request(_body(rows * (FAST_ROWS // len(rows) + 1)), spec, 1000)
+    assert big.frame is not None  # the full path: more rows than the fast path takes
+    assert [str(t) for t in big.frame["ts"].to_list()[:4]] == expected
+    assert big.frame.schema["ts"] == small.schema["ts"]
+    data = yaml.safe_load(FRAUD_SPEC.read_text())
+    data["schema"]["ts"]["nullable"] = True
+    with_null = parse_body(_body([ROW | {"ts": ts} for ts in stamps]), PipelineSpec.model_validate(data), 10)
+    assert with_null["ts"].null_count() == 1 and str(with_null["ts"][1]) == "2026-01-01 10:00:00"
+    # Neither rule accepts a value: refused, naming the column, on both paths.
+    bad = [ROW, ROW | {"ts": "2026-01-01T10:00:00Z"}, ROW | {"ts": "yesterday"}]
+    for body in (_body(bad), _body(bad * FAST_ROWS)):
+        with pytest.raises(RequestError, match=r"^ts: expected datetime"):
+            parse_request(body, spec, 1000)
+
+
 @pytest.mark.parametrize(
     "row",
     [ROW | {"card_present": "yes"}, ROW | {"txns_last_24h": 2.0}, ROW | {"txns_last_24h": True}, ROW | {"amount": -1},
