@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from platform_defs.spec import PipelineSpec, SpecError, load_spec
 from serving.requests import RequestError, parse_body, parse_rows
@@ -136,6 +139,26 @@ def test_timestamps_with_and_without_offsets_mixed_in_one_request_parse_alike_on
     for body in (_body(bad), _body(bad * FAST_ROWS)):
         with pytest.raises(RequestError, match=r"^ts: expected datetime"):
             parse_request(body, spec, 1000)
+
+
+_OFFSETS = ["", "Z", "+00:00", "+02:00", "-05:30", "+14:00"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(stamps=st.lists(st.tuples(st.datetimes(min_value=datetime(1971, 1, 2), max_value=datetime(2099, 12, 30)),
+                                 st.sampled_from(_OFFSETS), st.sampled_from(["T", " "]), st.booleans()),
+                       min_size=1, max_size=5))
+def test_any_mix_of_iso_timestamps_parses_the_same_on_the_fast_and_the_full_path(spec: PipelineSpec, stamps: list[Any]) -> None:
+    from serving.requests import FAST_ROWS, frame_of, parse_request
+
+    texts = [when.isoformat(sep=sep, timespec="microseconds" if micro else "seconds") + offset
+             for when, offset, sep, micro in stamps]
+    rows = [ROW | {"ts": t} for t in texts]
+    fast = parse_request(_body(rows), spec, 1000)
+    assert fast.columns is not None  # every value is ISO 8601: the fast path takes them all
+    full = parse_request(_body(rows * (FAST_ROWS // len(rows) + 1)), spec, 1000)
+    assert full.frame is not None
+    assert frame_of([fast], spec)["ts"].to_list() == full.frame["ts"].to_list()[:len(rows)]
 
 
 @pytest.mark.parametrize(
