@@ -137,3 +137,33 @@ def test_outside_a_validation_gx_expectations_behave_as_shipped(spec: PipelineSp
     assert expectation.configuration is not expectation.configuration  # built afresh, as GX ships it
     expectation.column = "score"
     assert expectation.configuration.kwargs["column"] == "score"
+
+
+def test_key_uniqueness_passes_on_hashes_and_repeated_hashes_are_decided_on_the_keys(
+        spec: PipelineSpec, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pass/fail round checks text keys by their 64-bit hashes; a repeat there (even a collision) never reports
+    a failure by itself: the rule runs again on the keys, which decide it and give the count and samples."""
+    import pandas as pd
+
+    import assets.validate as validate
+
+    clean = cast_to_spec(_frame(0), spec).unique("row_id", keep="first", maintain_order=True)
+    stand_ins = validate._key_hashes(clean, quality_rules(spec))
+    assert list(stand_ins) == ["row_id"] and str(stand_ins["row_id"]["row_id"].dtype) == "uint64"
+    assert stand_ins["row_id"]["row_id"].is_unique
+    assert not validate._key_hashes(clean.with_columns(pl.lit(None, pl.String).alias("row_id")), quality_rules(spec))
+
+    used: list[int] = []
+    real = validate._key_hashes
+
+    def colliding(frame: pl.DataFrame, rules: list[Any]) -> dict[str, pd.DataFrame]:
+        out = {name: pd.DataFrame({name: [7] * len(stand_in)}, dtype="uint64")  # every key "collides"
+               for name, stand_in in real(frame, rules).items()}
+        used.append(len(out))
+        return out
+
+    monkeypatch.setattr(validate, "_key_hashes", colliding)
+    assert "unique_key" not in {f["rule"] for f in run_rules(clean, quality_rules(spec), "engine_quality", spec, arrow=False)}
+    assert used == [1]
+    broken = cast_to_spec(_frame(0), spec)
+    assert _found(run_rules(broken, quality_rules(spec), "engine_quality", spec, arrow=False)) == _expected(broken)
