@@ -89,8 +89,9 @@ _PASS_FAIL = {"result_format": "BOOLEAN_ONLY"}
 # those rules on columns that have nulls get one-column batches.
 _KEEPS_NULL_ROWS = frozenset({"ExpectColumnValuesToNotBeNull", "ExpectColumnValuesToBeOfType"})
 # Hashing every key (uniqueness) is the one long rule, and pandas/pyarrow release the GIL while doing it: it gets its
-# own batch, validated beside the others. Each worker has its own GX data source, hence its own execution engine:
-# an engine keeps one active batch, so two validations must never share one.
+# own batch, validated beside the others (in the pass/fail round on 64-bit hashes of text keys: see _key_hashes).
+# Each worker has its own GX data source, hence its own execution engine: an engine keeps one active batch, so two
+# validations must never share one.
 _GX_WORKERS = min(2, len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else min(2, os.cpu_count() or 1)
 _GX_LOCK = threading.Lock()
 _GX_CONTEXT: Any = None
