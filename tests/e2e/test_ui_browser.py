@@ -238,8 +238,6 @@ def test_materialize_from_the_ui_succeeds_and_shows_in_the_run_list(ui: dict[str
         assert "Success" in shown or time.monotonic() < deadline, f"run {run_id} succeeded; the run list shows {shown!r} after {LIST_S}s"
         if "Success" not in shown:
             page.reload()
-    final = {r["runId"]: r for r in _runs(ui["url"])}[run_id]
-    assert final["status"] == "SUCCESS"
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "fraud-runs.png"), full_page=True)
     materialized = _graphql(ui["url"], '{ assetOrError(assetKey: {path: ["fraud", "raw"]}) { ... on Asset { assetMaterializations('
