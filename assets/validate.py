@@ -118,6 +118,7 @@ def _gx_context() -> Any:
                 source = context.data_sources.add_pandas(f"kiln-{i}").add_dataframe_asset("frame")
                 _GX_SOURCES.put(source.add_batch_definition_whole_dataframe("all"))
             _memoize_configurations()
+            _plain_metric_ids()
             _GX_CONTEXT = context
     return _GX_CONTEXT
 
@@ -156,6 +157,48 @@ def _memoize_configurations() -> None:
 
     Expectation.configuration = property(configuration, doc=shipped.__doc__)  # type: ignore[method-assign,assignment]
     Expectation.__setattr__ = setattr_forgetting  # type: ignore[method-assign]
+
+
+_PLAIN = (str, int, bool, type(None))
+
+
+def _plain(value: Any, id_dict: type) -> bool:
+    """True for what ``convert_to_json_serializable`` returns unchanged: text, numbers (NaN excepted), booleans, None,
+    and lists, tuples and plain dicts (string keys) of those."""
+    kind = type(value)
+    if kind in _PLAIN:
+        return True
+    if kind is float:
+        return value == value  # NaN becomes None there
+    if kind is list or kind is tuple:
+        return all(_plain(v, id_dict) for v in value)
+    if kind is dict or kind is id_dict:
+        return all(type(k) is str and _plain(v, id_dict) for k, v in value.items())
+    return False
+
+
+def _plain_metric_ids() -> None:
+    """Inside Kiln's validations only, compute the id of a GX metric's kwargs without GX's generic JSON conversion
+    when they hold only plain values (Kiln's always do).
+
+    GX names every metric it plans by an md5 of its kwargs (``IDDict.to_id``), some 800 times for the two suites,
+    each first walking the kwargs through ``convert_to_json_serializable``, a long isinstance ladder that returns plain
+    values unchanged: the same JSON then hashes to the same id. Anything else (NumPy scalars, dates, NaN, nested GX
+    objects, ids over chosen keys) takes GX's own path."""
+    import hashlib
+    import json
+
+    from great_expectations.core.id_dict import IDDict
+
+    shipped = IDDict.to_id
+
+    def to_id(self: Any, id_keys: Any = None, id_ignore_keys: Any = None) -> Any:
+        if (id_keys is None and id_ignore_keys is None and len(self) > 1 and not self._id_ignore_keys
+                and getattr(_MEMO, "memo", None) is not None and _plain(self, IDDict)):
+            return hashlib.md5(json.dumps(self, sort_keys=True).encode("utf-8"), usedforsecurity=False).hexdigest()
+        return shipped(self, id_keys, id_ignore_keys)
+
+    IDDict.to_id = to_id  # type: ignore[method-assign]
 
 
 def _expectations(rules: list[Rule], suite_name: str) -> list[Any]:

@@ -139,6 +139,36 @@ def test_outside_a_validation_gx_expectations_behave_as_shipped(spec: PipelineSp
     assert expectation.configuration.kwargs["column"] == "score"
 
 
+def test_plain_metric_ids_are_the_ids_gx_computes(spec: PipelineSpec, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside a validation, plain metric kwargs get their id without GX's JSON conversion: it must be GX's own id."""
+    import copy
+
+    from great_expectations.core.id_dict import IDDict
+
+    import assets.validate as validate
+
+    run_rules(cast_to_spec(_frame(0), spec), quality_rules(spec), "ids_warmup", spec, arrow=False)  # GX patched
+    patched = IDDict.to_id
+    seen: list[tuple[dict[str, Any], Any, bool]] = []
+
+    def recording(self: Any, id_keys: Any = None, id_ignore_keys: Any = None) -> Any:
+        out = patched(self, id_keys, id_ignore_keys)
+        if id_keys is None and id_ignore_keys is None and type(self) is IDDict:
+            seen.append((copy.deepcopy(dict(self)), out, len(self) > 1 and validate._plain(self, IDDict)))
+        return out
+
+    monkeypatch.setattr(IDDict, "to_id", recording)
+    frame = cast_to_spec(_frame(1), spec)
+    raw = _frame(1).with_columns(pl.col("score").cast(pl.String))
+    assert run_rules(frame, quality_rules(spec), "ids_q", spec, arrow=False)
+    assert run_rules(raw, schema_rules(spec, raw.columns), "ids_s", spec)
+    recorded = list(seen)
+    assert sum(plain for _, _, plain in recorded) > 100  # the fast path is taken, and often
+    assert any(isinstance(v, list) for kwargs, _, plain in recorded if plain for v in kwargs.values())  # value sets too
+    for kwargs, got, _ in recorded:  # outside a validation every id takes GX's own path
+        assert IDDict(kwargs).to_id() == got, kwargs
+
+
 def test_key_uniqueness_passes_on_hashes_and_repeated_hashes_are_decided_on_the_keys(
         spec: PipelineSpec, monkeypatch: pytest.MonkeyPatch) -> None:
     """The pass/fail round checks text keys by their 64-bit hashes; a repeat there (even a collision) never reports
