@@ -123,25 +123,30 @@ def _gx_context() -> Any:
     return _GX_CONTEXT
 
 
-_MEMO = threading.local()  # the configuration memo of the validation running on this thread, if any
+_MEMO = threading.local()  # the GX memo of the validation running on this thread, if any
 
 
 def _memoize_configurations() -> None:
-    """Inside Kiln's validations only, compute each GX expectation's ``configuration`` once per expectation object.
+    """Inside Kiln's validations only, compute each GX expectation's ``configuration`` once per expectation object, and
+    each configuration's expectation (``to_domain_obj``) once per configuration.
 
-    GX rebuilds it (a pydantic ``dict()`` plus a regex on the class name) some 60 times per expectation while planning
-    its metrics: about a third of the CPU time of the 40-rule schema suite on a million rows. The memo lives for one validation on
-    one thread, holds the objects it describes (so an id is never reused within it), and forgets an object as soon as
-    one of its attributes is assigned; outside Kiln's validations GX behaves exactly as shipped.
+    GX rebuilds the configuration (a pydantic ``dict()`` plus a regex on the class name) some 60 times per expectation
+    while planning its metrics: about a third of the CPU time of the 40-rule schema suite on a million rows; and it
+    builds a new pydantic expectation from its configuration for every metric it plans. The memo lives for one
+    validation on one thread and holds the objects it describes (so an id is never reused within it). It forgets an
+    expectation as soon as one of its attributes is assigned, and rebuilds a configuration's expectation when what it
+    is built from (kwargs, meta, severity, ...) changed; outside Kiln's validations GX behaves exactly as shipped.
     """
     from great_expectations.expectations.expectation import Expectation
+    from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
 
     shipped: property = vars(Expectation)["configuration"]
     build: Callable[[Any], Any] = shipped.fget  # type: ignore[assignment]
     assign = Expectation.__setattr__
+    to_domain_obj = ExpectationConfiguration.to_domain_obj
 
     def configuration(self: Any) -> Any:
-        memo: dict[int, tuple[Any, Any]] | None = getattr(_MEMO, "memo", None)
+        memo: dict[Any, Any] | None = getattr(_MEMO, "memo", None)
         if memo is None:
             return build(self)
         hit = memo.get(id(self))
@@ -149,14 +154,28 @@ def _memoize_configurations() -> None:
             hit = memo[id(self)] = (self, build(self))
         return hit[1]
 
+    def domain_obj(self: Any) -> Any:
+        memo: dict[Any, Any] | None = getattr(_MEMO, "memo", None)
+        if memo is None:
+            return to_domain_obj(self)
+        made_of = (dict(self.kwargs), dict(self.meta or {}), self.id, self.notes, self.severity, self.description,
+                   id(self.rendered_content))
+        hit = memo.get(("domain", id(self)))
+        if hit is None or hit[0] is not self or hit[1] != made_of:
+            hit = memo[("domain", id(self))] = (self, made_of, to_domain_obj(self))
+            memo[("of", id(hit[2]))] = ("domain", id(self))
+        return hit[2]
+
     def setattr_forgetting(self: Any, name: str, value: Any) -> None:
         memo = getattr(_MEMO, "memo", None)
         if memo is not None:
             memo.pop(id(self), None)
+            memo.pop(memo.pop(("of", id(self)), None), None)  # an expectation handed out by domain_obj
         assign(self, name, value)
 
     Expectation.configuration = property(configuration, doc=shipped.__doc__)  # type: ignore[method-assign,assignment]
     Expectation.__setattr__ = setattr_forgetting  # type: ignore[method-assign]
+    ExpectationConfiguration.to_domain_obj = domain_obj  # type: ignore[method-assign]
 
 
 _PLAIN = (str, int, bool, type(None))

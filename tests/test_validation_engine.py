@@ -137,6 +137,31 @@ def test_outside_a_validation_gx_expectations_behave_as_shipped(spec: PipelineSp
     assert expectation.configuration is not expectation.configuration  # built afresh, as GX ships it
     expectation.column = "score"
     assert expectation.configuration.kwargs["column"] == "score"
+    configuration = expectation.configuration
+    assert configuration.to_domain_obj() is not configuration.to_domain_obj()
+
+
+def test_inside_a_validation_a_configuration_s_expectation_is_rebuilt_when_it_changes(spec: PipelineSpec) -> None:
+    import great_expectations as gx
+
+    import assets.validate as validate
+
+    run_rules(cast_to_spec(_frame(0), spec), quality_rules(spec), "engine_quality", spec, arrow=False)  # GX patched
+    configuration = gx.expectations.ExpectColumnValuesToBeBetween(column="amount", min_value=0, max_value=1).configuration
+    validate._MEMO.memo = {}
+    try:
+        first = configuration.to_domain_obj()
+        assert configuration.to_domain_obj() is first
+        configuration.kwargs["max_value"] = 2  # GX adds the batch id to a copy's kwargs this way
+        second = configuration.to_domain_obj()
+        assert second is not first and second.max_value == 2
+        configuration.meta = {"kiln_rule": 3}
+        assert configuration.to_domain_obj().meta == {"kiln_rule": 3}
+        third = configuration.to_domain_obj()
+        third.min_value = -1  # an assigned expectation is never handed out again
+        assert configuration.to_domain_obj() is not third and configuration.to_domain_obj().min_value == 0
+    finally:
+        validate._MEMO.memo = None
 
 
 def test_plain_metric_ids_are_the_ids_gx_computes(spec: PipelineSpec, monkeypatch: pytest.MonkeyPatch) -> None:
