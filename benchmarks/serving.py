@@ -11,7 +11,8 @@ champion's booster with:
 - **mlflow**: ``mlflow models serve --env-manager local`` of ``models:/fraud/<v>`` with ``dataframe_split`` of the
   already-computed feature row (so it does less work than Kiln: no validation, no feature code);
 - **uvicorn**: a bare Starlette app under uvicorn calling ``booster.predict`` on a JSON feature row (the HTTP floor);
-- **in-process**: ``booster.predict`` on one feature row, and Kiln's whole request path (parse, features, predict).
+- **in-process**: ``booster.predict`` on one feature row, and Kiln's whole request path as the service runs it for a
+  one-row request (``parse_request``, ``frame_of``, ``compute_features``, predict), called back to back.
 
 Every server runs one worker process. Load comes from a separate process (asyncio + aiohttp, keep-alive) at 1, 16
 and 64 connections for ``--seconds`` each, one row per request. Then, because a shared machine's speed drifts from
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     from platform_defs.lifecycle import ingest, retrain, simulate, source_partitions
     from platform_defs.profiles import local_paths, resources
     from platform_defs.spec import load_spec
-    from serving.requests import parse_body
+    from serving.requests import frame_of, parse_body, parse_request
 
     spec = load_spec(spec_dir / "fraud.yaml")
     defs = build_definitions([spec])
@@ -278,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         predict_us = (time.perf_counter() - t0) / n * 1e6
         t0 = time.perf_counter()
         for _ in range(n // 4):
-            booster.predict(matrix(compute_features(parse_body(kiln_body, spec, 10), spec), spec), num_threads=1)
+            booster.predict(matrix(compute_features(frame_of([parse_request(kiln_body, spec, 10)], spec), spec), spec), num_threads=1)
         path_us = (time.perf_counter() - t0) / (n // 4) * 1e6
 
         # soak
