@@ -56,6 +56,10 @@ def _expressions(spec_json: str) -> tuple[list[Any], Any]:
 
 
 _SPEC_JSON: dict[int, tuple[PipelineSpec, str]] = {}
+# Up to this many rows the feature expressions run one after another on the calling thread (``select_seq``): for a
+# served batch of a few rows each expression is microseconds of work, and handing them to polars' thread pool costs
+# more than that (a wake-up per pool thread per call, whose spinning then competes with the server for the CPUs).
+SEQUENTIAL_ROWS = 50_000
 
 
 def _spec_json(spec: PipelineSpec) -> str:
@@ -71,7 +75,7 @@ def _spec_json(spec: PipelineSpec) -> str:
 def compute_features(frame: pl.DataFrame, spec: PipelineSpec) -> pl.DataFrame:
     """The model's input matrix for rows of source columns, in ``spec.feature_names`` order."""
     exprs, function = _expressions(_spec_json(spec))
-    out = frame.select(exprs)
+    out = frame.select_seq(exprs) if frame.height <= SEQUENTIAL_ROWS else frame.select(exprs)
     if function is not None:
         extra = function(frame)
         out = out.with_columns(extra.select([c for c in extra.columns if c not in out.columns]))

@@ -11,7 +11,9 @@ the model version, so the endpoint batches here instead, after validation:
   one ended, the gap being the recent time one batch took to score (never more than ``max_latency_s``): a scorer
   that restarts the moment it finishes keeps a core busy on batches of one or two, while resting as long as it
   worked lets each batch take about twice the requests for half the CPU, at the price of at most one batch
-  duration of extra wait (an endpoint idle for longer than the gap dispatches at once);
+  duration of extra wait (an endpoint idle for longer than the gap dispatches at once). ``rest=False`` turns this
+  off: for clients that share the server's cores (the router's handed-over connections on the same machine), a rest
+  idles a core the clients would otherwise keep busy, and costs more throughput than the larger batches save;
 - no request waits in the queue longer than ``max_latency_s`` for a free scorer: past that, a second batch starts
   next to the one in flight (at most ``max_parallel`` at a time);
 - the score function runs once per batch and returns one prediction per row, in request order; each request gets
@@ -48,7 +50,7 @@ class MicroBatcher(Generic[T]):
     """Scores queued items in adaptive batches; ``await submit(item, rows)`` answers that item's predictions."""
 
     def __init__(self, score: Callable[[list[T]], Sequence[Any]], max_rows: int, max_latency_s: float,
-                 max_parallel: int = 2, inline_rows: int = 64) -> None:
+                 max_parallel: int = 2, inline_rows: int = 64, rest: bool = True) -> None:
         if max_rows < 1 or max_latency_s <= 0 or max_parallel < 1:
             raise ValueError(f"MicroBatcher: max_rows ({max_rows}) and max_parallel ({max_parallel}) must be >= 1 and "
                              f"max_latency_s ({max_latency_s}) > 0")
@@ -57,6 +59,7 @@ class MicroBatcher(Generic[T]):
         self.max_latency_s = max_latency_s
         self.max_parallel = max_parallel
         self.inline_rows = inline_rows
+        self.rest = rest
         self._last_requests = 0  # requests in the last batch: resting between batches pays only when it was several
         self.running = 0
         self.cost_s = 0.0  # moving average of one batch's scoring time: the gap between batch starts under load
@@ -94,7 +97,7 @@ class MicroBatcher(Generic[T]):
                 wake.clear()
                 await wake.wait()
                 continue
-            if not self.running and self._last_requests > 1:
+            if not self.running and self._last_requests > 1 and self.rest:
                 gap = self._last_end + min(self.cost_s, self.max_latency_s) - time.perf_counter()
                 if gap > 0 and self._queued_rows < self.max_rows:
                     wake.clear()

@@ -145,3 +145,25 @@ def test_small_quick_batches_score_on_the_event_loop_and_slow_ones_in_a_thread()
     assert threads[0] == threading.main_thread().name and threads[1].startswith("kiln-batch")
     assert threads[2] == threading.main_thread().name and threads[3].startswith("kiln-batch")
     assert threads[-1] == threading.main_thread().name  # quick again: back on the loop
+
+
+
+@pytest.mark.parametrize("rest", [True, False])
+def test_after_a_multi_request_batch_the_batcher_rests_unless_told_not_to(rest: bool) -> None:
+    """After a batch of several requests the batcher rests about one batch duration so the next batch can grow;
+    ``rest=False`` dispatches at once."""
+    scorer = Scorer()
+    batcher: MicroBatcher[list[int]] = MicroBatcher(scorer, max_rows=100, max_latency_s=3.0, rest=rest)
+
+    async def go() -> float:
+        await asyncio.gather(*(batcher.submit([i], 1) for i in range(3)))  # warm: the dispatcher runs
+        batcher.cost_s, batcher._last_requests, batcher._last_end = 3.0, 2, time.perf_counter()  # as after a slow batch of 2
+        started = time.perf_counter()
+        assert await batcher.submit([7], 1) == [70]
+        return time.perf_counter() - started
+
+    waited = run(go())
+    if rest:
+        assert waited > 2.0  # the whole rest (3 s)
+    else:
+        assert waited < 1.5  # dispatched at once

@@ -196,3 +196,29 @@ def test_non_json_numbers_and_junk_get_400_on_the_fast_entry(spec: PipelineSpec)
         with pytest.raises(RequestError) as caught:
             parse_request(raw, spec, 10)
         assert caught.value.status == 400 and "body" in str(caught.value) or "rows" in str(caught.value)
+
+
+def test_small_batches_get_the_same_features_and_matrix_as_large_frames(spec: PipelineSpec, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Served batches run the feature expressions sequentially and fill the matrix on the calling thread; a frame
+    above the thresholds takes polars' parallel select and to_numpy. Both must give the same numbers, nulls included."""
+    import numpy as np
+
+    import assets.features as features
+    import assets.train as train
+
+    allowed = spec.schema_["country"].allowed or []
+    rows = [ROW | {"txn_id": f"t{i}", "country": "ZZ" if i % 3 == 0 else allowed[i % len(allowed)],
+                   "customer_age": None if i % 2 else 30 + i, "distance_from_home_km": None if i % 4 == 1 else 1.5 * i,
+                   "amount": 10.0 * i, "ts": f"2026-03-0{1 + i % 9}T{i % 24:02d}:15:00"} for i in range(40)]
+    frame = parse_rows(rows, spec, 100, unknown_category="allow")
+    small = features.compute_features(frame, spec)
+    small_matrix = train.matrix(small, spec)
+    assert small.null_count().sum_horizontal().item() > 0  # nulls in categorical codes and passthrough columns
+    monkeypatch.setattr(features, "SEQUENTIAL_ROWS", 0)
+    monkeypatch.setattr(train, "SMALL_FRAME_ROWS", 0)
+    large = features.compute_features(frame, spec)
+    assert small.equals(large, null_equal=True)
+    large_matrix = train.matrix(large, spec)
+    assert small_matrix.dtype == large_matrix.dtype == np.float64 and small_matrix.shape == large_matrix.shape == (40, len(spec.feature_names))
+    assert np.array_equal(small_matrix, large_matrix, equal_nan=True)
+    assert np.isnan(small_matrix).any()
