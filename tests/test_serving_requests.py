@@ -219,6 +219,7 @@ def test_small_batches_get_the_same_features_and_matrix_as_large_frames(spec: Pi
     large = features.compute_features(frame, spec)
     assert small.equals(large, null_equal=True)
     large_matrix = train.matrix(large, spec)
-    assert small_matrix.dtype == large_matrix.dtype == np.float64 and small_matrix.shape == large_matrix.shape == (40, len(spec.feature_names))
+    assert small_matrix.dtype == large_matrix.dtype == np.float64
+    assert small_matrix.shape == large_matrix.shape == (40, len(spec.feature_names))
     assert np.array_equal(small_matrix, large_matrix, equal_nan=True)
     assert np.isnan(small_matrix).any()
