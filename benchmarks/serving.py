@@ -4,10 +4,11 @@ In a throwaway KILN_HOME this script trains the fraud pipeline (``platform_defs.
 retrain -> a live Kiln endpoint: the router on the public port in front of `bentoml serve`), then serves the
 champion's booster with:
 
-- **kiln**: ``POST /predict`` ``{"rows": [<raw input row>]}`` through the router (validation, ``compute_features``,
-  predict, prediction log, metrics; micro-batched across concurrent requests) - the BENCH number; and, without the
-  router hop, **kiln-backend** (BentoML's HTTP route of the `bentoml serve` worker) and **kiln-lane** (the worker's
-  lane port, the way the router reaches it);
+- **kiln**: ``POST /predict`` ``{"rows": [<raw input row>]}`` on the endpoint's public port (validation,
+  ``compute_features``, predict, prediction log, metrics; micro-batched across concurrent requests) - the BENCH
+  number. The router answers each connection's first request and then hands the keep-alive connection to the worker
+  (``serving.handoff``), as it does for any client; and, for comparison, **kiln-backend** (BentoML's HTTP route of
+  the `bentoml serve` worker) and **kiln-lane** (the worker's lane port, the way the router reaches it);
 - **mlflow**: ``mlflow models serve --env-manager local`` of ``models:/fraud/<v>`` with ``dataframe_split`` of the
   already-computed feature row (so it does less work than Kiln: no validation, no feature code);
 - **uvicorn**: a bare Starlette app under uvicorn calling ``booster.predict`` on a JSON feature row (the HTTP floor);

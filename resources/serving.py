@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -130,8 +131,11 @@ class ServingResource(dg.ConfigurableResource):
         lane_port = free_port(self.host)
         url = f"http://{self.host}:{port}"
         log_path = self.folder(pipeline) / f"server-{port}.log"
+        # Where the workers take client connections from the router (serving.handoff): a short path (AF_UNIX limit).
+        handoff_dir = tempfile.mkdtemp(prefix="kiln-h-", dir="/tmp" if len(tempfile.gettempdir()) > 60 else None)
         env = os.environ | {
             "KILN_LANE_PORT": str(lane_port),  # the router's /predict lane into the workers (serving.service)
+            "KILN_HANDOFF_DIR": handoff_dir,
             "KILN_LANE_HOST": self.host,
             "BENTOML_HOME": self.bentoml_home,
             "KILN_MODEL_TAG": model_tag,
@@ -147,7 +151,7 @@ class ServingResource(dg.ConfigurableResource):
         # workers and max_batch_rows size the router's coalescing of /predict requests (serving.router.Coalescer)
         return {"url": url, "lane_url": f"http://{self.host}:{lane_port}", "pid": proc.pid, "port": port, "version": model_version,
                 "bento": bento_tag, "model_tag": model_tag, "log": str(log_path), "workers": workers,
-                "max_batch_rows": spec.serving.max_batch_rows}
+                "max_batch_rows": spec.serving.max_batch_rows, "handoff_dir": handoff_dir}
 
     def _wait_ready(self, pipeline: str, proc: subprocess.Popen[bytes], url: str, log_path: Path, path: str = "/readyz") -> None:
         what = "the router" if "serving.router" in proc.args else "bentoml serve"  # type: ignore[operator]

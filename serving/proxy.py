@@ -52,6 +52,11 @@ class Response:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
+class GiveBack(Exception):  # noqa: N818 - a signal, not an error
+    """Raised by a handler that does not answer this request itself: the connection goes back to its previous owner
+    with the request unanswered (``ServerProtocol(give_back=...)``; :mod:`serving.handoff`)."""
+
+
 def status_line(status: int) -> bytes:
     line = _STATUS_LINES.get(status)
     if line is None:
@@ -72,9 +77,19 @@ def error(status: int, message: str) -> Response:
 class ServerProtocol(asyncio.Protocol):
     """One client connection: parse requests, answer them in order through ``handler``."""
 
-    def __init__(self, handler: Handler, connections: set[ServerProtocol]) -> None:
+    def __init__(self, handler: Handler, connections: set[ServerProtocol], prefix: bytes = b"",
+                 after: Callable[[ServerProtocol, Request, Response], bool] | None = None,
+                 give_back: Callable[[int, bytes], bool] | None = None) -> None:
+        """``prefix``: bytes to parse before the socket's own (a request handed over with its connection). ``after``:
+        called once a request is answered and the connection idle; True when it took the connection away (see
+        :meth:`detach`). ``give_back``: how to return the connection when the handler raises :class:`GiveBack`."""
         self.handler = handler
         self.connections = connections
+        self.prefix = prefix
+        self.after = after
+        self.give_back = give_back
+        self.giving_back: Callable[[int, bytes], bool] | None = None  # set by release(): give back once idle
+        self._partial = False  # a request is being received (its head or body is not complete yet)
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.client = ""
@@ -93,6 +108,9 @@ class ServerProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.client = peer[0] if peer else ""
         self.connections.add(self)
+        if self.prefix:
+            prefix, self.prefix = self.prefix, b""
+            self.data_received(prefix)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.connections.discard(self)
@@ -111,6 +129,7 @@ class ServerProtocol(asyncio.Protocol):
     # httptools callbacks
     def on_message_begin(self) -> None:
         self._url, self._headers, self._body, self._size = b"", [], [], 0
+        self._partial = True
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -134,6 +153,7 @@ class ServerProtocol(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        self._partial = False
         if self._refused:
             return
         url = httptools.parse_url(self._url)
@@ -152,6 +172,10 @@ class ServerProtocol(asyncio.Protocol):
             request, keep_alive = self.pending.popleft()
             try:
                 response = await self.handler(request)
+            except GiveBack:
+                if self._give_back_with(request):
+                    return
+                response = error(503, "this request cannot be served on this connection right now; send it again")
             except Exception as exc:  # noqa: BLE001 - a router bug must not take the connection down silently
                 response = error(502, f"router error: {type(exc).__name__}: {exc}")
             if self.transport is None:
@@ -163,6 +187,60 @@ class ServerProtocol(asyncio.Protocol):
             if not keep_alive:
                 self.transport.close()
                 return
+            if not self.pending and not self._partial:
+                if self.giving_back is not None and self._give_back_with(None):
+                    return
+                if self.after is not None and self.after(self, request, response):
+                    return
+
+    # handing the connection over ----------------------------------------------------------------------------------
+    def idle(self) -> bool:
+        """Between requests: nothing received and unanswered, nothing being answered, everything written."""
+        return (self.transport is not None and not self.transport.is_closing() and not self.pending and not self._partial
+                and not (self.worker and not self.worker.done()) and self.transport.get_write_buffer_size() == 0)
+
+    def detach(self, send: Callable[[int], bool]) -> bool:
+        """Hand the socket over between requests (the caller has dealt with any pending ones): ``send(fd)`` passes the
+        descriptor on (True when it did); then this transport lets go of it without closing the connection (the
+        receiver's copy keeps it open). False leaves the connection here."""
+        from serving.handoff import socket_fd
+
+        transport = self.transport
+        if transport is None or transport.is_closing() or self._partial or transport.get_write_buffer_size():
+            return False
+        fd = socket_fd(transport)
+        if fd is None:
+            return False
+        transport.pause_reading()
+        if not send(fd):
+            transport.resume_reading()
+            return False
+        self.connections.discard(self)
+        self.transport = None
+        transport.close()  # only this process's descriptor: no FIN while the new owner holds its copy
+        return True
+
+    def release(self, give_back: Callable[[int, bytes], bool]) -> None:
+        """Give the connection back now if idle, else as soon as its request in progress is answered."""
+        self.giving_back = give_back
+        if self.idle():
+            self._give_back_with(None)
+
+    def _give_back_with(self, request: Request | None) -> bool:
+        """Give the connection back with ``request`` (unanswered) and any pipelined ones as its prefix."""
+        from serving.handoff import MAX_PREFIX_BYTES, request_bytes
+
+        give_back = self.giving_back or self.give_back
+        if give_back is None or self._partial:
+            return False
+        queued = ([request] if request is not None else []) + [r for r, _ in self.pending]
+        prefix = b"".join(request_bytes(r.method, r.path, r.query, r.raw_headers, r.body) for r in queued)
+        if len(prefix) > MAX_PREFIX_BYTES:
+            return False
+        if not self.detach(lambda fd: give_back(fd, prefix)):
+            return False
+        self.pending.clear()
+        return True
 
     def _write(self, response: Response, keep_alive: bool) -> None:
         assert self.transport is not None

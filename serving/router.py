@@ -16,13 +16,19 @@ per client request, and the router makes one upstream round trip for many. If a 
 client's rows are invalid) or fails, each of its requests is sent again on its own, so every client gets its own
 answer: a 4xx naming its own field, never a neighbour's.
 
+With one champion and no release running, a client's keep-alive connection is *handed over* to a champion worker once
+the router has answered its first ``POST /predict`` (:mod:`serving.handoff`): the worker answers the connection's
+later requests itself (a third less CPU per request than proxying them), and gives the connection back for anything
+that is the router's business. Every reload of the configuration first calls the handed connections back, and
+``/_kiln/reload`` answers once they are back, so a roll, canary, shadow or promotion routes every later request.
+
 Both arms are logged (arm, model version, status, latency, predictions) as JSON lines for the gate, and
 counted in memory for ``/_kiln/arms``. Configuration is a JSON file written by ``ServingResource``;
 ``POST /_kiln/reload`` (loopback only, ``X-Kiln-Admin`` token from that file) makes the router re-read it.
 On SIGTERM the router stops the backends it fronts.
 
 Series at the router's ``/metrics`` (appended to the champion backend's own): ``kiln_router_requests_total``
-``{arm, model_version, status}``, ``kiln_router_request_duration_seconds{arm}``, and the coalescing counts
+``{arm, model_version, status}`` (the requests the router answered itself, not those on handed-over connections), ``kiln_router_request_duration_seconds{arm}``, and the coalescing counts
 ``kiln_router_combined_requests_total{arm}`` (upstream requests that carried several client requests) and
 ``kiln_router_coalesced_requests_total{arm}`` (client requests answered from them).
 """
@@ -41,6 +47,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from serving.handoff import BackendChannels
 from serving.proxy import HOP_HEADERS, JSON_HEADERS, Request, Response, ServerProtocol, Upstream, close_idle
 
 PROTECTED = ("/predict", "/metadata")
@@ -48,6 +55,7 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 FLUSH_EVERY_S = 1.0
 FLUSH_ROWS = 200
 WARMUP_REQUESTS = 10
+RESCAN_S = 5.0  # how often to look for a champion's worker channels while it has none
 DEFAULT_BATCH_ROWS = 1000  # an upstream record without the spec's serving.max_batch_rows (written by an older Kiln)
 
 
@@ -119,11 +127,16 @@ class Router:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.metrics: RouterMetrics | None = None
         self.coalescers: dict[str, Coalescer] = {}
+        self.connections: set[ServerProtocol] = set()
+        self.handoff: BackendChannels | None = None  # the champion's workers, while connections are handed to them
+        self.recalling: dict[str, BackendChannels] = {}  # backends giving their connections back (by url)
+        self._rescan_at = 0.0
         self.load()
 
     # configuration -------------------------------------------------------------------------------------------
     def load(self) -> None:
         self.flush()
+        self.recall()
         before = self._arm_upstreams()
         self.config = json.loads(self.config_path.read_text())
         self.generation += 1
@@ -133,6 +146,52 @@ class Router:
         live = {u.get(k) for arm in ("champion", "challenger") if (u := self.config.get(arm)) for k in ("url", "lane_url")}
         for url in [u for u in self.upstreams if u not in live]:  # in-flight requests keep their connection; idle ones go
             self.upstreams.pop(url).close()
+
+    # connection handoff (serving.handoff) -------------------------------------------------------------------------
+    def recall(self) -> None:
+        """Ask the champion's workers for the connections handed to them (before the routing changes)."""
+        if self.handoff is not None:
+            url = str((self.config.get("champion") or {}).get("url", ""))
+            self.handoff.recall()
+            if not self.handoff.recalled.is_set():
+                self.recalling[url] = self.handoff
+            self.handoff = None
+
+    async def recalled(self, timeout: float = 10.0) -> None:
+        """Wait (bounded) until every recalled connection is back with the router."""
+        deadline = time.monotonic() + timeout
+        for url, channels in list(self.recalling.items()):
+            try:
+                await asyncio.wait_for(channels.recalled.wait(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                pass
+            channels.close()
+            self.recalling.pop(url, None)
+
+    def hand_over(self, protocol: ServerProtocol, request: Request, response: Response) -> bool:
+        """After a connection's ``POST /predict`` is answered: with one champion and nothing else to route (no canary, no
+        shadow), hand the client's connection to a champion worker, which answers its next requests itself."""
+        if request.path != "/predict" or response.status != 200 or self.config.get("challenger"):
+            return False
+        champion = self.config.get("champion") or {}
+        folder = champion.get("handoff_dir")
+        if not folder:
+            return False
+        now = time.monotonic()
+        if self.handoff is None or self.handoff.folder != folder or (not self.handoff.channels and now > self._rescan_at):
+            if self.handoff is not None:
+                self.handoff.close()
+            self.handoff = BackendChannels(folder, asyncio.get_running_loop(), self.adopt)
+            self._rescan_at = now + RESCAN_S  # workers without channels (yet): look again later, not per request
+        return bool(self.handoff.channels) and protocol.detach(self.handoff.hand)
+
+    def adopt(self, sock: Any, prefix: bytes) -> None:
+        """A connection given back by a worker: served here from now on, starting with the request it carried back."""
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(loop.connect_accepted_socket(
+            lambda: ServerProtocol(self.handle, self.connections, prefix=prefix, after=self.hand_over), sock))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     def _arm_upstreams(self) -> dict[str, str]:
         return {f"{arm}:{u['version']}": u["url"] for arm in ("champion", "challenger") if (u := self.config.get(arm))}
@@ -153,7 +212,10 @@ class Router:
         if path == "/livez":
             return Response(200, JSON_HEADERS, b'{"status":"ok","router":true}')
         if path.startswith("/_kiln/"):
-            return self._admin(request)
+            response = self._admin(request)
+            if path == "/_kiln/reload" and response.status == 200:
+                await self.recalled()  # answered once no client connection is left with a backend routed away from
+            return response
         if path in PROTECTED and not self._authorized(request.headers):
             return Response(401, JSON_HEADERS, b'{"error":"unauthorized: send the API key as \'Authorization: Bearer <key>\'"}')
         if path == "/metrics":
@@ -304,7 +366,8 @@ class Router:
             "challenger": self.config.get("challenger"),
             "mode": self.config.get("mode", "none"),
             "share": self.config.get("share", 0),
-            "in_flight": self.in_flight,
+            # a backend still holding handed-over connections counts as busy: ServingResource.drain waits for them
+            "in_flight": {**self.in_flight, **{u: self.in_flight.get(u, 0) + 1 for u in self.recalling}},
             "arms": {k: v.summary() for k, v in self.arms.items()},
         }
         return Response(200, JSON_HEADERS, json.dumps(state).encode())
@@ -313,9 +376,9 @@ class Router:
     async def serve(self, host: str, port: int, ready: asyncio.Event | None = None) -> None:
         """Serve until SIGTERM/SIGINT; then stop accepting, let in-flight requests finish, and stop the backends."""
         loop = asyncio.get_running_loop()
-        connections: set[ServerProtocol] = set()
-        server = await loop.create_server(lambda: ServerProtocol(self.handle, connections), host, port, backlog=2048,
-                                          reuse_address=True)
+        connections = self.connections
+        server = await loop.create_server(lambda: ServerProtocol(self.handle, connections, after=self.hand_over), host, port,
+                                          backlog=2048, reuse_address=True)
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)

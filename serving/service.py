@@ -20,6 +20,11 @@ ignored on BentoML's route), so ``kiln_requests_total`` still counts client requ
 (what a Kubernetes Service or a client without the router calls); its ``bentoml_service_*`` series count only
 the requests that came that way, Kiln's ``kiln_*`` series count both.
 
+With ``KILN_HANDOFF_DIR`` set (``ServingResource`` does), each worker also takes client connections the router hands over
+(:mod:`serving.handoff`): their ``POST /predict`` requests are answered by :meth:`KilnService.front` (the lane's code,
+the client's own headers, ``X-Kiln-Requests`` ignored), anything else goes back to the router with the connection.
+Those clients share the machine's cores with the worker, so the batcher does not rest between batches for them.
+
 Answers carry the model version in the ``X-Kiln-Model-Version`` header. With ``KILN_API_KEY``
 set, ``/predict`` and ``/metadata`` need ``Authorization: Bearer <key>`` (or ``X-API-Key``);
 ``/livez``, ``/readyz`` and ``/metrics`` stay open. Access logs are off unless ``KILN_ACCESS_LOG=1``;
@@ -54,7 +59,7 @@ import bentoml
 
 from assets.features import compute_features
 from platform_defs.spec import PipelineSpec
-from serving.proxy import JSON_HEADERS, Request, Response
+from serving.proxy import JSON_HEADERS, GiveBack, Request, Response
 from serving.requests import MAX_BODY_BYTES, RequestError, Rows, frame_of, parse_request
 
 LOG_FILES_KEPT = 48
@@ -217,7 +222,9 @@ class KilnService:
         self.max_rows = self.spec.serving.max_batch_rows
         self.unknown_category = self.spec.serving.unknown_category
         self.metrics = EndpointMetrics(self.spec.name, self.version)
-        self.batcher: MicroBatcher[Rows] = MicroBatcher(self.score, self.max_rows, self.spec.serving.max_latency_ms / 1000)
+        # Clients whose connections the router hands over share this machine's cores: no rest between batches for them.
+        self.batcher: MicroBatcher[Rows] = MicroBatcher(self.score, self.max_rows, self.spec.serving.max_latency_ms / 1000,
+                                                        rest=not os.environ.get("KILN_HANDOFF_DIR"))
         lane = os.environ.get("KILN_LANE_PORT")
         if lane:
             self._open_lane(int(lane))
@@ -289,6 +296,58 @@ class KilnService:
         status, content = await self.answer(request.raw_headers, request.body, time.perf_counter(), requests)
         return Response(status, [(b"content-type", JSON), (b"x-kiln-model-version", self.version_header)], content)
 
+    async def front(self, request: Request) -> Response:
+        """A client connection the router handed over (:mod:`serving.handoff`): its ``POST /predict`` requests are
+        answered here as the router would answer them; anything else goes back to the router with the connection."""
+        if request.path != "/predict" or request.method != "POST":
+            raise GiveBack
+        status, content = await self.answer(request.raw_headers, request.body, time.perf_counter())
+        return Response(status, [(b"content-type", JSON), (b"x-kiln-model-version", self.version_header),
+                                 (b"x-kiln-arm", b"champion")], content)
+
+    def _open_handoff(self, folder: str, loop: Any, swept: set[Any]) -> None:
+        """Take the client connections the router hands over on ``<folder>/<pid>.sock``; give them back when asked."""
+        import asyncio
+        import socket
+
+        from serving.handoff import WorkerChannels
+        from serving.proxy import ServerProtocol
+
+        handed: dict[socket.socket, set[ServerProtocol]] = {}
+        adopting: dict[socket.socket, set[asyncio.Task[Any]]] = {}
+
+        def adopt(sock: socket.socket, channel: socket.socket) -> None:
+            mine = handed.setdefault(channel, set())
+
+            def made() -> ServerProtocol:
+                protocol = ServerProtocol(self.front, swept, give_back=lambda fd, prefix: channels.given_back(channel, fd, prefix))
+                mine.add(protocol)
+                return protocol
+
+            task = loop.create_task(loop.connect_accepted_socket(made, sock))
+            pending = adopting.setdefault(channel, set())
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+
+        async def give_back(channel: socket.socket) -> None:
+            """Every connection of the channel back to the router (each once idle), then ``done``."""
+            await asyncio.gather(*adopting.pop(channel, set()), return_exceptions=True)  # handed over just before
+            mine = handed.pop(channel, set())
+            for protocol in list(mine):
+                protocol.release(lambda fd, prefix: channels.given_back(channel, fd, prefix))
+            deadline = time.monotonic() + 30.0
+            while any(p.transport is not None for p in mine) and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+            channels.finished(channel)
+
+        def give_back_all(channel: socket.socket) -> None:
+            task = loop.create_task(give_back(channel))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        channels = WorkerChannels(folder, loop, adopt, give_back_all)
+        self._handoff = channels
+
     def _open_lane(self, port: int) -> None:
         """Listen on the lane port (shared by all workers through SO_REUSEPORT) before the service reports ready."""
         import asyncio
@@ -306,6 +365,10 @@ class KilnService:
         connections: set[ServerProtocol] = set()
         self._lane = loop.create_task(loop.create_server(lambda: ServerProtocol(self.lane, connections), sock=sock))
         self._lane_sweeper = loop.create_task(close_idle(connections, asyncio.Event()))  # idle keep-alive clients
+        self._tasks: set[asyncio.Task[Any]] = set()
+        folder = os.environ.get("KILN_HANDOFF_DIR")
+        if folder:
+            self._open_handoff(folder, loop, connections)
 
     def metadata(self, scope: dict[str, Any]) -> tuple[int, bytes]:
         """Pipeline, model version, MLflow run id, Dagster run id and training data version."""

@@ -241,6 +241,36 @@ def test_concurrent_requests_are_coalesced_and_each_gets_its_own_answer(world: d
     assert len(counted) == 2 and counted[1] - counted[0] == served, (counted, served)
 
 
+def test_a_keep_alive_connection_is_handed_to_the_worker_and_answered_the_same(world: dict[str, Any]) -> None:
+    """After the router answers a connection's first POST /predict it hands the client's connection to a worker
+    (serving.handoff): the client gets the same answers and headers, the router counts only that first request, the
+    worker counts them all, and a request that is the router's business (/livez) on that connection is still the router's."""
+    url = world["url"]
+    body = json.dumps({"rows": world["rows"][:3]}).encode()
+    alone = _post(url, None, raw=body)  # a connection of its own: answered by the router
+    assert alone.status_code == 200, alone.text
+    version = world["serving"].state(NAME)["model_version"]
+    ok = f'kiln_requests_total{{model_version="{version}",pipeline="{NAME}",status="200"}}'
+    before = httpx.get(f"{url}/metrics", timeout=30).text
+    with httpx.Client(timeout=30, headers={**AUTH, "Content-Type": "application/json"}) as http:
+        answers = [http.post(f"{url}/predict", content=body) for _ in range(10)]
+        middle = httpx.get(f"{url}/metrics", timeout=30).text
+        livez = http.get(f"{url}/livez")
+        bad = http.post(f"{url}/predict", content=json.dumps({"rows": [_row(world, country="XX")]}).encode())
+        wrong_key = http.post(f"{url}/predict", content=body, headers={"Authorization": "Bearer wrong"})
+        last = http.post(f"{url}/predict", content=body)
+    for response in [*answers, last]:
+        assert response.status_code == 200 and response.json() == alone.json(), response.text
+        assert response.headers["x-kiln-arm"] == "champion" and response.headers["x-kiln-model-version"] == version
+    assert livez.status_code == 200 and livez.json() == {"status": "ok", "router": True}
+    assert bad.status_code == 400 and "country" in bad.json()["error"]
+    assert wrong_key.status_code == 401 and "unauthorized" in wrong_key.json()["error"]
+    routed = _series(middle, "kiln_router_requests_total") - _series(before, "kiln_router_requests_total")
+    served = [float(line.rsplit(" ", 1)[1]) for text in (before, middle) for line in text.splitlines() if line.startswith(ok)]
+    assert routed == 1, routed  # the connection's first request; the other nine went straight to the worker
+    assert served[1] - served[0] == 10, served
+
+
 def test_roll_to_a_new_version_under_load_has_no_failed_request(world: dict[str, Any]) -> None:
     from platform_defs.lifecycle import retrain
     from resources.serving import pid_alive
