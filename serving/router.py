@@ -28,7 +28,8 @@ counted in memory for ``/_kiln/arms``. Configuration is a JSON file written by `
 On SIGTERM the router stops the backends it fronts.
 
 Series at the router's ``/metrics`` (appended to the champion backend's own): ``kiln_router_requests_total``
-``{arm, model_version, status}`` (the requests the router answered itself, not those on handed-over connections), ``kiln_router_request_duration_seconds{arm}``, and the coalescing counts
+``{arm, model_version, status}`` (the requests the router answered itself, not those on handed-over
+connections), ``kiln_router_request_duration_seconds{arm}``, and the coalescing counts
 ``kiln_router_combined_requests_total{arm}`` (upstream requests that carried several client requests) and
 ``kiln_router_coalesced_requests_total{arm}`` (client requests answered from them).
 """
