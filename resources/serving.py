@@ -132,7 +132,9 @@ class ServingResource(dg.ConfigurableResource):
         url = f"http://{self.host}:{port}"
         log_path = self.folder(pipeline) / f"server-{port}.log"
         # Where the workers take client connections from the router (serving.handoff): a short path (AF_UNIX limit).
-        handoff_dir = tempfile.mkdtemp(prefix="kiln-h-", dir="/tmp" if len(tempfile.gettempdir()) > 60 else None)
+        handoff_base = "/tmp" if len(tempfile.gettempdir()) > 60 else tempfile.gettempdir()
+        sweep_handoff_dirs(handoff_base)
+        handoff_dir = tempfile.mkdtemp(prefix=HANDOFF_PREFIX, dir=handoff_base)
         env = os.environ | {
             "KILN_LANE_PORT": str(lane_port),  # the router's /predict lane into the workers (serving.service)
             "KILN_HANDOFF_DIR": handoff_dir,
@@ -386,6 +388,47 @@ def stop(pid: int | None) -> None:
             pass
     if pid_alive(pid):
         os.killpg(pid, signal.SIGKILL)
+
+
+HANDOFF_PREFIX = "kiln-h-"
+
+
+def sweep_handoff_dirs(base: str, min_age_s: float = 600.0) -> list[str]:
+    """Remove the handoff folders of backends that are gone: every ``<pid>.sock`` in them names a dead process
+    (a stopped or killed ``bentoml serve`` leaves its folder behind). Folders younger than ``min_age_s`` are kept
+    (their workers may not have started yet), and so is anything that is not ours to remove."""
+    import shutil
+
+    removed: list[str] = []
+    try:
+        names = [n for n in os.listdir(base) if n.startswith(HANDOFF_PREFIX)]
+    except OSError:
+        return removed
+    for name in names:
+        folder = os.path.join(base, name)
+        try:
+            if not os.path.isdir(folder) or os.path.islink(folder) or os.stat(folder).st_uid != os.getuid():
+                continue
+            if time.time() - os.stat(folder).st_mtime < min_age_s:
+                continue
+            pids = [n.removesuffix(".sock") for n in os.listdir(folder)]
+        except OSError:
+            continue
+        if not all(p.isdigit() for p in pids) or any(_process_exists(int(p)) for p in pids):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def tail(path: Path, lines: int = 30) -> str:

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import tempfile
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -182,3 +185,38 @@ def test_a_busy_connection_is_given_back_once_its_request_is_answered() -> None:
                 workers.close()
 
     asyncio.run(asyncio.wait_for(go(), timeout=30))
+
+
+def test_handoff_folders_of_gone_backends_are_swept_and_live_or_young_ones_kept(tmp_path):
+    """``start_backend`` sweeps the ``kiln-h-*`` folders stopped backends left behind: only old folders whose every
+    ``<pid>.sock`` names a dead process go; a live worker's, a young one and one holding other files stay."""
+    import subprocess
+    import sys
+
+    from resources.serving import sweep_handoff_dirs
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead_pid = int(done.stdout)
+    old = time.time() - 3600
+
+    def folder(name: str, files: list[str], mtime: float | None = old) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        for file in files:
+            (path / file).touch()
+        if mtime is not None:
+            os.utime(path, (mtime, mtime))
+        return path
+
+    gone = folder("kiln-h-gone", [f"{dead_pid}.sock"])
+    empty = folder("kiln-h-empty", [])
+    live = folder("kiln-h-live", [f"{dead_pid}.sock", f"{os.getpid()}.sock"])
+    young = folder("kiln-h-young", [f"{dead_pid}.sock"], mtime=None)
+    other = folder("kiln-h-other", [f"{dead_pid}.sock", "notes.txt"])
+    unrelated = folder("elsewhere", [f"{dead_pid}.sock"])
+
+    removed = sweep_handoff_dirs(str(tmp_path))
+
+    assert sorted(removed) == sorted([str(gone), str(empty)])
+    assert not gone.exists() and not empty.exists()
+    assert live.exists() and young.exists() and other.exists() and unrelated.exists()
