@@ -21,7 +21,8 @@ minute to minute, the BENCH numbers come from ``--rounds`` *paired* rounds at 16
 mlflow back to back in each round, the ratios taken within a round; BENCH reports the round with the median
 kiln/uvicorn ratio. Last, Kiln soaks at 16 connections for ``--soak`` seconds (default 300) with the RSS of all its
 processes before and after. Run:
-``.venv/bin/python benchmarks/serving.py`` (or ``--seconds 5 --soak 60`` for a quick run). The load generator
+``.venv/bin/python benchmarks/serving.py`` (or ``--seconds 5 --soak 60`` for a quick run; the temporary KILN_HOME is
+removed at the end unless ``--keep`` or the run failed). The load generator
 shares the machine's cores with the servers, so absolute numbers are a floor on a busy machine. Ends with
 ``BENCH serving rps_kiln=<n> rps_mlflow=<n> rps_uvicorn=<n> p99_ms_kiln=<ms> errors=<n>`` (16 connections: the paired
 round with the median kiln/uvicorn ratio; errors over every cell, round and the soak).
@@ -173,13 +174,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="paired rounds (kiln, uvicorn, mlflow) at 16 connections")
     parser.add_argument("--days", type=int, default=3)
     parser.add_argument("--rows", type=int, default=5000)
+    parser.add_argument("--keep", action="store_true", help="keep the temporary KILN_HOME (servers' logs) and print its path")
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1 (BENCH comes from the paired rounds)")
 
+    home = Path(tempfile.mkdtemp(prefix="kiln-bench-serving-"))
+    rc = 1
+    try:
+        rc = run(args, home)
+    finally:  # a failed run keeps its servers' logs
+        if args.keep or rc:
+            print(f"kept {home}")
+        else:
+            import shutil
+
+            shutil.rmtree(home, ignore_errors=True)
+    return rc
+
+
+def run(args: argparse.Namespace, home: Path) -> int:
     import yaml
 
-    home = Path(tempfile.mkdtemp(prefix="kiln-bench-serving-"))
     spec_dir = home / "pipelines"
     spec_dir.mkdir()
     data = yaml.safe_load(FRAUD_SPEC.read_text())
