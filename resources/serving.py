@@ -91,12 +91,12 @@ class ServingResource(dg.ConfigurableResource):
                 self.write_router_config(pipeline, config)
                 router_pid = self.start_router(pipeline, port)
         except BaseException:
-            stop(backend["pid"])
+            stop_backend(backend)
             raise
         for upstream in old:
             if upstream.get("pid") != backend["pid"]:
                 self.drain(pipeline, upstream["url"])
-                stop(upstream.get("pid"))
+                stop_backend(upstream)
         record = {
             "pipeline": pipeline,
             "url": url,
@@ -147,9 +147,13 @@ class ServingResource(dg.ConfigurableResource):
             "BENTOML_DO_NOT_TRACK": "True",
         }
         cmd = [sys.executable, "-m", "bentoml", "serve", bento_tag, "--host", self.host, "--port", str(port)]
-        with log_path.open("ab") as log:
-            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self._wait_ready(pipeline, proc, url, log_path)
+        try:
+            with log_path.open("ab") as log:
+                proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self._wait_ready(pipeline, proc, url, log_path)
+        except BaseException:
+            remove_handoff_dir(handoff_dir)
+            raise
         # workers and max_batch_rows size the router's coalescing of /predict requests (serving.router.Coalescer)
         return {"url": url, "lane_url": f"http://{self.host}:{lane_port}", "pid": proc.pid, "port": port, "version": model_version,
                 "bento": bento_tag, "model_tag": model_tag, "log": str(log_path), "workers": workers,
@@ -249,7 +253,7 @@ class ServingResource(dg.ConfigurableResource):
         self.apply_router_config(pipeline, config)
         if old:
             self.drain(pipeline, old["url"])
-            stop(old.get("pid"))
+            stop_backend(old)
         record = record | {"challenger": {"model_version": model_version, "bento": bento_tag, "pid": backend["pid"],
                                           "url": backend["url"], "mode": mode, "share": share}}
         self._write_record(pipeline, record)
@@ -271,7 +275,7 @@ class ServingResource(dg.ConfigurableResource):
         self.apply_router_config(pipeline, config)
         if old:
             self.drain(pipeline, old["url"])
-            stop(old.get("pid"))
+            stop_backend(old)
         record = dict(self.state(pipeline) or {})
         record.pop("challenger", None)
         record.update(backend_pid=challenger["pid"], backend_url=challenger["url"], backend_lane_url=challenger.get("lane_url"),
@@ -289,7 +293,7 @@ class ServingResource(dg.ConfigurableResource):
         self.apply_router_config(pipeline, config)
         if challenger:
             self.drain(pipeline, challenger["url"])
-            stop(challenger.get("pid"))
+            stop_backend(challenger)
         record = dict(self.state(pipeline) or {})
         record.pop("challenger", None)
         self._write_record(pipeline, record)
@@ -327,8 +331,11 @@ class ServingResource(dg.ConfigurableResource):
         if not record:
             return False
         was_alive = pid_alive(record.get("pid"))
+        config = self.router_config(pipeline)
         stop(record.get("pid"))  # the router stops the backends it fronts
         stop(record.get("backend_pid"))
+        for upstream in (config.get("champion"), config.get("challenger")):
+            stop_backend(upstream)
         (self.folder(pipeline) / "endpoint.json").unlink(missing_ok=True)
         return was_alive
 
@@ -391,6 +398,21 @@ def stop(pid: int | None) -> None:
 
 
 HANDOFF_PREFIX = "kiln-h-"
+
+
+def stop_backend(upstream: dict[str, Any] | None) -> None:
+    """Stop a backend started by :meth:`ServingResource.start_backend` and remove its handoff folder."""
+    if upstream:
+        stop(upstream.get("pid"))
+        remove_handoff_dir(upstream.get("handoff_dir"))
+
+
+def remove_handoff_dir(folder: str | None) -> None:
+    """Remove a backend's handoff folder (only one Kiln made: named ``kiln-h-*``); the sockets in it die with the backend."""
+    import shutil
+
+    if folder and os.path.basename(folder).startswith(HANDOFF_PREFIX) and not os.path.islink(folder):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def sweep_handoff_dirs(base: str, min_age_s: float = 600.0) -> list[str]:

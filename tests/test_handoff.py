@@ -220,3 +220,18 @@ def test_handoff_folders_of_gone_backends_are_swept_and_live_or_young_ones_kept(
     assert sorted(removed) == sorted([str(gone), str(empty)])
     assert not gone.exists() and not empty.exists()
     assert live.exists() and young.exists() and other.exists() and unrelated.exists()
+
+
+def test_stopping_a_backend_removes_its_handoff_folder_and_nothing_else(tmp_path):
+    from resources.serving import remove_handoff_dir, stop_backend
+
+    ours = tmp_path / "kiln-h-abc"
+    ours.mkdir()
+    (ours / "123.sock").touch()
+    foreign = tmp_path / "somewhere"
+    foreign.mkdir()
+    stop_backend({"pid": None, "handoff_dir": str(ours)})
+    remove_handoff_dir(str(foreign))
+    stop_backend(None)
+    stop_backend({"pid": None})  # a backend recorded before handoff folders existed
+    assert not ours.exists() and foreign.exists()

@@ -277,6 +277,8 @@ def test_roll_to_a_new_version_under_load_has_no_failed_request(world: dict[str,
 
     serving, url = world["serving"], world["url"]
     before = serving.state(NAME)
+    old_handoff = serving.router_config(NAME)["champion"]["handoff_dir"]
+    assert os.path.isdir(old_handoff)
     results: list[tuple[int, str | None]] = []
     errors: list[str] = []
     stop = threading.Event()
@@ -306,6 +308,7 @@ def test_roll_to_a_new_version_under_load_has_no_failed_request(world: dict[str,
     after = serving.state(NAME)
     assert after["model_version"] != before["model_version"] and after["url"] == before["url"]
     assert after["router_pid"] == before["router_pid"] and not pid_alive(before["backend_pid"])
+    assert not os.path.exists(old_handoff) and os.path.isdir(serving.router_config(NAME)["champion"]["handoff_dir"])
     assert not errors, errors[:3]
     statuses = {s for s, _ in results}
     versions = [v for _, v in results]
@@ -344,7 +347,9 @@ def test_canary_share_and_shadow_never_served(world: dict[str, Any]) -> None:
         report = serving.challenger_report(NAME)
         assert report["mode"] == "canary" and report["arms"][f"challenger:{previous['model_version']}"]["requests"] > 0
 
+        canary_handoff = serving.router_config(NAME)["challenger"]["handoff_dir"]
         shadow = serving.deploy_challenger(NAME, previous["bento"], previous["model_tag"], previous["model_version"], mode="shadow")
+        assert not os.path.exists(canary_handoff)
         assert not pid_alive(challenger["challenger"]["pid"])  # the canary backend was replaced
         m = 100
         for i in range(m):
@@ -366,8 +371,9 @@ def test_canary_share_and_shadow_never_served(world: dict[str, Any]) -> None:
     assert len(shadow_rows) >= m and all(e["predictions"] for e in shadow_rows if e["status"] == 200)
     assert {e["arm"] for e in log} == {"champion", "challenger"}
 
+    shadow_handoff = serving.router_config(NAME)["challenger"]["handoff_dir"]
     serving.abort_challenger(NAME)
-    assert not pid_alive(shadow["challenger"]["pid"])
+    assert not pid_alive(shadow["challenger"]["pid"]) and not os.path.exists(shadow_handoff)
     assert _post(url, {"rows": world["rows"][:1]}).json()["model_version"] == champion["model_version"]
 
     # Promote from live metrics: a canary with full share that answers without errors is promoted, the old champion stops.
