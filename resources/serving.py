@@ -419,8 +419,6 @@ def sweep_handoff_dirs(base: str, min_age_s: float = 600.0) -> list[str]:
     """Remove the handoff folders of backends that are gone: every ``<pid>.sock`` in them names a dead process
     (a stopped or killed ``bentoml serve`` leaves its folder behind). Folders younger than ``min_age_s`` are kept
     (their workers may not have started yet), and so is anything that is not ours to remove."""
-    import shutil
-
     removed: list[str] = []
     try:
         names = [n for n in os.listdir(base) if n.startswith(HANDOFF_PREFIX)]
@@ -438,7 +436,7 @@ def sweep_handoff_dirs(base: str, min_age_s: float = 600.0) -> list[str]:
             continue
         if not all(p.isdigit() for p in pids) or any(_process_exists(int(p)) for p in pids):
             continue
-        shutil.rmtree(folder, ignore_errors=True)
+        remove_handoff_dir(folder)
         removed.append(folder)
     return removed
 
