@@ -44,7 +44,6 @@ def world(kiln_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     from platform_defs.lifecycle import ingest, retrain, simulate, source_partitions
     from platform_defs.profiles import local_paths, resources
     from platform_defs.spec import load_spec
-    from resources.serving import stop
 
     spec_dir = tmp_path_factory.mktemp("bad-input-pipelines")
     specs = {
@@ -66,9 +65,7 @@ def world(kiln_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
                "mlflow": resources("local")["mlflow"], "storage": local_paths()["storage"], "days": iter(range(100))}
     finally:
         for name in specs:
-            state = serving.state(name)
-            if state:
-                stop(state["pid"])
+            serving.shutdown(name)  # router, backends and their handoff folders
         os.environ.pop("KILN_PIPELINES_DIR", None)
 
 

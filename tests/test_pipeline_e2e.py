@@ -41,7 +41,6 @@ def world(kiln_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     from platform_defs.lifecycle import ingest, retrain, simulate, source_partitions
     from platform_defs.profiles import local_paths, resources
     from platform_defs.spec import load_spec
-    from resources.serving import stop
 
     spec_dir = tmp_path_factory.mktemp("pipelines")
     data = yaml.safe_load(FRAUD_SPEC.read_text())
@@ -61,9 +60,7 @@ def world(kiln_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         yield {"spec": spec, "defs": defs, "instance": instance, "ingested": ingested, "trained": trained,
                "partitions": partitions, "folder": folder, "mlflow": resources("local")["mlflow"], "serving": serving}
     finally:
-        state = serving.state("fraud")
-        if state:
-            stop(state["pid"])
+        serving.shutdown("fraud")  # router, backends and their handoff folders
         os.environ.pop("KILN_PIPELINES_DIR", None)
 
 

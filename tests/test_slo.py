@@ -28,7 +28,6 @@ def live(kiln_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     from platform_defs.lifecycle import ingest, retrain, simulate, source_partitions
     from platform_defs.profiles import local_paths, resources
     from platform_defs.spec import load_spec
-    from resources.serving import stop
 
     spec_dir = tmp_path_factory.mktemp("slo-pipelines")
     data = yaml.safe_load(FRAUD_SPEC.read_text())
@@ -49,10 +48,7 @@ def live(kiln_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     try:
         yield {"spec": spec, "serving": serving, "kiln_home": kiln_home}
     finally:
-        state = serving.state(spec.name)
-        if state:
-            stop(state.get("router_pid") or state.get("pid"))
-            stop(state.get("backend_pid"))
+        serving.shutdown(spec.name)  # router, backends and their handoff folders
         os.environ.pop("KILN_PIPELINES_DIR", None)
 
 

@@ -55,7 +55,6 @@ def world(kiln_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     from platform_defs.lifecycle import ingest, ingest_keys, retrain, simulate
     from platform_defs.profiles import local_paths, resources
     from platform_defs.spec import load_spec
-    from resources.serving import stop
 
     spec_dir = tmp_path_factory.mktemp("torch_pipelines")
     (spec_dir / f"{PIPELINE}.yaml").write_text(yaml.safe_dump(_spec_data(epochs=EPOCHS, patience=EPOCHS), sort_keys=False))
@@ -74,9 +73,7 @@ def world(kiln_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
                "written": written, "folder": folder, "mlflow": resources("local")["mlflow"], "serving": serving,
                "storage": resources("local")["storage"]}
     finally:
-        state = serving.state(PIPELINE)
-        if state:
-            stop(state["pid"])
+        serving.shutdown(PIPELINE)  # router, backends and their handoff folders
         os.environ.pop("KILN_PIPELINES_DIR", None)
 
 

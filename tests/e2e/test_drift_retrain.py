@@ -213,11 +213,16 @@ def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
         log.close()
-        from resources.serving import stop
+        from resources.serving import stop, stop_backend
 
         endpoint_file = state / "endpoints" / "fraud" / "endpoint.json"
         if endpoint_file.exists():
             stop(json.loads(endpoint_file.read_text()).get("pid"))
+        router_file = state / "endpoints" / "fraud" / "router.json"
+        if router_file.exists():  # the backends the router fronted, and their handoff folders
+            router = json.loads(router_file.read_text())
+            for upstream in (router.get("champion"), router.get("challenger")):
+                stop_backend(upstream)
 
 
 def _up(url: str) -> bool:

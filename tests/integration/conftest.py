@@ -253,7 +253,7 @@ def prod_world(services: dict[str, Any], tmp_path_factory: pytest.TempPathFactor
     from platform_defs.definitions import build_definitions
     from platform_defs.lifecycle import ingest, retrain, simulate, source_partitions
     from platform_defs.spec import load_spec
-    from resources.serving import ServingResource, stop
+    from resources.serving import ServingResource
 
     spec_dir = tmp_path_factory.mktemp("pipelines")
     data = yaml.safe_load(FRAUD_SPEC.read_text())
@@ -277,9 +277,7 @@ def prod_world(services: dict[str, Any], tmp_path_factory: pytest.TempPathFactor
         yield {"spec": spec, "defs": defs, "instance": instance, "ingested": ingested, "trained": trained,
                "partitions": partitions, "source_keys": keys, "serving": serving, "local_sources": local}
     finally:
-        state = serving.state("fraud")
-        if state:
-            stop(state["pid"])
+        serving.shutdown("fraud")  # router, backends and their handoff folders
         for tag in {str(b.tag) for b in bentoml.bentos.list()} - bentos_before:
             bentoml.bentos.delete(tag)
         for tag in {str(m.tag) for m in bentoml.models.list()} - models_before:
