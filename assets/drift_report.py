@@ -3,7 +3,7 @@
 Owns: the training reference of a model (feature bins plus the bins of the model's own prediction score), stored as
 the MLflow artifact ``drift/reference.json`` on the model's run; publishing the champion's reference where
 `<p>/predictions` and `<p>_drift` read it; the per-feature histogram image and PSI table of a window. The math lives in
-:mod:`sensors.drift_stats`; this module only shapes, stores and draws.
+:mod:`kiln.drift`; this module only shapes, stores and draws.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from platform_defs.spec import PipelineSpec
+from kiln.spec import PipelineSpec
 
 if TYPE_CHECKING:
     import dagster as dg
@@ -34,8 +34,8 @@ def training_reference(spec: PipelineSpec, features: pl.DataFrame, predictions: 
     """The reference of a model: its features' bins plus the bins of its prediction score on the same rows."""
     import polars as pl
 
-    from assets.features import profile_frame
-    from sensors.drift_stats import build_reference
+    from kiln.drift import build_reference
+    from kiln.features import profile_frame
 
     if len(predictions) != features.height:
         raise ValueError(f"{spec.name}: {len(predictions)} predictions for {features.height} feature rows")
@@ -116,7 +116,7 @@ def reference_table(reference: Mapping[str, Any]) -> dg.MetadataValue:
 
 def psi_rows(reference: Mapping[str, Any], counts: Mapping[str, Any], decision: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """One row per column: PSI and Jensen-Shannon of the window against the reference, and whether it counted as drifted."""
-    from sensors.drift_stats import column_scores
+    from kiln.drift import column_scores
 
     psi = column_scores(reference, counts, "psi")
     js = column_scores(reference, counts, "js")

@@ -1,119 +1,23 @@
-"""`<p>/features`: model-ready columns computed by :func:`compute_features`.
-
-The serving code imports :func:`compute_features` too, so training and serving share one
-implementation (parity by construction). This module imports no heavy package at top level.
-"""
+"""`<p>/features`: model-ready columns (`kiln.features.compute_features`) and the drift reference profile."""
 
 from __future__ import annotations
 
-import hashlib
-import importlib
 import json
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from assets.keys import key
-from platform_defs.spec import PipelineSpec
+from kiln.keys import key
+from kiln.spec import PipelineSpec
 
 if TYPE_CHECKING:
     import dagster as dg
-    import polars as pl
-
-
-def load_function(dotted: str) -> Any:
-    """Resolve ``package.module:function`` (or ``package.module.function``)."""
-    module_name, _, attr = dotted.partition(":") if ":" in dotted else dotted.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ImportError(f"cannot load '{dotted}': {exc}") from exc
-
-
-@lru_cache(maxsize=32)
-def _expressions(spec_json: str) -> tuple[list[Any], Any]:
-    import polars as pl
-
-    spec = PipelineSpec.from_json(spec_json)
-    exprs: list[Any] = [pl.col(c).cast(pl.Float64).alias(c) for c in spec.features.passthrough]
-    for name in spec.features.categorical:
-        allowed = spec.schema_[name].allowed or []
-        # The code of a category is its position in `allowed`; unknown categories become null (LightGBM's missing)
-        # instead of a made-up code. Distinct strings go through a non-strict Enum cast (the same codes, and some
-        # 25x cheaper per call than replace_strict, which builds a mapping table each time: what a served batch of a
-        # few rows pays); anything else through replace_strict.
-        if allowed and all(type(v) is str for v in allowed) and len(set(allowed)) == len(allowed):
-            code = pl.col(name).cast(pl.Enum(allowed), strict=False).to_physical().cast(pl.Int32)
-        else:
-            code = pl.col(name).replace_strict(allowed, list(range(len(allowed))), default=None, return_dtype=pl.Int32)
-        exprs.append(code.alias(name))
-    for name, sql in spec.features.expressions.items():
-        try:
-            exprs.append(pl.sql_expr(sql).cast(pl.Float64).alias(name))
-        except Exception as exc:  # polars raises SQLSyntaxError / ComputeError
-            raise ValueError(f"{spec.name}: features.expressions.{name}: cannot parse '{sql}': {exc}") from exc
-    function = load_function(spec.features.function) if spec.features.function else None
-    return exprs, function
-
-
-_SPEC_JSON: dict[int, tuple[PipelineSpec, str]] = {}
-# Up to this many rows the feature expressions run one after another on the calling thread (``select_seq``): for a
-# served batch of a few rows each expression is microseconds of work, and handing them to polars' thread pool costs
-# more than that (a wake-up per pool thread per call, whose spinning then competes with the server for the CPUs).
-SEQUENTIAL_ROWS = 50_000
-
-
-def _spec_json(spec: PipelineSpec) -> str:
-    """``spec.to_json()`` once per spec object: serving calls compute_features per batch, and dumping costs ~0.1 ms."""
-    cached = _SPEC_JSON.get(id(spec))
-    if cached is None or cached[0] is not spec:
-        if len(_SPEC_JSON) > 64:
-            _SPEC_JSON.clear()
-        cached = _SPEC_JSON[id(spec)] = (spec, spec.to_json())
-    return cached[1]
-
-
-def compute_features(frame: pl.DataFrame, spec: PipelineSpec) -> pl.DataFrame:
-    """The model's input matrix for rows of source columns, in ``spec.feature_names`` order."""
-    exprs, function = _expressions(_spec_json(spec))
-    out = frame.select_seq(exprs) if frame.height <= SEQUENTIAL_ROWS else frame.select(exprs)
-    if function is not None:
-        extra = function(frame)
-        out = out.with_columns(extra.select([c for c in extra.columns if c not in out.columns]))
-    return out
-
-
-def feature_columns(spec: PipelineSpec, frame: pl.DataFrame) -> list[str]:
-    """The features present in a computed frame (declared ones plus any a feature function added)."""
-    reserved = {spec.target, *spec.key_columns, spec.source.timestamp_column}
-    declared = spec.feature_names
-    return declared + [c for c in frame.columns if c not in declared and c not in reserved]
-
-
-def data_version(frame: pl.DataFrame) -> str:
-    """A content hash of a frame, independent of how it was chunked."""
-    digest = hashlib.sha256()
-    digest.update(",".join(f"{n}:{t}" for n, t in frame.schema.items()).encode())
-    digest.update(frame.hash_rows(seed=0).to_numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def feature_table(frames: list[pl.DataFrame], spec: PipelineSpec) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Validated partitions joined in time order, and their features with key, timestamp and target kept."""
-    import polars as pl
-
-    source = pl.concat(frames, how="vertical_relaxed")
-    ts = spec.source.timestamp_column
-    if ts:
-        source = source.sort(ts)
-    keep = [c for c in (*spec.key_columns, ts, spec.target) if c]
-    return source, pl.concat([source.select(keep), compute_features(source, spec)], how="horizontal")
 
 
 def build(spec: PipelineSpec) -> dg.AssetsDefinition:
     """The `<p>/features` asset: all validated partitions, featurized, plus the drift reference profile."""
     import dagster as dg
 
-    from platform_defs import k8s
+    from kiln import steps as k8s
+    from kiln.features import data_version, feature_columns, feature_reference, feature_table, sample_rows
     from resources.storage import KilnStorage
 
     @dg.asset(
@@ -132,18 +36,17 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
     def features(context, validated: Any):
         storage: KilnStorage = context.resources.storage
 
-        from assets.deploy import sample_rows
-
         frames = list(validated.values()) if isinstance(validated, dict) else [validated]
         if not frames:
             raise ValueError(f"{spec.name}: no validated partitions yet; materialize {spec.name}/validated first")
         source, frame = feature_table(frames, spec)
-        from assets.validate import column_schema, schema_change
+        from assets.drift_report import reference_table
+        from assets.validated import column_schema, schema_change
 
         schema = column_schema(frame)
         unchanged, change = schema_change(context, dg.AssetKey(key(spec.name, "features")), schema)
         version = data_version(frame)
-        reference = _reference(spec, source, frame)
+        reference = feature_reference(spec, source, frame)
         ref_path = storage.state_dir(spec.name, "reference") / f"features-{version}.json"
         ref_path.write_text(json.dumps(reference))
         current = ref_path.parent / "reference.json"
@@ -163,7 +66,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
                 "positive_rate": float(frame[spec.target].mean() or 0.0) if spec.task == "classification" else 0.0,  # type: ignore[arg-type]
                 "data_version": version,
                 "reference_profile": dg.MetadataValue.path(str(ref_path)),
-                "reference_bins": _reference_table(reference),
+                "reference_bins": reference_table(reference),
             },
         )
         yield dg.AssetCheckResult(check_name="schema_change", passed=unchanged, severity=dg.AssetCheckSeverity.WARN, metadata=change)
@@ -172,40 +75,12 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
 
 
 def column_lineage(spec: PipelineSpec, validated_key: Any) -> Any:
-    """Which validated columns each feature is computed from (shown as column lineage in the UI).
-
-    Pass-through and categorical features come from their own column; an SQL expression from every schema column
-    it names. Features of a Python ``function`` are opaque and get no lineage."""
-    import re
-
+    """`kiln.features.feature_sources` as Dagster column lineage (shown in the UI)."""
     import dagster as dg
 
-    sources: dict[str, list[str]] = {n: [n] for n in [*spec.features.passthrough, *spec.features.categorical]}
-    for name, expression in spec.features.expressions.items():
-        sources[name] = [c for c in spec.schema_ if re.search(rf"\b{re.escape(c)}\b", expression)]
-    sources[spec.target] = [spec.target]
+    from kiln.features import feature_sources
+
     return dg.TableColumnLineage(deps_by_column={
-        name: [dg.TableColumnDep(asset_key=validated_key, column_name=c) for c in cols] for name, cols in sources.items() if cols
+        name: [dg.TableColumnDep(asset_key=validated_key, column_name=c) for c in cols]
+        for name, cols in feature_sources(spec).items() if cols
     })
-
-
-def profile_frame(spec: PipelineSpec, source: pl.DataFrame, frame: pl.DataFrame) -> tuple[pl.DataFrame, list[str], dict[str, list[str]]]:
-    """What drift is measured on: numeric features as computed, categoricals as raw values (so `other` is visible)."""
-    import polars as pl
-
-    numeric = [c for c in feature_columns(spec, frame) if c not in spec.features.categorical]
-    categorical = {c: list(spec.schema_[c].allowed or []) for c in spec.features.categorical}
-    return pl.concat([frame.select(numeric), source.select(list(categorical))], how="horizontal"), numeric, categorical
-
-
-def _reference(spec: PipelineSpec, source: pl.DataFrame, frame: pl.DataFrame) -> dict[str, Any]:
-    from sensors.drift_stats import build_reference
-
-    profile_input, numeric, categorical = profile_frame(spec, source, frame)
-    return build_reference(profile_input, numeric=numeric, categorical=categorical, bins=spec.drift.bins)
-
-
-def _reference_table(reference: dict[str, Any]) -> Any:
-    from assets.drift_report import reference_table
-
-    return reference_table(reference)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from platform_defs.spec import PipelineSpec
+from kiln.spec import PipelineSpec
 
 if TYPE_CHECKING:
     import numpy as np
@@ -37,7 +37,7 @@ class LightGBMPredictor:
         self.booster, self.spec, self.num_threads = booster, spec, num_threads
 
     def predict(self, features: pl.DataFrame) -> np.ndarray:
-        from assets.train import matrix
+        from assets.model import matrix
 
         if self.num_threads is None:
             return self.booster.predict(matrix(features, self.spec))

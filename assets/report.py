@@ -11,7 +11,7 @@ import base64
 import io
 from typing import TYPE_CHECKING, Any
 
-from platform_defs.spec import PipelineSpec
+from kiln.spec import PipelineSpec
 
 if TYPE_CHECKING:
     import dagster as dg
@@ -167,9 +167,9 @@ def attach(output: dg.Output, spec: PipelineSpec, features: pl.DataFrame, mlflow
 
     import dagster as dg
 
-    from assets.evaluate import split_holdout
-    from assets.features import feature_columns
+    from assets.champion import split_holdout
     from assets.predictors import load_predictor
+    from kiln.features import feature_columns
 
     record = output.value
     client = mlflow.client()

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from platform_defs.spec import PipelineSpec
+from kiln.spec import PipelineSpec
 
 if TYPE_CHECKING:
     import dagster as dg
@@ -180,7 +180,7 @@ def fit(x: np.ndarray, y: np.ndarray, spec: PipelineSpec, checkpoint: Path | Non
     ``extra_state`` is stored in every checkpoint (the MLflow run id, so a resumed run can name the crashed one).
     CPU training uses ``threads`` intra-op threads (default: the spec's ``trainer.resources.cpu``), restored afterwards.
     """
-    from assets.evaluate import score
+    from assets.champion import score
 
     params = spec.trainer.torch_params
     dev = pick_device(device)
@@ -295,7 +295,7 @@ def fit(x: np.ndarray, y: np.ndarray, spec: PipelineSpec, checkpoint: Path | Non
 
 def features_matrix(frame: pl.DataFrame, spec: PipelineSpec) -> np.ndarray:
     """The float32 model input for featurized rows (the spec's feature order, NaN for missing)."""
-    from assets.train import matrix
+    from assets.model import matrix
 
     return np.ascontiguousarray(matrix(frame, spec), dtype=np.float32)
 
@@ -315,9 +315,9 @@ def train_and_register(context: Any, features: pl.DataFrame, spec: PipelineSpec,
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
-    from assets.evaluate import score, split_holdout
-    from assets.features import data_version, feature_columns
-    from assets.train import _metrics
+    from assets.champion import score, split_holdout
+    from assets.model import _metrics
+    from kiln.features import data_version, feature_columns
 
     train, holdout = split_holdout(features, spec)
     names = feature_columns(spec, train)
@@ -379,7 +379,7 @@ def train_and_register(context: Any, features: pl.DataFrame, spec: PipelineSpec,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlf.__version__}"],
         )
     version = str(info.registered_model_version)
-    from assets.train import complete_registration
+    from assets.model import complete_registration
 
     record = complete_registration(mlflow, spec, version, run.info.run_id, context.run_id, metrics, version_of_data,
                                    train.height, holdout.height) | {"training": training}

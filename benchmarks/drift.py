@@ -86,7 +86,7 @@ def frame(rows: int, seed: int, drift: bool) -> Any:
 
 def kiln_decide(ref: Any, cur: Any) -> tuple[float, dict[str, bool], dict[str, Any]]:
     """Kiln end to end on raw frames: reference profile, current bin counts, per-column PSI, dataset decision."""
-    from sensors.drift_stats import bin_counts, build_reference, column_scores, column_thresholds, decide
+    from kiln.drift import bin_counts, build_reference, column_scores, column_thresholds, decide
 
     started = time.perf_counter()
     reference = build_reference(ref, numeric=NUMERIC, categorical=CATEGORIES, bins=10)
@@ -128,7 +128,7 @@ def evidently_verdicts(python: str, ref_path: Path, cur_path: Path) -> tuple[flo
 
 def false_alarms(reference: dict[str, Any]) -> tuple[int, int]:
     """Dataset-level alarms (and per-column false flags) over no-drift windows drawn from the reference distribution."""
-    from sensors.drift_stats import bin_counts, column_scores, column_thresholds, decide
+    from kiln.drift import bin_counts, column_scores, column_thresholds, decide
 
     alarms = column_flags = 0
     for w in range(NO_DRIFT_WINDOWS):
@@ -143,7 +143,7 @@ def false_alarms(reference: dict[str, Any]) -> tuple[int, int]:
 
 
 def bench_spec() -> Any:
-    from platform_defs.spec import PipelineSpec
+    from kiln.spec import PipelineSpec
 
     schema: dict[str, Any] = {c: {"dtype": "float"} for c in NUMERIC}
     schema |= {c: {"dtype": "str", "allowed": cats} for c, cats in CATEGORIES.items()}
@@ -160,9 +160,9 @@ def sensor_tick(reference: dict[str, Any], state_root: Path) -> tuple[float, int
     import dagster as dg
 
     from assets.drift_report import reference_id, reference_path
+    from kiln.drift import bin_counts
     from resources.storage import KilnStorage
     from sensors import drift
-    from sensors.drift_stats import bin_counts
 
     ref_path = reference_path(str(state_root), "bench20")
     ref_path.parent.mkdir(parents=True, exist_ok=True)

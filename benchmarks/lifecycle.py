@@ -124,10 +124,10 @@ def bare_compute(files: list[Path], spec: Any) -> tuple[dict[str, float], dict[s
     """The lifecycle's data work without Dagster, MLflow or BentoML; seconds per stage and a few facts."""
     import polars as pl
 
-    from assets.evaluate import score, split_holdout
-    from assets.features import feature_table
-    from assets.train import predict, train_lightgbm
-    from assets.validate import AFTER_QUARANTINE, cast_to_spec, quality_rules, run_rules, schema_rules, split_rows
+    from assets.champion import score, split_holdout
+    from assets.model import predict, train_lightgbm
+    from assets.validated import AFTER_QUARANTINE, cast_to_spec, quality_rules, run_rules, schema_rules, split_rows
+    from kiln.features import feature_table
 
     t: dict[str, float] = {}
     with timed(t, "read parquet (polars)"):
@@ -319,9 +319,9 @@ def main() -> int:
         isolate(home)
         import dagster as dg
 
+        from kiln.spec import load_specs
         from platform_defs.definitions import build_definitions
         from platform_defs.lifecycle import ingest, prepare_local_env, provision_tracking_store, retrain, simulate, source_partitions
-        from platform_defs.spec import load_specs
 
         paths = prepare_local_env()
         (spec,) = load_specs()

@@ -210,12 +210,12 @@ def run(args: argparse.Namespace, home: Path) -> int:
     import dagster as dg
     import numpy as np
 
-    from assets.features import compute_features, feature_columns
-    from assets.train import load_booster, matrix
+    from assets.model import load_booster, matrix
+    from kiln.features import compute_features, feature_columns
+    from kiln.spec import load_spec
     from platform_defs.definitions import build_definitions
     from platform_defs.lifecycle import ingest, retrain, simulate, source_partitions
     from platform_defs.profiles import local_paths, resources
-    from platform_defs.spec import load_spec
     from serving.requests import frame_of, parse_body, parse_request
 
     spec = load_spec(spec_dir / "fraud.yaml")

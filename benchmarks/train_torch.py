@@ -37,10 +37,10 @@ def dataset(rows: int, seed: int) -> tuple[Any, Any]:
     """The pipeline's feature matrix (float32) and target, tiled to ``rows`` rows with 1% multiplicative noise."""
     import numpy as np
 
-    from assets.features import compute_features
     from assets.train_torch import features_matrix
+    from kiln.features import compute_features
+    from kiln.spec import load_spec
     from platform_defs.simulators.breast_cancer import generate_snapshot
-    from platform_defs.spec import load_spec
 
     spec = load_spec(SPEC)
     source = generate_snapshot(date(2026, 1, 1), 10_000, seed)
@@ -60,7 +60,7 @@ def measure(x: Any, y: Any, device: str, epochs: int, batch_size: int, checkpoin
 
 def _fit_once(x: Any, y: Any, device: str, epochs: int, batch_size: int, checkpoint: bool, threads: int | None = None) -> dict[str, Any]:
     from assets.train_torch import cpu_threads, fit
-    from platform_defs.spec import load_spec
+    from kiln.spec import load_spec
 
     spec = load_spec(SPEC)
     params = spec.trainer.params | {"epochs": epochs, "patience": epochs + 1, "batch_size": batch_size}

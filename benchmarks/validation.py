@@ -33,7 +33,7 @@ CATEGORIES = {"cat_a": ["red", "green", "blue"], "cat_b": [f"b{i}" for i in rang
 
 
 def spec_20() -> Any:
-    from platform_defs.spec import PipelineSpec
+    from kiln.spec import PipelineSpec
 
     schema: dict[str, Any] = {"row_id": {"dtype": "str", "key": True}, "ts": {"dtype": "datetime"}}
     for i in range(7):
@@ -94,7 +94,7 @@ def main() -> int:
 
     import polars as pl
 
-    from assets.validate import cast_to_spec, quality_rules, run_rules, schema_rules, split_rows
+    from assets.validated import cast_to_spec, quality_rules, run_rules, schema_rules, split_rows
 
     spec = spec_20()
     frame = frame_20(args.rows)

@@ -8,7 +8,8 @@ import sys
 import time
 from typing import Any
 
-from platform_defs.spec import PipelineSpec, SpecError, load_specs, pipelines_dir
+from kiln.settings import pipelines_dir
+from kiln.spec import PipelineSpec, SpecError, load_specs
 
 
 def _spec(name: str) -> PipelineSpec:
@@ -229,8 +230,8 @@ def cmd_slo(args: argparse.Namespace) -> int:
 def cmd_new(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from kiln.spec import load_spec
     from platform_defs.infer import write_spec
-    from platform_defs.spec import load_spec
 
     out = write_spec(args.name, Path(args.sample), pipelines_dir(), target=args.target, source_path=args.source, force=args.force)
     spec = load_spec(out)

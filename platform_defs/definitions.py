@@ -8,27 +8,27 @@ from __future__ import annotations
 
 import dagster as dg
 
-from assets import deploy, evaluate, features, ingest, observe, package, train, validate
-from assets.keys import key
+from assets import bento, champion, endpoint, features, model, predictions, raw, validated
+from kiln.keys import key
+from kiln.spec import PipelineSpec, load_specs
 from platform_defs import k8s
 from platform_defs.profiles import current_profile, resources
-from platform_defs.spec import PipelineSpec, load_specs
 from sensors import drift, new_data
 
 
 def pipeline_definitions(spec: PipelineSpec) -> dg.Definitions:
     """All Dagster objects of one pipeline, in group ``<p>``."""
-    validated_parts = validate.build(spec)
-    endpoint_parts = deploy.build(spec)
+    validated_parts = validated.build(spec)
+    endpoint_parts = endpoint.build(spec)
     assets = [
-        ingest.build(spec),
+        raw.build(spec),
         validated_parts[0],
         features.build(spec),
-        train.build(spec),
-        evaluate.build(spec),
-        package.build(spec),
+        model.build(spec),
+        champion.build(spec),
+        bento.build(spec),
         endpoint_parts[0],
-        observe.build(spec),
+        predictions.build(spec),
     ]
     checks = [*validated_parts[1:], *endpoint_parts[1:]]
     retrain_job = dg.define_asset_job(
@@ -40,7 +40,7 @@ def pipeline_definitions(spec: PipelineSpec) -> dg.Definitions:
     ingest_job = dg.define_asset_job(
         f"{spec.name}_ingest",
         selection=dg.AssetSelection.assets(key(spec.name, "raw"), key(spec.name, "validated")).required_multi_asset_neighbors(),
-        partitions_def=ingest.partitions_def(spec),
+        partitions_def=raw.partitions_def(spec),
         description="Ingest and validate one source partition.",
         tags={"kiln/pipeline": spec.name},
     )

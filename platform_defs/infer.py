@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from platform_defs.spec import NAME_PATTERN, PipelineSpec, SpecError
+from kiln.spec import NAME_PATTERN, PipelineSpec, SpecError
 
 if TYPE_CHECKING:
     import polars as pl

@@ -1,171 +1,33 @@
-"""Kubernetes for the prod profile: per-asset `dagster-k8s/config` op tags, the `gpu` pool, the k8s executor,
-the step Jobs dagster-k8s submits, endpoint Deployments/Services, and their offline validation.
+"""Kubernetes for the prod profile: the k8s executor, the step Jobs dagster-k8s submits, the endpoint
+Deployments/Services (`resources/kubernetes.py`), and their offline validation.
 
 ``python -m platform_defs.k8s render --out DIR`` writes every rendered object; ``python -m platform_defs.k8s
 validate`` renders them all and validates them strictly with kubernetes-validate (non-zero exit on any failure).
 
-Op tags are plain dicts, so asset factories call :func:`op_tags` in every profile without importing dagster_k8s;
-only :func:`executor` (prod profile) and the rendering functions import it.
+Op tags and pools are plain dicts from `kiln/steps.py`; only :func:`executor` (prod profile) and the rendering
+functions import dagster_k8s.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from platform_defs.spec import PipelineSpec
+from kiln.spec import PipelineSpec
+from kiln.steps import GPU_POOL, K8S_CONFIG_TAG, K8sConfigError, k8s_config, op_tags, pool  # noqa: F401  (re-exported for tests)
+from resources.kubernetes import endpoint_image, endpoint_manifests, serialize
 
 if TYPE_CHECKING:
     import dagster as dg
 
-K8S_CONFIG_TAG = "dagster-k8s/config"
-GPU_RESOURCE = "nvidia.com/gpu"
-GPU_POOL = "gpu"
-GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
-# Label set on GPU nodes by NVIDIA GPU feature discovery (GPU operator); override with KILN_GPU_NODE_SELECTOR.
-DEFAULT_GPU_NODE_SELECTOR = "nvidia.com/gpu.present=true"
-STEP_DEFAULT = {"cpu": "500m", "memory": "1Gi"}
 KUBERNETES_VERSION = "1.37.0"
 ROOT = Path(__file__).resolve().parent.parent
 DAGSTER_CLOUD_YAML = ROOT / "dagster_cloud.yaml"
 DAGSTER_YAML = ROOT / "deploy" / "dagster.yaml"
-SERVING_PORT = 3000  # BentoML's port inside the image
-BENTO_UID = 1034  # the non-root `bentoml` user of BentoML's generated Dockerfile
-
-
-class K8sConfigError(ValueError):
-    """Kubernetes configuration from the environment or a spec is invalid; the message says which and why."""
-
-
-# ---------------------------------------------------------------------------------------------- op tags and pools
-
-
-def gpu_node_selector(env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """``KILN_GPU_NODE_SELECTOR`` as ``key=value[,key=value]`` (empty: no selector); default the GPU-operator label."""
-    env = os.environ if env is None else env
-    text = env.get("KILN_GPU_NODE_SELECTOR", DEFAULT_GPU_NODE_SELECTOR).strip()
-    selector: dict[str, str] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, sep, value = part.partition("=")
-        if not sep or not name.strip():
-            raise K8sConfigError(f"KILN_GPU_NODE_SELECTOR: '{part}' is not key=value (e.g. {DEFAULT_GPU_NODE_SELECTOR})")
-        selector[name.strip()] = value.strip()
-    return selector
-
-
-def extra_step_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """``KILN_K8S_STEP_CONFIG``: a JSON `dagster-k8s/config` merged into every step (GPU essentials always win)."""
-    env = os.environ if env is None else env
-    text = env.get("KILN_K8S_STEP_CONFIG", "").strip()
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise K8sConfigError(f"KILN_K8S_STEP_CONFIG: not JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise K8sConfigError(f"KILN_K8S_STEP_CONFIG: expected a JSON object, got {type(value).__name__}")
-    return value
-
-
-def stage_resources(spec: PipelineSpec, stage: str) -> tuple[str, str, int]:
-    """(cpu, memory, gpus) of a stage: the trainer's for `<p>/model`, a small default for every other step."""
-    if stage == "model":
-        res = spec.trainer.resources
-        return res.cpu, res.memory, res.gpu
-    return STEP_DEFAULT["cpu"], STEP_DEFAULT["memory"], 0
-
-
-def parse_quantity(value: str | int | float) -> Decimal:
-    """A Kubernetes quantity (``500m``, ``2``, ``4Gi``, ``1e3``) as a number, to compare requests with limits."""
-    text = str(value).strip()
-    suffixes = {name: Decimal(2) ** (10 * i) for i, name in enumerate(("Ki", "Mi", "Gi", "Ti", "Pi", "Ei"), start=1)}
-    suffixes |= {name: Decimal(10) ** exp for name, exp in (("n", -9), ("u", -6), ("m", -3), ("k", 3), ("M", 6), ("G", 9),
-                                                           ("T", 12), ("P", 15), ("E", 18))}
-    for suffix in sorted(suffixes, key=len, reverse=True):
-        if text.endswith(suffix) and text[: -len(suffix)]:
-            number, factor = text[: -len(suffix)], suffixes[suffix]
-            break
-    else:
-        number, factor = text, Decimal(1)
-    try:
-        return Decimal(number) * factor
-    except Exception:  # decimal raises InvalidOperation
-        raise K8sConfigError(f"'{value}' is not a Kubernetes quantity (e.g. 500m, 2, 4Gi)") from None
-
-
-def _deep_merge(onto: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    """dagster-k8s' DEEP merge: dicts merge, lists append without duplicates, scalars are replaced."""
-    out = copy.deepcopy(onto)
-    for name, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(out.get(name), dict):
-            out[name] = _deep_merge(out[name], value)
-        elif isinstance(value, list) and isinstance(out.get(name), list):
-            out[name] = out[name] + [v for v in value if v not in out[name]]
-        else:
-            out[name] = copy.deepcopy(value)
-    return out
-
-
-def _section(config: dict[str, Any], name: str, *aliases: str) -> dict[str, Any]:
-    """A config section, accepting dagster-k8s' camelCase aliases and folding them into the snake_case key."""
-    section = config.setdefault(name, {})
-    for alias in aliases:
-        if alias in config:
-            section.update(config.pop(alias))
-    return section
-
-
-def k8s_config(cpu: str, memory: str, gpu: int = 0, extra: Mapping[str, Any] | None = None,
-               node_selector: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The `dagster-k8s/config` of one step: requests/limits, and for GPUs the limit, toleration and node selector.
-
-    ``extra`` (user config) is merged in first; then the essentials are enforced so that no merge can leave a GPU
-    pod unschedulable or invalid: the GPU count is both request and limit, the `nvidia.com/gpu` toleration and the
-    profile's node selector are present, every request is at most its limit, and the step's config replaces
-    (SHALLOW merge) the run-level tolerations, node selector and affinity, which are set for CPU run workers.
-    """
-    base: dict[str, Any] = {
-        "container_config": {"resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": {"cpu": cpu, "memory": memory}}},
-    }
-    config = _deep_merge(base, extra or {})
-    container = _section(config, "container_config", "containerConfig")
-    resources = container.setdefault("resources", {})
-    requests, limits = resources.setdefault("requests", {}), resources.setdefault("limits", {})
-    for name in ("cpu", "memory"):
-        if name in requests and name in limits and parse_quantity(requests[name]) > parse_quantity(limits[name]):
-            limits[name] = requests[name]  # the scheduler places by requests; a lower limit would be rejected
-    if gpu <= 0:
-        if GPU_RESOURCE in requests or GPU_RESOURCE in limits:
-            raise K8sConfigError(f"{GPU_RESOURCE} is requested by extra config of a CPU step; set resources.gpu in the spec")
-        return config
-    requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = gpu  # extended resources: request == limit, never overcommitted
-    pod = _section(config, "pod_spec_config", "podSpecConfig")
-    tolerations = [t for t in pod.pop("tolerations", []) if t != GPU_TOLERATION]
-    pod["tolerations"] = [GPU_TOLERATION, *tolerations]
-    selector = gpu_node_selector() if node_selector is None else dict(node_selector)
-    pod["node_selector"] = {**pod.pop("node_selector", {}), **pod.pop("nodeSelector", {}), **selector}
-    pod.setdefault("affinity", {})
-    config["merge_behavior"] = "SHALLOW"
-    return config
-
-
-def op_tags(spec: PipelineSpec, stage: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """``op_tags`` of a stage's asset: its `dagster-k8s/config` (harmless outside Kubernetes)."""
-    cpu, memory, gpu = stage_resources(spec, stage)
-    return {K8S_CONFIG_TAG: k8s_config(cpu, memory, gpu, extra_step_config() if extra is None else extra)}
-
-
-def pool(spec: PipelineSpec, stage: str) -> str | None:
-    """The concurrency pool of a stage's asset: ``gpu`` for steps that hold GPUs, else none."""
-    return GPU_POOL if stage_resources(spec, stage)[2] > 0 else None
 
 
 EXECUTORS = ("k8s", "multiprocess", "in_process")
@@ -306,125 +168,6 @@ def step_job(step_key: str, tags: Mapping[str, str], job_name: str = "__ASSET_JO
     )
 
 
-def serialize(obj: Any) -> dict[str, Any]:
-    """A kubernetes client model as the JSON the API server receives (camelCase, no nulls)."""
-    from kubernetes.client import ApiClient
-
-    return ApiClient().sanitize_for_serialization(obj)
-
-
-# ----------------------------------------------------------------------------------------- endpoint manifests
-
-
-def endpoint_name(spec: PipelineSpec) -> str:
-    """The Deployment/Service name of a pipeline's endpoint (DNS-1035: no underscores)."""
-    return f"kiln-{spec.name.replace('_', '-')}"
-
-
-def endpoint_image(spec: PipelineSpec, bento_tag: str | None = None, env: Mapping[str, str] | None = None) -> str:
-    """The containerized bento: ``$KILN_IMAGE_REGISTRY/<bento name>:<bento version>``."""
-    env = os.environ if env is None else env
-    registry = env.get("KILN_IMAGE_REGISTRY", "registry.local/kiln").rstrip("/")
-    tag = bento_tag or f"kiln-{spec.name}:{env.get('KILN_IMAGE_TAG', 'latest')}"
-    return f"{registry}/{tag.lower()}"
-
-
-def endpoint_manifests(spec: PipelineSpec, image: str, namespace: str | None = None, model_version: str = "") -> list[Any]:
-    """A Deployment and a Service for a pipeline's endpoint, as kubernetes client models."""
-    import kubernetes.client as k
-    from dagster_k8s.models import k8s_model_from_dict
-
-    from serving.images import image_flavor
-
-    name = endpoint_name(spec)
-    namespace = namespace or os.environ.get("KILN_K8S_NAMESPACE", "kiln")
-    serving = spec.serving
-    labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/part-of": "kiln", "kiln/pipeline": spec.name}
-    selector = {"app.kubernetes.io/name": name}
-    resources = k8s_config(serving.cpu, serving.memory, serving.gpu)
-    container_resources = resources["container_config"]["resources"]
-    probe = {"period_seconds": 10, "timeout_seconds": 3, "failure_threshold": 3}
-    predictions = ({"name": "predictions", "persistent_volume_claim": {"claim_name": os.environ["KILN_PREDICTIONS_PVC"]}}
-                   if os.environ.get("KILN_PREDICTIONS_PVC") else {"name": "predictions", "empty_dir": {}})
-    pod_spec: dict[str, Any] = {
-        "security_context": {"run_as_non_root": True, "run_as_user": BENTO_UID, "run_as_group": BENTO_UID, "fs_group": BENTO_UID,
-                             "seccomp_profile": {"type": "RuntimeDefault"}},
-        "containers": [{
-            "name": "bento",
-            "image": image,
-            "ports": [{"name": "http", "container_port": SERVING_PORT, "protocol": "TCP"}],
-            "env": [
-                {"name": "BENTOML_PORT", "value": str(SERVING_PORT)},
-                {"name": "KILN_PREDICTION_LOG", "value": "/var/lib/kiln/predictions"},
-                {"name": "BENTOML_DO_NOT_TRACK", "value": "True"},
-            ],
-            "resources": container_resources,
-            "readiness_probe": {"http_get": {"path": "/readyz", "port": "http"}, "initial_delay_seconds": 5, **probe},
-            "liveness_probe": {"http_get": {"path": "/livez", "port": "http"}, "initial_delay_seconds": 30, **probe},
-            "security_context": {"allow_privilege_escalation": False, "read_only_root_filesystem": True,
-                                 "capabilities": {"drop": ["ALL"]}},
-            # BentoML writes its Prometheus and temp files under /tmp; the prediction log feeds <p>/predictions.
-            "volume_mounts": [{"name": "tmp", "mount_path": "/tmp"}, {"name": "predictions", "mount_path": "/var/lib/kiln/predictions"}],
-        }],
-        "volumes": [{"name": "tmp", "empty_dir": {"size_limit": "1Gi"}}, predictions],
-    }
-    if serving.gpu > 0:
-        pod_spec["tolerations"] = resources["pod_spec_config"]["tolerations"]
-        pod_spec["node_selector"] = resources["pod_spec_config"]["node_selector"]
-    annotations = {"prometheus.io/scrape": "true", "prometheus.io/port": str(SERVING_PORT), "prometheus.io/path": "/metrics",
-                   "kiln/image-flavor": image_flavor(spec), "kiln/model-version": model_version}
-    deployment = k8s_model_from_dict(k.V1Deployment, {
-        "api_version": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name, "namespace": namespace, "labels": labels},
-        "spec": {
-            "replicas": serving.replicas,
-            "selector": {"match_labels": selector},
-            "strategy": {"type": "RollingUpdate", "rolling_update": {"max_unavailable": 0, "max_surge": 1}},
-            "template": {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod_spec},
-        },
-    })
-    service = k8s_model_from_dict(k.V1Service, {
-        "api_version": "v1",
-        "kind": "Service",
-        "metadata": {"name": name, "namespace": namespace, "labels": labels},
-        "spec": {"type": "ClusterIP", "selector": selector,
-                 "ports": [{"name": "http", "port": serving.port, "target_port": "http", "protocol": "TCP"}]},
-    })
-    return [deployment, service]
-
-
-def endpoint_url(spec: PipelineSpec, namespace: str | None = None) -> str:
-    """The in-cluster URL of a pipeline's endpoint Service."""
-    namespace = namespace or os.environ.get("KILN_K8S_NAMESPACE", "kiln")
-    return f"http://{endpoint_name(spec)}.{namespace}.svc.cluster.local:{spec.serving.port}"
-
-
-def endpoint_record(spec: PipelineSpec, bento: Mapping[str, Any], state_root: str) -> dict[str, Any]:
-    """Prod `<p>/endpoint`: render the Deployment + Service for the bento's image, write them as YAML, return the record."""
-    import yaml
-    from upath import UPath
-
-    image = endpoint_image(spec, str(bento["tag"]))
-    manifests = [serialize(m) for m in endpoint_manifests(spec, image, model_version=str(bento["model_version"]))]
-    path = UPath(state_root) / "endpoints" / spec.name / "k8s.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump_all(manifests, sort_keys=False))
-    return {
-        "pipeline": spec.name,
-        "url": endpoint_url(spec),
-        "bento": str(bento["tag"]),
-        "model_tag": str(bento.get("model_tag", "")),
-        "model_version": str(bento["model_version"]),
-        "image": image,
-        "manifests": str(path),
-        "objects": [f"{m['kind']}/{m['metadata']['name']}" for m in manifests],
-        "replicas": spec.serving.replicas,
-        "gpu": spec.serving.gpu,
-        "healthy": None,  # known once the manifests are applied (GitOps / kubectl apply) and the smoke check runs
-    }
-
-
 # ------------------------------------------------------------------------------------------ render and validate
 
 
@@ -433,7 +176,7 @@ def render_all(specs: Sequence[PipelineSpec] | None = None) -> dict[str, dict[st
 
     Keys are file names (``jobs/<step>.yaml``, ``endpoints/<p>-deployment.yaml``); values are API-server JSON.
     """
-    from platform_defs.spec import load_specs
+    from kiln.spec import load_specs
 
     specs = list(specs) if specs is not None else load_specs()
     defs = plan_definitions(specs)

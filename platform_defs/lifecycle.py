@@ -9,7 +9,7 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
-from platform_defs.spec import PipelineSpec
+from kiln.spec import PipelineSpec
 
 Progress = Callable[[str], None]
 RETRAIN_STAGES = ("features", "model", "champion", "bento", "endpoint")
@@ -53,7 +53,7 @@ def simulate(spec: PipelineSpec, folder: Path, days: int, rows_per_day: int, dri
 
     An unpartitioned source (``partitions: none``) gets one snapshot file instead, replacing the previous one.
     """
-    from assets.features import load_function
+    from kiln.features import load_function
 
     if not spec.source.simulator:
         raise ValueError(f"{spec.name}: source.simulator is not set; this pipeline has no data generator")

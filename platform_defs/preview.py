@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from platform_defs.spec import PipelineSpec
+from kiln.spec import PipelineSpec
 
 if TYPE_CHECKING:
     import polars as pl
     from upath import UPath
 
 DEFAULT_SAMPLE_ROWS = 20_000
-SPEC_ARTIFACT = "kiln/spec.json"  # where assets/train.py logs the spec a model was trained with
+SPEC_ARTIFACT = "kiln/spec.json"  # where assets/model.py logs the spec a model was trained with
 
 
 class PreviewError(ValueError):
@@ -76,7 +76,8 @@ class PreviewResult:
 
 def load_changed_spec(pipeline: str, spec_file: Path | None) -> PipelineSpec:
     """The spec to preview: ``--spec FILE`` or the pipeline's file in the pipelines folder (the working tree)."""
-    from platform_defs.spec import load_spec, load_specs, pipelines_dir
+    from kiln.settings import pipelines_dir
+    from kiln.spec import load_spec, load_specs
 
     if spec_file is not None:
         spec = load_spec(spec_file)
@@ -110,7 +111,7 @@ def read_sample(spec: PipelineSpec, files: list[UPath], rows: int) -> tuple[pl.D
     """The newest ``rows`` source rows, read from as few of the newest files as hold them, in time order."""
     import polars as pl
 
-    from assets.ingest import read_source
+    from assets.raw import read_source
 
     frames: list[pl.DataFrame] = []
     used: list[str] = []
@@ -131,7 +132,7 @@ def read_sample(spec: PipelineSpec, files: list[UPath], rows: int) -> tuple[pl.D
 
 def passing_rows(raw: pl.DataFrame, spec: PipelineSpec, who: str) -> pl.Series:
     """True for each row that the spec's data contract keeps (the rows `<p>/validated` would hold)."""
-    from assets.validate import cast_to_spec, split_rows
+    from assets.validated import cast_to_spec, split_rows
 
     missing = [c for c in spec.schema_ if c not in raw.columns]
     if missing:
@@ -148,8 +149,8 @@ def feature_frame(raw: pl.DataFrame, spec: PipelineSpec) -> tuple[pl.DataFrame, 
     """Typed source rows and their features (key, timestamp and target kept), row for row in the given order."""
     import polars as pl
 
-    from assets.features import compute_features
-    from assets.validate import cast_to_spec
+    from assets.validated import cast_to_spec
+    from kiln.features import compute_features
 
     typed = cast_to_spec(raw, spec)
     keep = [c for c in (*spec.key_columns, spec.source.timestamp_column, spec.target) if c]
@@ -158,7 +159,7 @@ def feature_frame(raw: pl.DataFrame, spec: PipelineSpec) -> tuple[pl.DataFrame, 
 
 def score_all(names: list[str], y_true: Any, y_pred: Any, notes: list[str], who: str) -> dict[str, float | None]:
     """Every metric that can be computed; one that cannot (e.g. one class in the holdout) is None with a note."""
-    from assets.evaluate import score
+    from assets.champion import score
 
     out: dict[str, float | None] = {}
     for name in names:
@@ -175,7 +176,7 @@ def fit_sample(train: pl.DataFrame, spec: PipelineSpec) -> Any:
     from assets.predictors import LightGBMPredictor, TorchPredictor
 
     if spec.trainer.kind == "lightgbm":
-        from assets.train import train_lightgbm
+        from assets.model import train_lightgbm
 
         return LightGBMPredictor(train_lightgbm(train, spec), spec)
     if spec.trainer.kind == "torch":
@@ -233,8 +234,8 @@ def drift_rows(spec: PipelineSpec, typed: pl.DataFrame, features: pl.DataFrame, 
     """PSI per reference feature present in the sample; features only on one side are listed without a score."""
     import polars as pl
 
-    from assets.features import feature_columns
-    from sensors.drift_stats import bin_counts, column_scores
+    from kiln.drift import bin_counts, column_scores
+    from kiln.features import feature_columns
 
     numeric_ref = reference.get("numeric", {})
     categorical_ref = reference.get("categorical", {})
@@ -266,8 +267,8 @@ def preview(spec: PipelineSpec, resources: dict[str, Any], sample_rows: int = DE
     """Train ``spec`` on the newest ``sample_rows`` source rows and compare it with the production champion."""
     from upath import UPath
 
-    from assets.evaluate import gate, split_holdout
-    from assets.train import _metrics
+    from assets.champion import gate, split_holdout
+    from assets.model import _metrics
 
     if sample_rows < 10:
         raise PreviewError(f"--sample-rows: {sample_rows} is too few to train and hold out rows (at least 10)")

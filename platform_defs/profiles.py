@@ -9,44 +9,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
+from kiln.settings import PROFILES, current_profile, kiln_home, local_paths  # noqa: F401  (the profile API)
 from resources.mlflow import MlflowResource
 from resources.serving import ServingResource
 from resources.storage import JsonIOManagerFactory, KilnStorage, ParquetIOManagerFactory
-
-PROFILES = ("local", "prod")
-
-
-def current_profile() -> str:
-    """``KILN_PROFILE``, default ``local``."""
-    profile = os.environ.get("KILN_PROFILE", "local")
-    if profile not in PROFILES:
-        raise ValueError(f"KILN_PROFILE: '{profile}' is not one of {', '.join(PROFILES)}")
-    return profile
-
-
-def kiln_home() -> Path:
-    """Root of all local state: ``KILN_HOME`` or ``.kiln`` in the current folder."""
-    return Path(os.environ.get("KILN_HOME") or Path.cwd() / ".kiln").resolve()
-
-
-def local_paths(home: Path | None = None) -> dict[str, Path]:
-    """Every folder and file the local profile uses."""
-    home = home or kiln_home()
-    return {
-        "home": home,
-        "dagster_home": Path(os.environ.get("DAGSTER_HOME") or home / "dagster"),
-        "sources": Path(os.environ.get("KILN_SOURCE_ROOT") or home / "sources"),
-        "storage": home / "storage",
-        "state": home / "state",
-        "mlflow_db": home / "mlflow.db",
-        "mlartifacts": home / "mlartifacts",
-        "bentoml": home / "bentoml",
-    }
 
 
 def resources(profile: str | None = None) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import os
 import time
 from typing import Any
 
-from platform_defs.spec import PipelineSpec
+from kiln.spec import PipelineSpec
 
 PREVIOUS_TAG = "kiln.previous_champion"
 
@@ -58,7 +58,7 @@ def rollback(spec: PipelineSpec, defs: Any, instance: Any, to: str | None = None
     import dagster as dg
 
     from assets.drift_report import publish_champion_reference
-    from assets.keys import key
+    from kiln.keys import key
     from platform_defs.profiles import initialized
     from resources.mlflow import CHAMPION_ALIAS
 

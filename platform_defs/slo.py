@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from platform_defs.spec import PipelineSpec
+from kiln.spec import PipelineSpec
 
 REQUESTS = "bentoml_service_request"  # counter; prometheus_client's parser strips the _total suffix
 DURATION = "bentoml_service_request_duration_seconds"
@@ -115,7 +115,7 @@ def freshness(spec: PipelineSpec, source_root: Path, now: float | None = None) -
 
 def drift_trend(spec: PipelineSpec, state_root: Path, windows: int = TREND_WINDOWS) -> dict[str, Any]:
     """Max drift score of the last ``windows`` observed prediction windows (from stored bin counts) and the last decision."""
-    from sensors.drift_stats import column_scores
+    from kiln.drift import column_scores
 
     folder = state_root / "drift" / spec.name
     reference_path = state_root / "reference" / spec.name / "reference.json"
@@ -143,7 +143,7 @@ def training_success(pipeline: str, instance: Any) -> dict[str, Any]:
     return {"runs": len(finished), "succeeded": ok, "success_rate": ok / len(finished) if finished else None}
 
 
-PROMOTED_TAG = "kiln.promoted_by"  # set by the champion gate (assets/evaluate.py)
+PROMOTED_TAG = "kiln.promoted_by"  # set by the champion gate (assets/champion.py)
 ROLLED_BACK_TAG = "kiln.rolled_back_by"  # set by `kiln rollback` (platform_defs/rollback.py)
 
 
@@ -212,7 +212,7 @@ def record_observation(report: dict[str, Any], instance: Any) -> None:
     """Record the SLIs as an observation on ``<p>/endpoint`` so the UI shows their history next to the endpoint."""
     import dagster as dg
 
-    from assets.keys import key
+    from kiln.keys import key
 
     endpoint, registry = report["endpoint"], report.get("registry") or {}
     metadata = {

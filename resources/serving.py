@@ -119,7 +119,7 @@ class ServingResource(dg.ConfigurableResource):
     # --- backends and the router ---------------------------------------------------------------------------
     def served_spec(self, model_tag: str) -> Any:
         """The pipeline spec stored with a bento model (what the server will validate and serve with)."""
-        from platform_defs.spec import PipelineSpec
+        from kiln.spec import PipelineSpec
 
         return PipelineSpec.from_json(self.bentoml().models.get(model_tag).info.metadata["kiln_spec"])
 

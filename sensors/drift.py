@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from platform_defs.spec import PipelineSpec
+from kiln.spec import PipelineSpec
 
 if TYPE_CHECKING:
     import dagster as dg
@@ -44,7 +44,7 @@ def evaluate_windows(
     spec: PipelineSpec, reference: dict[str, Any], windows: list[dict[str, Any]], state: dict[str, Any], now: float
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Run the drift decision over new windows in order; returns the decisions and the final state."""
-    from sensors.drift_stats import column_scores, column_thresholds, decide
+    from kiln.drift import column_scores, column_thresholds, decide
 
     decisions = []
     for window in windows:
@@ -72,7 +72,7 @@ def build(spec: PipelineSpec, retrain_job: Any) -> dg.SensorDefinition:
     """The `<p>_drift` sensor."""
     import dagster as dg
 
-    from assets.keys import key
+    from kiln.keys import key
 
     predictions_key = dg.AssetKey(key(spec.name, "predictions"))
 

@@ -6,7 +6,7 @@ import json
 from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any
 
-from platform_defs.spec import PipelineSpec
+from kiln.spec import PipelineSpec
 
 if TYPE_CHECKING:
     import dagster as dg

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from platform_defs.spec import PipelineSpec
+from kiln.spec import PipelineSpec
 
 if TYPE_CHECKING:
     from bentoml.images import Image
@@ -28,7 +28,7 @@ def image_flavor(spec: PipelineSpec) -> str:
 
 def python_packages(spec: PipelineSpec) -> list[str]:
     """What the served model needs besides Kiln's own modules."""
-    from assets.package import SERVING_PACKAGES
+    from assets.bento import SERVING_PACKAGES
 
     packages = list(SERVING_PACKAGES)
     if spec.trainer.kind == "torch" or image_flavor(spec) == "gpu":

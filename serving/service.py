@@ -57,8 +57,8 @@ from typing import Any
 
 import bentoml
 
-from assets.features import compute_features
-from platform_defs.spec import PipelineSpec
+from kiln.features import compute_features
+from kiln.spec import PipelineSpec
 from serving.proxy import JSON_HEADERS, GiveBack, Request, Response
 from serving.requests import MAX_BODY_BYTES, RequestError, Rows, frame_of, parse_request
 

@@ -40,10 +40,10 @@ def _spec_file(folder: Path, name: str, fmt: str, validation: dict[str, Any]) ->
 
 @pytest.fixture(scope="module")
 def world(kiln_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    from kiln.spec import load_spec
     from platform_defs.definitions import build_definitions
     from platform_defs.lifecycle import ingest, retrain, simulate, source_partitions
     from platform_defs.profiles import local_paths, resources
-    from platform_defs.spec import load_spec
 
     spec_dir = tmp_path_factory.mktemp("bad-input-pipelines")
     specs = {
@@ -233,7 +233,7 @@ def test_schema_change_is_flagged_between_materializations(world: dict[str, Any]
 
 
 def test_a_warn_rule_reports_without_blocking(world: dict[str, Any], tmp_path: Path) -> None:
-    from assets.validate import cast_to_spec, quality_rules, run_rules, split_rows
+    from assets.validated import cast_to_spec, quality_rules, run_rules, split_rows
 
     spec = world["specs"]["cards"].model_copy(update={"validation": world["specs"]["cards"].validation.model_copy(
         update={"severity": {"customer_age.range": "warn"}})})
@@ -246,7 +246,7 @@ def test_a_warn_rule_reports_without_blocking(world: dict[str, Any], tmp_path: P
 
 
 def test_null_fraction_and_row_count_bounds_are_quality_rules(world: dict[str, Any]) -> None:
-    from assets.validate import cast_to_spec, quality_rules, run_rules
+    from assets.validated import cast_to_spec, quality_rules, run_rules
 
     data = world["specs"]["cards"].model_dump(by_alias=True)
     data["schema"]["customer_age"]["max_null_fraction"] = 0.1

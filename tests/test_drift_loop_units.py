@@ -12,7 +12,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from sensors.drift_stats import bin_counts, build_reference, column_scores, column_thresholds, decide, null_critical
+from kiln.drift import bin_counts, build_reference, column_scores, column_thresholds, decide, null_critical
 
 
 def test_null_critical_matches_the_chi_square_quantile() -> None:
@@ -87,7 +87,7 @@ def test_run_key_differs_per_window_and_model_version() -> None:
 
 
 def _fraud_spec() -> Any:
-    from platform_defs.spec import load_spec
+    from kiln.spec import load_spec
     from tests.conftest import FRAUD_SPEC
 
     return load_spec(FRAUD_SPEC)
@@ -95,8 +95,8 @@ def _fraud_spec() -> Any:
 
 def test_training_reference_profiles_features_and_the_prediction_score(tmp_path: Path) -> None:
     from assets.drift_report import PREDICTION, reference_id, training_reference, write_report
-    from assets.features import compute_features
-    from assets.observe import window_counts
+    from assets.predictions import window_counts
+    from kiln.features import compute_features
     from platform_defs.simulators.fraud import generate_day
 
     spec = _fraud_spec()

@@ -1,4 +1,4 @@
-"""Unit tests for the pure drift math in sensors.drift_stats."""
+"""Unit tests for the pure drift math in kiln.drift."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from sensors.drift_stats import (
+from kiln.drift import (
     bin_counts,
     build_reference,
     column_scores,

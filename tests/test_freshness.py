@@ -10,8 +10,8 @@ from tests.conftest import FRAUD_SPEC
 
 
 def test_daily_raw_has_a_time_window_freshness_policy() -> None:
+    from kiln.spec import load_spec
     from platform_defs.definitions import build_definitions
-    from platform_defs.spec import load_spec
 
     spec = load_spec(FRAUD_SPEC)
     defs = build_definitions([spec])
@@ -25,8 +25,8 @@ def test_daily_raw_has_a_time_window_freshness_policy() -> None:
 
 
 def test_unpartitioned_source_has_no_daily_policy() -> None:
-    from assets.ingest import raw_freshness_policy
-    from platform_defs.spec import load_spec
+    from assets.raw import raw_freshness_policy
+    from kiln.spec import load_spec
 
     spec = load_spec(FRAUD_SPEC)
     snapshot = spec.model_copy(update={"source": spec.source.model_copy(update={"partitions": "none"})})

@@ -12,8 +12,10 @@ from typing import Any
 import pytest
 import yaml
 
+from kiln import steps
+from kiln.spec import load_spec, load_specs
 from platform_defs import k8s
-from platform_defs.spec import load_spec, load_specs
+from resources import kubernetes
 from tests.conftest import FRAUD_SPEC, REPO
 
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
@@ -106,8 +108,8 @@ def test_gpu_node_selector_comes_from_the_profile(prod: None, gpu_pipelines: Pat
     pod = _jobs(objects)["fraud__model"]["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb", "kiln.dev/pool": "gpu"}
     monkeypatch.setenv("KILN_GPU_NODE_SELECTOR", "no-equals-sign")
-    with pytest.raises(k8s.K8sConfigError, match="KILN_GPU_NODE_SELECTOR: 'no-equals-sign' is not key=value"):
-        k8s.gpu_node_selector()
+    with pytest.raises(steps.K8sConfigError, match="KILN_GPU_NODE_SELECTOR: 'no-equals-sign' is not key=value"):
+        steps.gpu_node_selector()
 
 
 def test_user_config_cannot_leave_a_gpu_pod_unschedulable(prod: None) -> None:
@@ -118,7 +120,7 @@ def test_user_config_cannot_leave_a_gpu_pod_unschedulable(prod: None) -> None:
         "pod_spec_config": {"tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
                             "node_selector": {"team": "ml"}},
     }
-    config = k8s.k8s_config("4", "16Gi", 1, extra=hostile, node_selector={"nvidia.com/gpu.present": "true"})
+    config = steps.k8s_config("4", "16Gi", 1, extra=hostile, node_selector={"nvidia.com/gpu.present": "true"})
     resources = config["container_config"]["resources"]
     assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == 1
     assert resources["requests"]["cpu"] == "8" and resources["limits"]["cpu"] == "8"  # a limit below the request is lifted
@@ -127,29 +129,29 @@ def test_user_config_cannot_leave_a_gpu_pod_unschedulable(prod: None) -> None:
     assert {"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"} in tolerations
     assert config["pod_spec_config"]["node_selector"] == {"team": "ml", "nvidia.com/gpu.present": "true"}
     assert config["merge_behavior"] == "SHALLOW"
-    job = k8s.serialize(k8s.step_job("fraud__model", {"dagster-k8s/config": json.dumps(config)}))
+    job = kubernetes.serialize(k8s.step_job("fraud__model", {"dagster-k8s/config": json.dumps(config)}))
     assert k8s.validate_objects({"hostile": job}) == {}
     assert "kiln.dev/pool" not in job["spec"]["template"]["spec"]["nodeSelector"]
     # what the guard prevents: dagster-k8s' default DEEP merge would keep the CPU pool selector on the GPU pod
     deep = json.dumps(config | {"merge_behavior": "DEEP"})
-    merged = k8s.serialize(k8s.step_job("fraud__model", {"dagster-k8s/config": deep}))["spec"]["template"]["spec"]["nodeSelector"]
+    merged = kubernetes.serialize(k8s.step_job("fraud__model", {"dagster-k8s/config": deep}))["spec"]["template"]["spec"]["nodeSelector"]
     assert merged["kiln.dev/pool"] == "cpu" and merged["nvidia.com/gpu.present"] == "true"
-    with pytest.raises(k8s.K8sConfigError, match="CPU step"):
-        k8s.k8s_config("1", "1Gi", 0, extra={"container_config": {"resources": {"limits": {"nvidia.com/gpu": 1}}}})
-    plain = k8s.op_tags(spec, "model", extra={})["dagster-k8s/config"]
+    with pytest.raises(steps.K8sConfigError, match="CPU step"):
+        steps.k8s_config("1", "1Gi", 0, extra={"container_config": {"resources": {"limits": {"nvidia.com/gpu": 1}}}})
+    plain = steps.op_tags(spec, "model", extra={})["dagster-k8s/config"]
     assert plain["container_config"]["resources"]["limits"] == {"cpu": "2", "memory": "4Gi"} and "merge_behavior" not in plain
 
 
 def test_quantities_compare_across_units() -> None:
-    assert k8s.parse_quantity("500m") < k8s.parse_quantity("1") < k8s.parse_quantity("1.5")
-    assert k8s.parse_quantity("1Gi") > k8s.parse_quantity("1G") > k8s.parse_quantity("512Mi")
-    with pytest.raises(k8s.K8sConfigError, match="'lots' is not a Kubernetes quantity"):
-        k8s.parse_quantity("lots")
+    assert steps.parse_quantity("500m") < steps.parse_quantity("1") < steps.parse_quantity("1.5")
+    assert steps.parse_quantity("1Gi") > steps.parse_quantity("1G") > steps.parse_quantity("512Mi")
+    with pytest.raises(steps.K8sConfigError, match="'lots' is not a Kubernetes quantity"):
+        steps.parse_quantity("lots")
 
 
 def test_cpu_endpoint_deployment_and_service(prod: None) -> None:
     spec = load_spec(FRAUD_SPEC)
-    deployment, service = (k8s.serialize(m) for m in k8s.endpoint_manifests(spec, k8s.endpoint_image(spec, "kiln-fraud:abc123")))
+    deployment, service = (kubernetes.serialize(m) for m in kubernetes.endpoint_manifests(spec, kubernetes.endpoint_image(spec, "kiln-fraud:abc123")))
     assert k8s.validate_objects({"deployment": deployment, "service": service}) == {}
     pod = deployment["spec"]["template"]["spec"]
     container = pod["containers"][0]
@@ -168,7 +170,7 @@ def test_cpu_endpoint_deployment_and_service(prod: None) -> None:
 
 def test_gpu_endpoint_gets_gpu_limit_and_toleration(prod: None, gpu_pipelines: Path) -> None:
     spec = load_specs()[0]
-    deployment, service = (k8s.serialize(m) for m in k8s.endpoint_manifests(spec, k8s.endpoint_image(spec)))
+    deployment, service = (kubernetes.serialize(m) for m in kubernetes.endpoint_manifests(spec, kubernetes.endpoint_image(spec)))
     assert k8s.validate_objects({"deployment": deployment, "service": service}) == {}
     pod = deployment["spec"]["template"]["spec"]
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
@@ -212,12 +214,12 @@ def _registered_tiny_model(tmp_path: Path) -> tuple[Any, str]:
 def test_prod_endpoint_asset_records_manifests_instead_of_serving(prod: None, tmp_path: Path) -> None:
     import dagster as dg
 
-    from assets import deploy
+    from assets import endpoint as endpoint_stage
     from resources.serving import ServingResource
     from resources.storage import KilnStorage
 
     spec = load_spec(FRAUD_SPEC)
-    endpoint = deploy.build(spec)[0]
+    endpoint = endpoint_stage.build(spec)[0]
     mlflow, version = _registered_tiny_model(tmp_path)  # the endpoint verifies the artifact's checksum before deploying
     context = dg.build_asset_context(resources={
         "storage": KilnStorage(source_root=str(tmp_path / "src"), state_root=str(tmp_path / "state")),

@@ -69,9 +69,9 @@ def trips_parquet(path: Path, rows: int = 1500) -> Path:
 
 
 def _ingest_sample(name: str, sample: Path, kiln_home: Path) -> dg.ExecuteInProcessResult:
+    from kiln.spec import load_specs
     from platform_defs.definitions import build_definitions
     from platform_defs.lifecycle import ingest
-    from platform_defs.spec import load_specs
 
     specs = {s.name: s for s in load_specs()}
     folder = kiln_home / "sources" / specs[name].source.path
@@ -85,7 +85,7 @@ def _ingest_sample(name: str, sample: Path, kiln_home: Path) -> dg.ExecuteInProc
 
 
 def test_new_from_csv_with_nulls_and_categoricals(pipelines: Path, tmp_path: Path, kiln_home: Path) -> None:
-    from platform_defs.spec import load_spec
+    from kiln.spec import load_spec
 
     sample = churn_csv(tmp_path / "churn.csv")
     assert main(["new", "churn", "--from", str(sample)]) == 0
@@ -110,7 +110,7 @@ def test_new_from_csv_with_nulls_and_categoricals(pipelines: Path, tmp_path: Pat
 
 
 def test_new_from_parquet_with_timestamps(pipelines: Path, tmp_path: Path, kiln_home: Path) -> None:
-    from platform_defs.spec import load_spec
+    from kiln.spec import load_spec
 
     sample = trips_parquet(tmp_path / "trips.parquet")
     assert main(["new", "trips", "--from", str(sample), "--target", "fare"]) == 0

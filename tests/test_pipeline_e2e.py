@@ -37,10 +37,10 @@ def _check(result: dg.ExecuteInProcessResult, name: str) -> Any:
 
 @pytest.fixture(scope="module")
 def world(kiln_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    from kiln.spec import load_spec
     from platform_defs.definitions import build_definitions
     from platform_defs.lifecycle import ingest, retrain, simulate, source_partitions
     from platform_defs.profiles import local_paths, resources
-    from platform_defs.spec import load_spec
 
     spec_dir = tmp_path_factory.mktemp("pipelines")
     data = yaml.safe_load(FRAUD_SPEC.read_text())
@@ -73,8 +73,8 @@ def _sample(kiln_home: Path) -> list[dict[str, Any]]:
 
 
 def test_ingest_row_counts_and_checks(world: dict[str, Any]) -> None:
-    from assets.ingest import read_source
-    from assets.validate import conform
+    from assets.raw import read_source
+    from assets.validated import conform
 
     assert len(world["ingested"]) == DAYS and all(r.success for r in world["ingested"])
     for partition, result in zip(world["partitions"], world["ingested"], strict=True):
@@ -119,8 +119,8 @@ def test_bento_labels_tie_it_to_the_model(world: dict[str, Any]) -> None:
 
 
 def test_http_prediction_equals_offline(world: dict[str, Any], kiln_home: Path) -> None:
-    from assets.features import compute_features
-    from assets.train import load_booster, matrix
+    from assets.model import load_booster, matrix
+    from kiln.features import compute_features
     from serving.requests import parse_rows
 
     state = world["serving"].state("fraud")
@@ -229,7 +229,7 @@ def test_kiln_status_json(world: dict[str, Any]) -> None:
 
 
 def test_drift_windows_from_the_log_and_the_sensor_decision(world: dict[str, Any], kiln_home: Path) -> None:
-    from assets.observe import window_counts
+    from assets.predictions import window_counts
     from platform_defs.simulators.fraud import generate_day
     from sensors.drift import evaluate_windows, windows_file
 
@@ -238,8 +238,8 @@ def test_drift_windows_from_the_log_and_the_sensor_decision(world: dict[str, Any
     assert windows and windows[-1]["counts"]["n"] == 7  # the last window holds only the rows logged since the one before
     reference = json.loads((kiln_home / "state" / "reference" / "fraud" / "reference.json").read_text())
 
-    from assets.features import compute_features
-    from assets.train import load_booster, predict
+    from assets.model import load_booster, predict
+    from kiln.features import compute_features
 
     booster = load_booster(f"models:/fraud/{world['serving'].state('fraud')['model_version']}")
 

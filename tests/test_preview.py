@@ -40,12 +40,12 @@ def _drift_row(markdown: str, feature: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def previews(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    from kiln.spec import load_spec
     from platform_defs.cli import main
     from platform_defs.definitions import build_definitions
     from platform_defs.lifecycle import ingest, retrain, simulate, source_partitions
     from platform_defs.preview import preview, render, run
     from platform_defs.profiles import local_paths, resources
-    from platform_defs.spec import load_spec
 
     # A KILN_HOME and Dagster instance of its own: this module's `fraud` registry and sources are not the session's.
     home = tmp_path_factory.mktemp("preview-home")
@@ -176,9 +176,9 @@ def test_preview_of_unknown_pipeline_names_the_folder(capsys: pytest.CaptureFixt
 
 
 def test_changed_spec_with_a_column_the_data_lacks_fails_naming_it(previews: dict[str, Any]) -> None:
+    from kiln.spec import PipelineSpec
     from platform_defs.preview import PreviewError, preview
     from platform_defs.profiles import resources
-    from platform_defs.spec import PipelineSpec
 
     data = yaml.safe_load(FRAUD_SPEC.read_text())
     data["schema"]["merchant_id"] = {"dtype": "str"}
@@ -188,10 +188,10 @@ def test_changed_spec_with_a_column_the_data_lacks_fails_naming_it(previews: dic
 
 def test_torch_pipeline_preview_on_an_unpartitioned_snapshot(previews: dict[str, Any], tmp_path: Path) -> None:
     """The shipped torch pipeline (one CSV snapshot, no daily partitions) previews with the torch trainer."""
+    from kiln.spec import load_spec
     from platform_defs.lifecycle import simulate
     from platform_defs.preview import run
     from platform_defs.profiles import local_paths
-    from platform_defs.spec import load_spec
 
     spec_file = tmp_path / "breast_cancer.yaml"
     shutil.copy(REPO / "platform_defs" / "pipelines" / "breast_cancer.yaml", spec_file)

@@ -17,10 +17,10 @@ PLOTS = ("roc", "pr", "calibration", "feature_importance")
 
 
 def test_model_card_and_plots_in_dagster_metadata_and_mlflow(kiln_home: Path, tmp_path: Path) -> None:
+    from kiln.spec import load_spec
     from platform_defs.definitions import build_definitions
     from platform_defs.lifecycle import ingest, retrain, simulate, source_partitions
     from platform_defs.profiles import local_paths, resources
-    from platform_defs.spec import load_spec
 
     data = yaml.safe_load(FRAUD_SPEC.read_text())
     data["name"] = "fraud_report"

@@ -30,10 +30,10 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 @pytest.fixture(scope="module")
 def world(kiln_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    from kiln.spec import load_spec
     from platform_defs.definitions import build_definitions
     from platform_defs.lifecycle import ingest, retrain, simulate, source_partitions
     from platform_defs.profiles import local_paths, resources
-    from platform_defs.spec import load_spec
 
     spec_dir = tmp_path_factory.mktemp("serving-pipelines")
     data = yaml.safe_load(FRAUD_SPEC.read_text())

@@ -12,7 +12,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from platform_defs.spec import PipelineSpec, SpecError, load_spec
+from kiln.spec import PipelineSpec, SpecError, load_spec
 from serving.requests import RequestError, parse_body, parse_rows
 from serving.router import request_key, share_of
 from tests.conftest import FRAUD_SPEC
@@ -64,7 +64,7 @@ def test_unknown_category_policy(spec: PipelineSpec) -> None:
 def test_categorical_feature_codes_are_positions_in_allowed_and_unknowns_are_null(spec: PipelineSpec) -> None:
     import polars as pl
 
-    from assets.features import compute_features
+    from kiln.features import compute_features
 
     allowed = spec.schema_["country"].allowed
     assert allowed
@@ -203,8 +203,8 @@ def test_small_batches_get_the_same_features_and_matrix_as_large_frames(spec: Pi
     above the thresholds takes polars' parallel select and to_numpy. Both must give the same numbers, nulls included."""
     import numpy as np
 
-    import assets.features as features
-    import assets.train as train
+    import assets.model as train
+    import kiln.features as features
 
     allowed = spec.schema_["country"].allowed or []
     rows = [ROW | {"txn_id": f"t{i}", "country": "ZZ" if i % 3 == 0 else allowed[i % len(allowed)],

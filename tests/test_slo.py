@@ -24,10 +24,10 @@ SENT_BAD = 5
 
 @pytest.fixture(scope="module")
 def live(kiln_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    from kiln.spec import load_spec
     from platform_defs.definitions import build_definitions
     from platform_defs.lifecycle import ingest, retrain, simulate, source_partitions
     from platform_defs.profiles import local_paths, resources
-    from platform_defs.spec import load_spec
 
     spec_dir = tmp_path_factory.mktemp("slo-pipelines")
     data = yaml.safe_load(FRAUD_SPEC.read_text())
@@ -121,7 +121,7 @@ def test_quantile_interpolates_within_the_bucket() -> None:
 def test_drift_trend_scores_stored_windows(live: dict[str, Any], tmp_path: Path) -> None:
     import polars as pl
 
-    from assets.observe import window_counts
+    from assets.predictions import window_counts
     from platform_defs.lifecycle import simulate
     from platform_defs.slo import drift_trend
 
@@ -131,8 +131,8 @@ def test_drift_trend_scores_stored_windows(live: dict[str, Any], tmp_path: Path)
     drifted = pl.read_parquet(simulate(spec, tmp_path / "drifted", 1, 1500, drift=1.0, seed=22, start=date(2026, 1, 3))[0])
     folder = state / "drift" / spec.name
     folder.mkdir(parents=True, exist_ok=True)
-    from assets.features import compute_features
-    from assets.train import load_booster, predict
+    from assets.model import load_booster, predict
+    from kiln.features import compute_features
     from platform_defs.profiles import resources
 
     resources("local")["mlflow"].client()  # points MLflow at the session registry

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from platform_defs.spec import SpecError, load_spec, load_specs
+from kiln.spec import SpecError, load_spec, load_specs
 from tests.conftest import FRAUD_SPEC, REPO
 
 
@@ -133,7 +133,7 @@ def test_validation_policy_errors_name_the_field(tmp_path: Path, validation: dic
 
 
 def test_severity_lookup_prefers_the_column_rule() -> None:
-    from platform_defs.spec import ValidationSpec
+    from kiln.spec import ValidationSpec
 
     policy = ValidationSpec(severity={"range": "warn", "amount.range": "error"})
     assert policy.severity_of("range", "amount") == "error"

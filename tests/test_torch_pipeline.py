@@ -51,10 +51,10 @@ def _spec_data(**params: Any) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def world(kiln_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    from kiln.spec import load_spec
     from platform_defs.definitions import build_definitions
     from platform_defs.lifecycle import ingest, ingest_keys, retrain, simulate
     from platform_defs.profiles import local_paths, resources
-    from platform_defs.spec import load_spec
 
     spec_dir = tmp_path_factory.mktemp("torch_pipelines")
     (spec_dir / f"{PIPELINE}.yaml").write_text(yaml.safe_dump(_spec_data(epochs=EPOCHS, patience=EPOCHS), sort_keys=False))
@@ -129,8 +129,8 @@ def test_torch_model_trained_logged_registered_and_promoted(world: dict[str, Any
 
 
 def test_http_prediction_equals_offline(world: dict[str, Any], kiln_home: Path) -> None:
-    from assets.features import compute_features
     from assets.predictors import load_predictor
+    from kiln.features import compute_features
     from serving.requests import parse_rows
 
     spec = world["spec"]
@@ -179,9 +179,9 @@ def _latest_checkpoint_epoch(folder: Path) -> int:
 
 
 def test_sigkill_mid_training_resumes_from_the_checkpoint(world: dict[str, Any], tmp_path: Path) -> None:
+    from kiln.spec import load_spec
     from platform_defs.definitions import build_definitions
     from platform_defs.lifecycle import retrain
-    from platform_defs.spec import load_spec
 
     # No early stopping, small batches and dropout: many steps per epoch and RNG state that must be restored.
     spec_dir = tmp_path / "pipelines"
@@ -195,7 +195,7 @@ def test_sigkill_mid_training_resumes_from_the_checkpoint(world: dict[str, Any],
     code = ("import dagster as dg\n"
             "from platform_defs.definitions import build_definitions\n"
             "from platform_defs.lifecycle import retrain\n"
-            "from platform_defs.spec import load_specs\n"
+            "from kiln.spec import load_specs\n"
             "spec, = load_specs()\n"
             "retrain(build_definitions([spec]), spec, dg.DagsterInstance.get(), stages=('model',))\n")
     env = os.environ | {"KILN_PIPELINES_DIR": str(spec_dir)}
@@ -247,7 +247,7 @@ def test_sigkill_mid_training_resumes_from_the_checkpoint(world: dict[str, Any],
 def test_cpu_training_is_deterministic(world: dict[str, Any]) -> None:
     import polars as pl
 
-    from assets.evaluate import score, split_holdout
+    from assets.champion import score, split_holdout
     from assets.train_torch import features_matrix, fit, predict_module
 
     spec = world["spec"]
@@ -273,7 +273,7 @@ def test_cpu_training_is_deterministic(world: dict[str, Any]) -> None:
 
 
 def test_torch_params_are_validated_with_the_field_named(tmp_path: Path) -> None:
-    from platform_defs.spec import SpecError, load_spec
+    from kiln.spec import SpecError, load_spec
 
     data = _spec_data(epochs=0)
     path = tmp_path / f"{PIPELINE}.yaml"
@@ -289,11 +289,11 @@ def test_torch_params_are_validated_with_the_field_named(tmp_path: Path) -> None
 def test_categorical_features_are_one_hot_inside_the_model() -> None:
     from datetime import date
 
-    from assets.evaluate import split_holdout
-    from assets.features import feature_table
+    from assets.champion import split_holdout
     from assets.train_torch import categorical_columns, features_matrix, fit, predict_module
+    from kiln.features import feature_table
+    from kiln.spec import load_spec
     from platform_defs.simulators.fraud import generate_day
-    from platform_defs.spec import load_spec
 
     fraud = load_spec(REPO / "platform_defs" / "pipelines" / "fraud.yaml")
     spec = fraud.model_copy(update={"trainer": fraud.trainer.model_copy(update={"kind": "torch", "params": {"epochs": 2, "seed": 3}})})

@@ -14,8 +14,8 @@ from typing import Any
 import polars as pl
 import pytest
 
-from assets.validate import SAMPLES, cast_to_spec, quality_rules, run_rules, schema_rules
-from platform_defs.spec import PipelineSpec
+from assets.validated import SAMPLES, cast_to_spec, quality_rules, run_rules, schema_rules
+from kiln.spec import PipelineSpec
 
 ROWS = 3000
 COLORS = ["red", "green", "blue"]
@@ -110,7 +110,7 @@ def test_schema_rules_name_the_dtype_and_the_nulls(spec: PipelineSpec) -> None:
 
 
 def test_the_configuration_memo_changes_no_result(spec: PipelineSpec, monkeypatch: pytest.MonkeyPatch) -> None:
-    import assets.validate as validate
+    import assets.validated as validate
 
     frame = cast_to_spec(_frame(1), spec)
     raw = _frame(1).with_columns(pl.col("score").cast(pl.String))
@@ -144,7 +144,7 @@ def test_outside_a_validation_gx_expectations_behave_as_shipped(spec: PipelineSp
 def test_inside_a_validation_a_configuration_s_expectation_is_rebuilt_when_it_changes(spec: PipelineSpec) -> None:
     import great_expectations as gx
 
-    import assets.validate as validate
+    import assets.validated as validate
 
     run_rules(cast_to_spec(_frame(0), spec), quality_rules(spec), "engine_quality", spec, arrow=False)  # GX patched
     configuration = gx.expectations.ExpectColumnValuesToBeBetween(column="amount", min_value=0, max_value=1).configuration
@@ -170,7 +170,7 @@ def test_plain_metric_ids_are_the_ids_gx_computes(spec: PipelineSpec, monkeypatc
 
     from great_expectations.core.id_dict import IDDict
 
-    import assets.validate as validate
+    import assets.validated as validate
 
     run_rules(cast_to_spec(_frame(0), spec), quality_rules(spec), "ids_warmup", spec, arrow=False)  # GX patched
     patched = IDDict.to_id
@@ -200,7 +200,7 @@ def test_key_uniqueness_passes_on_hashes_and_repeated_hashes_are_decided_on_the_
     a failure by itself: the rule runs again on the keys, which decide it and give the count and samples."""
     import pandas as pd
 
-    import assets.validate as validate
+    import assets.validated as validate
 
     clean = cast_to_spec(_frame(0), spec).unique("row_id", keep="first", maintain_order=True)
     stand_ins = validate._key_hashes(clean, quality_rules(spec))

@@ -50,7 +50,7 @@ def _kiln(env: dict[str, str], *args: str, timeout: float = 400) -> subprocess.C
 
 
 def _request_rows(frame: pl.DataFrame, spec: Any) -> list[dict[str, Any]]:
-    from assets.deploy import sample_rows
+    from kiln.features import sample_rows
 
     return sample_rows(frame, spec, n=frame.height)
 
@@ -87,7 +87,7 @@ class Client(threading.Thread):
 def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     import dagster as dg
 
-    from platform_defs.spec import load_spec
+    from kiln.spec import load_spec
 
     home = tmp_path_factory.mktemp("drift-e2e")
     spec_dir = home / "pipelines"

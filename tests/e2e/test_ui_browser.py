@@ -38,8 +38,8 @@ pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's ch
 @pytest.fixture(scope="module")
 def ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """A `dagster dev` webserver on a free port, its own process group, stopped in teardown."""
+    from kiln.spec import load_spec
     from platform_defs.lifecycle import simulate
-    from platform_defs.spec import load_spec
 
     home = tmp_path_factory.mktemp("ui-home")
     specs = home / "pipelines"

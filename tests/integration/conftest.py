@@ -250,9 +250,9 @@ def upload_sources(s3: Any, local: Path, prefix: str) -> list[str]:
 @pytest.fixture(scope="package")
 def prod_world(services: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """The `fraud` pipeline simulated into S3, ingested and retrained in the prod profile, with its endpoint up."""
+    from kiln.spec import load_spec
     from platform_defs.definitions import build_definitions
     from platform_defs.lifecycle import ingest, retrain, simulate, source_partitions
-    from platform_defs.spec import load_spec
     from resources.serving import ServingResource
 
     spec_dir = tmp_path_factory.mktemp("pipelines")

@@ -54,10 +54,10 @@ class PausingMlflowResource(MlflowResource):
 
 def fraud_retrain() -> dg.JobDefinition:
     """`fraud_retrain` of the prod Definitions (executor from ``KILN_EXECUTOR``), pausing for the kill when asked."""
+    from kiln.spec import load_specs
     from platform_defs import k8s
     from platform_defs.definitions import pipeline_definitions
     from platform_defs.profiles import resources
-    from platform_defs.spec import load_specs
 
     specs = [s for s in load_specs() if s.name == "fraud"]
     prod = resources("prod")

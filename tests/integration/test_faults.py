@@ -64,14 +64,14 @@ def test_s3_unreachable_fails_naming_bucket_and_key(prod_world: dict[str, Any], 
 
 def test_mlflow_stopped_during_training_bounded_retries_no_stray_alias_rerun_succeeds(
         prod_world: dict[str, Any], services: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    import assets.train
+    import assets.model
     from platform_defs.lifecycle import retrain
 
     stages = ("features", "model", "champion")
     versions, champion = _registry(services)
     stored = {k: v for k, v in _objects(services["s3"]).items() if k in ("storage/fraud/model.json", "storage/fraud/champion.json")}
     training, stopped = threading.Event(), threading.Event()
-    real_train = assets.train.train_lightgbm
+    real_train = assets.model.train_lightgbm
 
     def train_while_the_server_stops(*args: Any, **kwargs: Any) -> Any:
         # The model step's MLflow run is open and the booster is about to fit: the server goes away right now.
@@ -80,7 +80,7 @@ def test_mlflow_stopped_during_training_bounded_retries_no_stray_alias_rerun_suc
             assert stopped.wait(timeout=120), "the test did not stop the MLflow server"
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(assets.train, "train_lightgbm", train_while_the_server_stops)
+    monkeypatch.setattr(assets.model, "train_lightgbm", train_while_the_server_stops)
     outcome: dict[str, Any] = {}
 
     def run() -> None:
@@ -283,9 +283,9 @@ def test_two_retrains_of_one_pipeline_one_waits_another_pipeline_runs_in_paralle
     from dagster._daemon.run_coordinator.queued_run_coordinator_daemon import QueuedRunCoordinatorDaemon
     from dagster_graphql.test.utils import define_out_of_process_context
 
+    from kiln.spec import load_spec
     from platform_defs.definitions import build_definitions
     from platform_defs.lifecycle import ingest
-    from platform_defs.spec import load_spec
     from tests.integration.conftest import DEPLOY_DAGSTER_YAML
 
     instance = prod_world["instance"]

@@ -4,27 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from assets.keys import key
-from platform_defs.spec import PipelineSpec
+from kiln.keys import key
+from kiln.spec import PipelineSpec
 
-if TYPE_CHECKING:
-    import polars as pl
-
-SMOKE_ROWS = 20
 SMOKE_TOLERANCE = 1e-9
-
-
-def sample_rows(frame: pl.DataFrame, spec: PipelineSpec, n: int = SMOKE_ROWS) -> list[dict[str, Any]]:
-    """Request rows (input columns, datetimes as ISO text) from source data, as a client would send them."""
-    import polars as pl
-
-    rows = frame.select(spec.input_columns).tail(n)
-    rows = rows.with_columns(
-        [pl.col(c).dt.to_string("%Y-%m-%dT%H:%M:%S%.f") for c, t in rows.schema.items() if t == pl.Datetime]
-    )
-    return rows.to_dicts()
 
 
 def smoke_test(url: str, rows: list[dict[str, Any]], model_uri: str, spec: PipelineSpec) -> dict[str, Any]:
@@ -34,8 +19,8 @@ def smoke_test(url: str, rows: list[dict[str, Any]], model_uri: str, spec: Pipel
     import httpx
     import numpy as np
 
-    from assets.features import compute_features
     from assets.predictors import load_predictor
+    from kiln.features import compute_features
     from serving.requests import parse_rows
 
     key = os.environ.get("KILN_API_KEY")  # the platform's own smoke test authenticates like any client
@@ -53,7 +38,8 @@ def build(spec: PipelineSpec) -> list[Any]:
     """The `<p>/endpoint` asset and its live smoke-test check."""
     import dagster as dg
 
-    from platform_defs import k8s
+    from kiln import steps as k8s
+    from resources import kubernetes
     from resources.retries import service_retry_policy
     from resources.serving import ServingResource, healthy
     from resources.storage import KilnStorage
@@ -79,7 +65,7 @@ def build(spec: PipelineSpec) -> list[Any]:
         verify_checksum(context.resources.mlflow, spec.name, str(bento["model_version"]))  # refuse a changed artifact
         # Kubernetes: render and record the Deployment + Service, no local process (KILN_ENDPOINT_TARGET=local: `bentoml serve`)
         if current_profile() == "prod" and os.environ.get("KILN_ENDPOINT_TARGET", "kubernetes") != "local":
-            record = k8s.endpoint_record(spec, bento, context.resources.storage.state_root)
+            record = kubernetes.endpoint_record(spec, bento, context.resources.storage.state_root)
             return dg.Output(record, metadata={"url": dg.MetadataValue.url(record["url"]), "image": record["image"],
                                                "manifests": record["manifests"], "objects": ", ".join(record["objects"]),
                                                "model_version": record["model_version"], "bento": record["bento"]})

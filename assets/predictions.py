@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from assets.drift_report import PREDICTION, reference_id
-from assets.keys import key
-from platform_defs.spec import PipelineSpec
+from kiln.keys import key
+from kiln.spec import PipelineSpec
 
 if TYPE_CHECKING:
     import dagster as dg
@@ -30,9 +30,9 @@ def window_counts(spec: PipelineSpec, rows: pl.DataFrame, reference: dict[str, A
     """Bin counts of logged request rows in the training reference's bins (features computed as in training)."""
     import polars as pl
 
-    from assets.features import compute_features, profile_frame
-    from assets.validate import cast_to_spec
-    from sensors.drift_stats import bin_counts
+    from assets.validated import cast_to_spec
+    from kiln.drift import bin_counts
+    from kiln.features import compute_features, profile_frame
 
     inputs = rows.select(spec.input_columns)
     text_ts = [c for c in spec.input_columns if spec.schema_[c].dtype == "datetime" and inputs.schema[c] == pl.String]
@@ -82,7 +82,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
     """The `<p>/predictions` asset."""
     import dagster as dg
 
-    from platform_defs import k8s
+    from kiln import steps as k8s
     from resources.serving import ServingResource
 
     @dg.asset(

@@ -13,9 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from assets.ingest import POLARS_DTYPES, partitions_def
-from assets.keys import key
-from platform_defs.spec import PipelineSpec
+from assets.raw import POLARS_DTYPES, partitions_def
+from kiln.keys import key
+from kiln.spec import PipelineSpec
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -526,7 +526,7 @@ def build(spec: PipelineSpec) -> list[Any]:
     """`<p>/validated` and `<p>/quarantine` with the blocking GX quality check and a schema-change check."""
     import dagster as dg
 
-    from platform_defs import k8s
+    from kiln import steps as k8s
     from resources.storage import KilnStorage
 
     raw_key = dg.AssetKey(key(spec.name, "raw"))
@@ -559,7 +559,7 @@ def build(spec: PipelineSpec) -> list[Any]:
         can_subset=False,
     )
     def validated(context, raw: Any):
-        from assets.ingest import source_file
+        from assets.raw import source_file
 
         storage: KilnStorage = context.resources.storage
         partition = context.partition_key if context.has_partition_key else None

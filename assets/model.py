@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from assets.keys import key
-from platform_defs.spec import PipelineSpec
+from kiln.keys import key
+from kiln.spec import PipelineSpec
 
 if TYPE_CHECKING:
     import dagster as dg
@@ -23,7 +23,7 @@ def matrix(frame: pl.DataFrame, spec: PipelineSpec) -> np.ndarray:
     import numpy as np
     import polars as pl
 
-    from assets.features import feature_columns
+    from kiln.features import feature_columns
 
     cols = feature_columns(spec, frame)
     if cols == frame.columns and all(dtype.is_numeric() for dtype in frame.dtypes):
@@ -44,7 +44,7 @@ def train_lightgbm(train: pl.DataFrame, spec: PipelineSpec) -> lgb.Booster:
     """Fit a LightGBM booster on the training rows, categoricals declared as such."""
     import lightgbm as lgb
 
-    from assets.features import feature_columns
+    from kiln.features import feature_columns
 
     params = dict(spec.trainer.params)
     rounds = int(params.pop(BOOST_ROUNDS_KEY, 200))
@@ -77,7 +77,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
     """The `<p>/model` asset."""
     import dagster as dg
 
-    from platform_defs import k8s
+    from kiln import steps as k8s
     from resources.mlflow import MlflowResource
     from resources.retries import service_retry_policy
 
@@ -100,8 +100,8 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         from mlflow.models import infer_signature
 
         from assets import report
-        from assets.evaluate import score, split_holdout
-        from assets.features import data_version, feature_columns
+        from assets.champion import score, split_holdout
+        from kiln.features import data_version, feature_columns
         from resources.mlflow import discard, registered_by_step
 
         done, partial = registered_by_step(mlflow, spec.name, context.run_id, "model")  # a retried step: reuse, never re-register

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from assets.keys import key
-from platform_defs.spec import PipelineSpec
+from kiln.keys import key
+from kiln.spec import PipelineSpec
 
 if TYPE_CHECKING:
     import dagster as dg
@@ -80,7 +80,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
     """The `<p>/bento` asset."""
     import dagster as dg
 
-    from platform_defs import k8s
+    from kiln import steps as k8s
     from resources.mlflow import MlflowResource
     from resources.retries import service_retry_policy
     from resources.serving import ServingResource

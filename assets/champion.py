@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from assets.keys import key
-from platform_defs.spec import EvaluationSpec, PipelineSpec
+from kiln.keys import key
+from kiln.spec import EvaluationSpec, PipelineSpec
 
 if TYPE_CHECKING:
     import dagster as dg
@@ -52,7 +52,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
     """The `<p>/champion` asset with its champion-vs-challenger gate check."""
     import dagster as dg
 
-    from platform_defs import k8s
+    from kiln import steps as k8s
     from resources.mlflow import CHAMPION_ALIAS, MlflowResource
     from resources.retries import service_retry_policy
 
@@ -83,7 +83,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         _, holdout = split_holdout(features, spec)
         y = holdout[spec.target].to_numpy()
         metric = spec.evaluation.metric
-        from assets.features import data_version
+        from kiln.features import data_version
 
         # `model` scored itself on the holdout of these features; rescore only if the features changed since.
         if model.get("features_data_version") == data_version(features):

@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from assets.keys import key
-from platform_defs.spec import PipelineSpec
+from kiln.keys import key
+from kiln.spec import PipelineSpec
 
 if TYPE_CHECKING:
     import dagster as dg
@@ -114,7 +114,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
     """The `<p>/raw` asset, with its blocking GX schema check and a schema-change check run in the same step."""
     import dagster as dg
 
-    from platform_defs import k8s
+    from kiln import steps as k8s
     from resources.storage import KilnStorage
 
     raw_key = dg.AssetKey(key(spec.name, "raw"))
@@ -142,7 +142,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
     def raw(context):
         import polars as pl
 
-        from assets.validate import check_result, column_schema, raw_schema_check, schema_change
+        from assets.validated import check_result, column_schema, raw_schema_check, schema_change
 
         storage: KilnStorage = context.resources.storage
         folder = storage.source_dir(spec.source.path)

@@ -7,7 +7,6 @@ Errors name the file, the field path and the reason, e.g.
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -17,7 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{1,40}$")
 DTYPES = ("float", "int", "str", "bool", "datetime")
-DEFAULT_PIPELINES_DIR = Path(__file__).parent / "pipelines"
 
 
 class SpecError(ValueError):
@@ -206,7 +204,7 @@ class DriftSpec(_Strict):
     cooldown_minutes: float = Field(default=60.0, ge=0)
     drifted_feature_share: float = Field(default=0.3, gt=0, le=1)
     bins: int = Field(default=10, ge=2, le=100)
-    # Family-wise false-alarm rate per window: a column also has to beat the Bonferroni noise bound (sensors.drift_stats).
+    # Family-wise false-alarm rate per window: a column also has to beat the Bonferroni noise bound (kiln.drift).
     alpha: float | None = Field(default=0.01, gt=0, lt=1)
     sensor_interval_seconds: int = Field(default=30, ge=1, le=86400)
 
@@ -297,12 +295,6 @@ class PipelineSpec(_Strict):
         return cls.model_validate(json.loads(text))
 
 
-def pipelines_dir() -> Path:
-    """The folder of pipeline specs: ``KILN_PIPELINES_DIR`` or the packaged one."""
-    override = os.environ.get("KILN_PIPELINES_DIR")
-    return Path(override) if override else DEFAULT_PIPELINES_DIR
-
-
 def _format_error(path: Path, error: ValidationError) -> str:
     lines = []
     for item in error.errors():
@@ -348,6 +340,8 @@ def load_spec(path: Path) -> PipelineSpec:
 
 def load_specs(folder: Path | None = None) -> list[PipelineSpec]:
     """Load every ``*.yaml`` spec in the folder; all errors are reported together."""
+    from kiln.settings import pipelines_dir
+
     folder = folder or pipelines_dir()
     if not folder.is_dir():
         raise SpecError(f"{folder}: pipelines folder does not exist")

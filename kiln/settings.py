@@ -1,0 +1,113 @@
+"""Every ``KILN_*`` environment variable Kiln reads, read here and nowhere else.
+
+Functions, not module constants: tests and the CLI change the environment between calls, and a Dagster code server
+reads it when it loads. Each reader names its variable and its default; ``deploy/README.md`` lists them for operators.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+PROFILES = ("local", "prod")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PIPELINES_DIR = REPO_ROOT / "platform_defs" / "pipelines"
+
+
+def env(name: str, default: str = "", environ: Mapping[str, str] | None = None) -> str:
+    """One variable's value (``default`` when unset or empty)."""
+    value = (os.environ if environ is None else environ).get(name, "")
+    return value if value != "" else default
+
+
+def current_profile() -> str:
+    """``KILN_PROFILE``, default ``local``."""
+    profile = env("KILN_PROFILE", "local")
+    if profile not in PROFILES:
+        raise ValueError(f"KILN_PROFILE: '{profile}' is not one of {', '.join(PROFILES)}")
+    return profile
+
+
+def kiln_home() -> Path:
+    """Root of all local state: ``KILN_HOME`` or ``.kiln`` in the current folder."""
+    return Path(env("KILN_HOME") or Path.cwd() / ".kiln").resolve()
+
+
+def local_paths(home: Path | None = None) -> dict[str, Path]:
+    """Every folder and file the local profile uses."""
+    home = home or kiln_home()
+    return {
+        "home": home,
+        "dagster_home": Path(os.environ.get("DAGSTER_HOME") or home / "dagster"),
+        "sources": Path(env("KILN_SOURCE_ROOT") or home / "sources"),
+        "storage": home / "storage",
+        "state": home / "state",
+        "mlflow_db": home / "mlflow.db",
+        "mlartifacts": home / "mlartifacts",
+        "bentoml": home / "bentoml",
+    }
+
+
+def pipelines_dir() -> Path:
+    """The folder of pipeline specs: ``KILN_PIPELINES_DIR`` or the packaged ``platform_defs/pipelines``."""
+    override = env("KILN_PIPELINES_DIR")
+    return Path(override) if override else DEFAULT_PIPELINES_DIR
+
+
+def step_retries(profile: str) -> tuple[int, float]:
+    """``KILN_STEP_RETRIES`` (default 3 in prod, 0 locally) and ``KILN_STEP_RETRY_DELAY`` (first delay, seconds)."""
+    retries = int(env("KILN_STEP_RETRIES", "3" if profile == "prod" else "0"))
+    return retries, float(env("KILN_STEP_RETRY_DELAY", "2.0"))
+
+
+def executor_choice(profile: str) -> str:
+    """``KILN_EXECUTOR``: ``k8s`` (prod default), ``multiprocess`` or ``in_process``; empty locally (Dagster's default)."""
+    return env("KILN_EXECUTOR", "k8s" if profile == "prod" else "")
+
+
+def api_key() -> str | None:
+    """``KILN_API_KEY``: when set, `/predict` and `/metadata` need ``Authorization: Bearer <key>``."""
+    return env("KILN_API_KEY") or None
+
+
+def user() -> str:
+    """Who acts (rollback tags): ``KILN_USER`` or the login name."""
+    import getpass
+
+    return env("KILN_USER") or getpass.getuser()
+
+
+def gpu_node_selector_text(default: str) -> str:
+    """``KILN_GPU_NODE_SELECTOR``: ``key=value[,key=value]`` (empty: no selector)."""
+    return os.environ.get("KILN_GPU_NODE_SELECTOR", default).strip()
+
+
+def step_config_text() -> str:
+    """``KILN_K8S_STEP_CONFIG``: a JSON `dagster-k8s/config` merged into every step."""
+    return env("KILN_K8S_STEP_CONFIG").strip()
+
+
+def k8s_namespace() -> str:
+    """``KILN_K8S_NAMESPACE`` (default ``kiln``): where endpoints are deployed."""
+    return env("KILN_K8S_NAMESPACE", "kiln")
+
+
+def image_registry() -> str:
+    """``KILN_IMAGE_REGISTRY`` (default ``registry.local/kiln``): where serving images are pushed."""
+    return env("KILN_IMAGE_REGISTRY", "registry.local/kiln").rstrip("/")
+
+
+def image_tag() -> str:
+    """``KILN_IMAGE_TAG`` (default ``latest``): the tag of a serving image built without a bento version."""
+    return env("KILN_IMAGE_TAG", "latest")
+
+
+def code_image() -> str:
+    """``KILN_CODE_IMAGE``: the code-location image (in a cluster dagster-k8s takes it from the code location)."""
+    return env("KILN_CODE_IMAGE", "kiln/code-location:latest")
+
+
+def predictions_pvc() -> str | None:
+    """``KILN_PREDICTIONS_PVC``: a PersistentVolumeClaim for endpoint prediction logs (default: an emptyDir)."""
+    return env("KILN_PREDICTIONS_PVC") or None
