@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
+from kiln import settings
 from kiln.keys import key
 from kiln.spec import PipelineSpec
 
@@ -14,7 +14,6 @@ SMOKE_TOLERANCE = 1e-9
 
 def smoke_test(url: str, rows: list[dict[str, Any]], model_uri: str, spec: PipelineSpec) -> dict[str, Any]:
     """POST rows to the endpoint and compare with offline predictions of the same rows by the same model."""
-    import os
 
     import httpx
     import numpy as np
@@ -23,7 +22,7 @@ def smoke_test(url: str, rows: list[dict[str, Any]], model_uri: str, spec: Pipel
     from kiln.features import compute_features
     from serving.requests import parse_rows
 
-    key = os.environ.get("KILN_API_KEY")  # the platform's own smoke test authenticates like any client
+    key = settings.api_key()  # the platform's own smoke test authenticates like any client
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     response = httpx.post(f"{url}/predict", json={"rows": rows}, headers=headers, timeout=30)
     response.raise_for_status()
@@ -59,12 +58,12 @@ def build(spec: PipelineSpec) -> list[Any]:
         description="The served endpoint: URL, model version, bento, health (local: a `bentoml serve` process).",
     )
     def endpoint(context, bento: Any):
-        from platform_defs.profiles import current_profile
+        from kiln.settings import current_profile
         from resources.mlflow import verify_checksum
 
         verify_checksum(context.resources.mlflow, spec.name, str(bento["model_version"]))  # refuse a changed artifact
         # Kubernetes: render and record the Deployment + Service, no local process (KILN_ENDPOINT_TARGET=local: `bentoml serve`)
-        if current_profile() == "prod" and os.environ.get("KILN_ENDPOINT_TARGET", "kubernetes") != "local":
+        if current_profile() == "prod" and settings.endpoint_target() != "local":
             record = kubernetes.endpoint_record(spec, bento, context.resources.storage.state_root)
             return dg.Output(record, metadata={"url": dg.MetadataValue.url(record["url"]), "image": record["image"],
                                                "manifests": record["manifests"], "objects": ", ".join(record["objects"]),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
 from kiln.keys import key
@@ -18,6 +17,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
 
     from kiln import steps as k8s
     from kiln.features import data_version, feature_columns, feature_reference, feature_table, sample_rows
+    from kiln.reference import publish_features_reference
     from resources.storage import KilnStorage
 
     @dg.asset(
@@ -40,20 +40,14 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         if not frames:
             raise ValueError(f"{spec.name}: no validated partitions yet; materialize {spec.name}/validated first")
         source, frame = feature_table(frames, spec)
-        from assets.drift_report import reference_table
+        from assets.metadata import reference_table
         from assets.validated import column_schema, schema_change
 
         schema = column_schema(frame)
         unchanged, change = schema_change(context, dg.AssetKey(key(spec.name, "features")), schema)
         version = data_version(frame)
         reference = feature_reference(spec, source, frame)
-        ref_path = storage.state_dir(spec.name, "reference") / f"features-{version}.json"
-        ref_path.write_text(json.dumps(reference))
-        current = ref_path.parent / "reference.json"
-        if not current.exists():
-            # Until a champion publishes its own reference (features + prediction score), drift is judged against this.
-            current.write_text(json.dumps(reference))
-        (ref_path.parent / "sample_rows.json").write_text(json.dumps(sample_rows(source, spec)))
+        ref_path = publish_features_reference(storage.state_root, spec.name, version, reference, sample_rows(source, spec))
         yield dg.Output(
             frame,
             data_version=dg.DataVersion(version),

@@ -159,15 +159,16 @@ def sensor_tick(reference: dict[str, Any], state_root: Path) -> tuple[float, int
     """Store the windows of a 10M-row log (100k-row windows, the last tenth drifted), then time one real sensor tick."""
     import dagster as dg
 
-    from assets.drift_report import reference_id, reference_path
     from kiln.drift import bin_counts
+    from kiln.reference import reference_id, reference_path
+    from kiln.windows import windows_path
     from resources.storage import KilnStorage
     from sensors import drift
 
     ref_path = reference_path(str(state_root), "bench20")
     ref_path.parent.mkdir(parents=True, exist_ok=True)
     ref_path.write_text(json.dumps(reference))
-    windows = drift.windows_file(str(state_root), "bench20")
+    windows = windows_path(str(state_root), "bench20")
     windows.parent.mkdir(parents=True, exist_ok=True)
     n_windows = LOG_ROWS // WINDOW_ROWS
     with windows.open("w") as fh:

@@ -78,14 +78,14 @@ def user() -> str:
     return env("KILN_USER") or getpass.getuser()
 
 
-def gpu_node_selector_text(default: str) -> str:
-    """``KILN_GPU_NODE_SELECTOR``: ``key=value[,key=value]`` (empty: no selector)."""
-    return os.environ.get("KILN_GPU_NODE_SELECTOR", default).strip()
+def gpu_node_selector_text(default: str, environ: Mapping[str, str] | None = None) -> str:
+    """``KILN_GPU_NODE_SELECTOR``: ``key=value[,key=value]``; set but empty means no selector."""
+    return (os.environ if environ is None else environ).get("KILN_GPU_NODE_SELECTOR", default).strip()
 
 
-def step_config_text() -> str:
+def step_config_text(environ: Mapping[str, str] | None = None) -> str:
     """``KILN_K8S_STEP_CONFIG``: a JSON `dagster-k8s/config` merged into every step."""
-    return env("KILN_K8S_STEP_CONFIG").strip()
+    return env("KILN_K8S_STEP_CONFIG", "", environ).strip()
 
 
 def k8s_namespace() -> str:
@@ -93,21 +93,68 @@ def k8s_namespace() -> str:
     return env("KILN_K8S_NAMESPACE", "kiln")
 
 
-def image_registry() -> str:
+def image_registry(environ: Mapping[str, str] | None = None) -> str:
     """``KILN_IMAGE_REGISTRY`` (default ``registry.local/kiln``): where serving images are pushed."""
-    return env("KILN_IMAGE_REGISTRY", "registry.local/kiln").rstrip("/")
+    return env("KILN_IMAGE_REGISTRY", "registry.local/kiln", environ).rstrip("/")
 
 
-def image_tag() -> str:
+def image_tag(environ: Mapping[str, str] | None = None) -> str:
     """``KILN_IMAGE_TAG`` (default ``latest``): the tag of a serving image built without a bento version."""
-    return env("KILN_IMAGE_TAG", "latest")
+    return env("KILN_IMAGE_TAG", "latest", environ)
 
 
-def code_image() -> str:
+def code_image(environ: Mapping[str, str] | None = None) -> str:
     """``KILN_CODE_IMAGE``: the code-location image (in a cluster dagster-k8s takes it from the code location)."""
-    return env("KILN_CODE_IMAGE", "kiln/code-location:latest")
+    return env("KILN_CODE_IMAGE", "kiln/code-location:latest", environ)
 
 
 def predictions_pvc() -> str | None:
     """``KILN_PREDICTIONS_PVC``: a PersistentVolumeClaim for endpoint prediction logs (default: an emptyDir)."""
     return env("KILN_PREDICTIONS_PVC") or None
+
+
+def endpoint_target() -> str:
+    """``KILN_ENDPOINT_TARGET``: ``kubernetes`` (prod default: render a Deployment) or ``local`` (`bentoml serve`)."""
+    return env("KILN_ENDPOINT_TARGET", "kubernetes")
+
+
+def s3_endpoint_url() -> str | None:
+    """The S3 API endpoint: ``KILN_S3_ENDPOINT_URL`` or ``AWS_ENDPOINT_URL`` (None: AWS itself)."""
+    return env("KILN_S3_ENDPOINT_URL") or env("AWS_ENDPOINT_URL") or None
+
+
+# ------------------------------------------------------------------ the endpoint process (set by ServingResource)
+
+
+def model_tag() -> str:
+    """``KILN_MODEL_TAG``: the bento model an endpoint serves (required inside a bento)."""
+    tag = env("KILN_MODEL_TAG")
+    if not tag:
+        raise RuntimeError("KILN_MODEL_TAG is not set: the endpoint does not know which bento model to serve")
+    return tag
+
+
+def prediction_log_dir() -> str | None:
+    """``KILN_PREDICTION_LOG``: the folder an endpoint logs served rows to (None: no log)."""
+    return env("KILN_PREDICTION_LOG") or None
+
+
+def serving_workers() -> int:
+    """``KILN_WORKERS``: BentoML workers of an endpoint (default 1)."""
+    return int(env("KILN_WORKERS", "1"))
+
+
+def access_log() -> bool:
+    """``KILN_ACCESS_LOG=1``: BentoML access logs on."""
+    return env("KILN_ACCESS_LOG") == "1"
+
+
+def lane() -> tuple[str, int] | None:
+    """``KILN_LANE_HOST``/``KILN_LANE_PORT``: the router's private /predict lane into the workers (None: no lane)."""
+    port = env("KILN_LANE_PORT")
+    return (env("KILN_LANE_HOST", "127.0.0.1"), int(port)) if port else None
+
+
+def handoff_dir() -> str | None:
+    """``KILN_HANDOFF_DIR``: where a backend's workers take connections the router hands over (None: no handoff)."""
+    return env("KILN_HANDOFF_DIR") or None

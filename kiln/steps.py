@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
+from kiln import settings
 from kiln.spec import PipelineSpec
 
 K8S_CONFIG_TAG = "dagster-k8s/config"
@@ -33,8 +33,7 @@ class K8sConfigError(ValueError):
 
 def gpu_node_selector(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """``KILN_GPU_NODE_SELECTOR`` as ``key=value[,key=value]`` (empty: no selector); default the GPU-operator label."""
-    env = os.environ if env is None else env
-    text = env.get("KILN_GPU_NODE_SELECTOR", DEFAULT_GPU_NODE_SELECTOR).strip()
+    text = settings.gpu_node_selector_text(DEFAULT_GPU_NODE_SELECTOR, env)
     selector: dict[str, str] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, sep, value = part.partition("=")
@@ -46,8 +45,7 @@ def gpu_node_selector(env: Mapping[str, str] | None = None) -> dict[str, str]:
 
 def extra_step_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """``KILN_K8S_STEP_CONFIG``: a JSON `dagster-k8s/config` merged into every step (GPU essentials always win)."""
-    env = os.environ if env is None else env
-    text = env.get("KILN_K8S_STEP_CONFIG", "").strip()
+    text = settings.step_config_text(env)
     if not text:
         return {}
     try:

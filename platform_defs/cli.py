@@ -8,6 +8,7 @@ import sys
 import time
 from typing import Any
 
+from kiln import paths as kiln_paths
 from kiln.settings import pipelines_dir
 from kiln.spec import PipelineSpec, SpecError, load_specs
 
@@ -99,7 +100,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 1
     endpoint = _endpoint_state(spec)
     url = endpoint["url"]
-    sample = json.dumps({"rows": json.loads((paths["state"] / "reference" / spec.name / "sample_rows.json").read_text())[:1]})
+    sample = json.dumps({"rows": json.loads((paths["state"] / kiln_paths.sample_rows_file(spec.name)).read_text())[:1]})
     print()
     print(f"{spec.name} endpoint live at {url} serving model version {endpoint['model_version']}")
     print(f"  curl -s -X POST {url}/predict -H 'Content-Type: application/json' -d '{sample}'")
@@ -175,7 +176,7 @@ def status_rows() -> list[dict[str, Any]]:
         state = res["serving"].state(spec.name) or {}
         url = state.get("url")
         event = instance.get_latest_materialization_event(dg.AssetKey([spec.name, "model"]))
-        drift_path = paths["state"] / "drift" / spec.name / "last_decision.json"
+        drift_path = paths["state"] / kiln_paths.last_decision_file(spec.name)
         rows.append(
             {
                 "pipeline": spec.name,

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kiln import settings
 from kiln.spec import PipelineSpec
 from kiln.steps import GPU_POOL, K8S_CONFIG_TAG, K8sConfigError, k8s_config, op_tags, pool  # noqa: F401  (re-exported for tests)
 from resources.kubernetes import endpoint_image, endpoint_manifests, serialize
@@ -41,7 +42,7 @@ def executor(profile: str) -> dg.ExecutorDefinition | None:
     """
     import dagster as dg
 
-    choice = os.environ.get("KILN_EXECUTOR", "k8s" if profile == "prod" else "")
+    choice = settings.executor_choice(profile)
     if choice and choice not in EXECUTORS:
         raise ValueError(f"KILN_EXECUTOR: '{choice}' is not one of {', '.join(EXECUTORS)}")
     if choice == "multiprocess":
@@ -89,8 +90,7 @@ def run_launcher_config(path: Path = DAGSTER_YAML) -> dict[str, Any]:
 
 def code_image(env: Mapping[str, str] | None = None) -> str:
     """The code-location image (in a cluster dagster-k8s takes it from the code location)."""
-    env = os.environ if env is None else env
-    return env.get("KILN_CODE_IMAGE", "kiln/code-location:latest")
+    return settings.code_image(env)
 
 
 def plan_definitions(specs: Sequence[PipelineSpec]) -> dg.Definitions:
@@ -110,12 +110,18 @@ def plan_definitions(specs: Sequence[PipelineSpec]) -> dg.Definitions:
 
 
 def step_tags(defs: dg.Definitions) -> dict[str, tuple[Mapping[str, str], str | None]]:
-    """Tags and pool of every step of every asset, from the execution plan dagster-k8s' step handler reads."""
-    from dagster._core.execution.api import create_execution_plan
+    """Tags and pool of every step of every asset and asset check, keyed by step (the op's name).
 
-    job = defs.resolve_implicit_global_asset_job_def()
-    plan = create_execution_plan(job)
-    return {step.key: (step.tags or {}, step.pool) for step in plan.steps}
+    Kiln's assets and checks are each one op, so each is one step of a run, and the step carries its op's tags (the
+    ``dagster-k8s/config`` dagster-k8s' step handler reads) and pool."""
+    import dagster as dg
+
+    steps: dict[str, tuple[Mapping[str, str], str | None]] = {}
+    for definition in [*(defs.assets or []), *(defs.asset_checks or [])]:
+        if isinstance(definition, dg.AssetsDefinition) and definition.is_executable:
+            op = definition.op
+            steps[op.name] = (op.tags, op.pool)
+    return steps
 
 
 # K8sRunLauncher settings that dagster-k8s copies into every run and step pod (K8sContainerContext.create_for_run).
@@ -143,7 +149,7 @@ def step_job(step_key: str, tags: Mapping[str, str], job_name: str = "__ASSET_JO
     container_context = code_location_container_context() if container_context is None else container_context
     shared = {name: launcher[name] for name in LAUNCHER_CONTEXT_FIELDS if name in launcher}
     context = K8sContainerContext(
-        namespace=os.environ.get("KILN_K8S_NAMESPACE", "kiln"),
+        namespace=settings.k8s_namespace(),
         run_k8s_config=UserDefinedDagsterK8sConfig.from_dict(launcher.get("run_k8s_config") or {}),
         **shared,
     )

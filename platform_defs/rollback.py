@@ -8,14 +8,13 @@ shows it), and materializes `<p>/bento` and `<p>/endpoint` from it with their li
 
 from __future__ import annotations
 
-import getpass
-import os
 import time
 from typing import Any
 
+from kiln import paths, settings
 from kiln.spec import PipelineSpec
 
-PREVIOUS_TAG = "kiln.previous_champion"
+PREVIOUS_TAG = paths.PREVIOUS_CHAMPION_TAG
 
 
 class RollbackError(RuntimeError):
@@ -24,7 +23,7 @@ class RollbackError(RuntimeError):
 
 def current_user() -> str:
     """Who asked: ``KILN_USER`` when set (CI, bots), else the login name."""
-    return os.environ.get("KILN_USER") or getpass.getuser()
+    return settings.user()
 
 
 def plan(client: Any, pipeline: str, to: str | None) -> tuple[Any, Any]:
@@ -57,8 +56,8 @@ def rollback(spec: PipelineSpec, defs: Any, instance: Any, to: str | None = None
     """Restore a previous champion and serve it; returns what was done (versions, who, why, endpoint)."""
     import dagster as dg
 
-    from assets.drift_report import publish_champion_reference
     from kiln.keys import key
+    from kiln.reference import publish_champion_reference
     from platform_defs.profiles import initialized
     from resources.mlflow import CHAMPION_ALIAS
 
@@ -70,10 +69,10 @@ def rollback(spec: PipelineSpec, defs: Any, instance: Any, to: str | None = None
     version = str(target.version)
     client.set_registered_model_alias(spec.name, CHAMPION_ALIAS, version)
     for tag, value in {
-        "kiln.rolled_back_by": user,
-        "kiln.rollback_reason": reason,
-        "kiln.rolled_back_from": str(current.version),
-        "kiln.rolled_back_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        paths.ROLLED_BACK_BY_TAG: user,
+        paths.ROLLBACK_REASON_TAG: reason,
+        paths.ROLLED_BACK_FROM_TAG: str(current.version),
+        paths.ROLLED_BACK_AT_TAG: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         PREVIOUS_TAG: str(current.version),  # a second rollback undoes this one
     }.items():
         client.set_model_version_tag(spec.name, version, tag, value)

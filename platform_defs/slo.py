@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kiln import paths as kiln_paths
 from kiln.spec import PipelineSpec
 
 REQUESTS = "bentoml_service_request"  # counter; prometheus_client's parser strips the _total suffix
@@ -117,8 +118,8 @@ def drift_trend(spec: PipelineSpec, state_root: Path, windows: int = TREND_WINDO
     """Max drift score of the last ``windows`` observed prediction windows (from stored bin counts) and the last decision."""
     from kiln.drift import column_scores
 
-    folder = state_root / "drift" / spec.name
-    reference_path = state_root / "reference" / spec.name / "reference.json"
+    folder = state_root / kiln_paths.DRIFT / spec.name
+    reference_path = state_root / kiln_paths.reference_file(spec.name)
     last = folder / "last_decision.json"
     trend: list[dict[str, Any]] = []
     lines_path = folder / "windows.jsonl"
@@ -143,13 +144,13 @@ def training_success(pipeline: str, instance: Any) -> dict[str, Any]:
     return {"runs": len(finished), "succeeded": ok, "success_rate": ok / len(finished) if finished else None}
 
 
-PROMOTED_TAG = "kiln.promoted_by"  # set by the champion gate (assets/champion.py)
-ROLLED_BACK_TAG = "kiln.rolled_back_by"  # set by `kiln rollback` (platform_defs/rollback.py)
+PROMOTED_TAG = kiln_paths.PROMOTED_TAG  # set by the champion gate (assets/champion.py)
+ROLLED_BACK_TAG = kiln_paths.ROLLED_BACK_BY_TAG  # set by `kiln rollback` (platform_defs/rollback.py)
 
 
 def last_drift_retrain(pipeline: str, state_root: Path) -> float | None:
     """When the drift sensor last decided to retrain (``decisions.jsonl``), as a Unix time."""
-    path = state_root / "drift" / pipeline / "decisions.jsonl"
+    path = state_root / kiln_paths.decisions_file(pipeline)
     if not path.exists():
         return None
     times = [d.get("decided_at") for d in map(json.loads, path.read_text().splitlines()) if d.get("action") == "retrain"]

@@ -5,10 +5,10 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
+from kiln import paths, settings
 from kiln.spec import PipelineSpec
 from kiln.steps import k8s_config
 
@@ -30,9 +30,8 @@ def endpoint_name(spec: PipelineSpec) -> str:
 
 def endpoint_image(spec: PipelineSpec, bento_tag: str | None = None, env: Mapping[str, str] | None = None) -> str:
     """The containerized bento: ``$KILN_IMAGE_REGISTRY/<bento name>:<bento version>``."""
-    env = os.environ if env is None else env
-    registry = env.get("KILN_IMAGE_REGISTRY", "registry.local/kiln").rstrip("/")
-    tag = bento_tag or f"kiln-{spec.name}:{env.get('KILN_IMAGE_TAG', 'latest')}"
+    registry = settings.image_registry(env)
+    tag = bento_tag or f"kiln-{spec.name}:{settings.image_tag(env)}"
     return f"{registry}/{tag.lower()}"
 
 
@@ -44,15 +43,16 @@ def endpoint_manifests(spec: PipelineSpec, image: str, namespace: str | None = N
     from serving.images import image_flavor
 
     name = endpoint_name(spec)
-    namespace = namespace or os.environ.get("KILN_K8S_NAMESPACE", "kiln")
+    namespace = namespace or settings.k8s_namespace()
     serving = spec.serving
     labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/part-of": "kiln", "kiln/pipeline": spec.name}
     selector = {"app.kubernetes.io/name": name}
     resources = k8s_config(serving.cpu, serving.memory, serving.gpu)
     container_resources = resources["container_config"]["resources"]
     probe = {"period_seconds": 10, "timeout_seconds": 3, "failure_threshold": 3}
-    predictions = ({"name": "predictions", "persistent_volume_claim": {"claim_name": os.environ["KILN_PREDICTIONS_PVC"]}}
-                   if os.environ.get("KILN_PREDICTIONS_PVC") else {"name": "predictions", "empty_dir": {}})
+    pvc = settings.predictions_pvc()
+    predictions = ({"name": "predictions", "persistent_volume_claim": {"claim_name": pvc}} if pvc
+                   else {"name": "predictions", "empty_dir": {}})
     pod_spec: dict[str, Any] = {
         "security_context": {"run_as_non_root": True, "run_as_user": BENTO_UID, "run_as_group": BENTO_UID, "fs_group": BENTO_UID,
                              "seccomp_profile": {"type": "RuntimeDefault"}},
@@ -103,7 +103,7 @@ def endpoint_manifests(spec: PipelineSpec, image: str, namespace: str | None = N
 
 def endpoint_url(spec: PipelineSpec, namespace: str | None = None) -> str:
     """The in-cluster URL of a pipeline's endpoint Service."""
-    namespace = namespace or os.environ.get("KILN_K8S_NAMESPACE", "kiln")
+    namespace = namespace or settings.k8s_namespace()
     return f"http://{endpoint_name(spec)}.{namespace}.svc.cluster.local:{spec.serving.port}"
 
 
@@ -114,7 +114,7 @@ def endpoint_record(spec: PipelineSpec, bento: Mapping[str, Any], state_root: st
 
     image = endpoint_image(spec, str(bento["tag"]))
     manifests = [serialize(m) for m in endpoint_manifests(spec, image, model_version=str(bento["model_version"]))]
-    path = UPath(state_root) / "endpoints" / spec.name / "k8s.yaml"
+    path = UPath(state_root) / paths.k8s_manifests_file(spec.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump_all(manifests, sort_keys=False))
     return {

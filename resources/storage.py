@@ -7,26 +7,19 @@ IO managers work on ``s3://`` prefixes in the prod profile.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 from upath import UPath
 
+from kiln.settings import s3_endpoint_url
+
 if TYPE_CHECKING:
     import polars as pl
 
-S3_ENDPOINT_ENV = ("KILN_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")
-
-
 class StorageError(RuntimeError):
     """An object store operation failed; the message names the bucket and key."""
-
-
-def s3_endpoint_url() -> str | None:
-    """The S3 API endpoint from ``KILN_S3_ENDPOINT_URL`` or ``AWS_ENDPOINT_URL`` (None: AWS itself)."""
-    return next((os.environ[n] for n in S3_ENDPOINT_ENV if os.environ.get(n)), None)
 
 
 def storage_path(path: str) -> UPath:

@@ -48,6 +48,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from kiln import settings
 from serving.handoff import BackendChannels
 from serving.proxy import HOP_HEADERS, JSON_HEADERS, Request, Response, ServerProtocol, Upstream, close_idle
 
@@ -198,7 +199,7 @@ class Router:
         return {f"{arm}:{u['version']}": u["url"] for arm in ("champion", "challenger") if (u := self.config.get(arm))}
 
     def api_key(self) -> str | None:
-        return os.environ.get("KILN_API_KEY") or None
+        return settings.api_key()
 
     def upstream(self, url: str) -> Upstream:
         pool = self.upstreams.get(url)

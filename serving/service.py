@@ -57,6 +57,7 @@ from typing import Any
 
 import bentoml
 
+from kiln import settings
 from kiln.features import compute_features
 from kiln.spec import PipelineSpec
 from serving.proxy import JSON_HEADERS, GiveBack, Request, Response
@@ -198,8 +199,8 @@ async def read_body(receive: Any) -> bytes:
 @bentoml.service(
     name="kiln",
     traffic={"timeout": 30},
-    workers=int(os.environ.get("KILN_WORKERS", "1")),
-    logging={"access": {"enabled": os.environ.get("KILN_ACCESS_LOG") == "1"}},
+    workers=settings.serving_workers(),
+    logging={"access": {"enabled": settings.access_log()}},
     tracing={"excluded_urls": ["."]},  # every URL: no span per request (Kiln exports no traces)
 )
 class KilnService:
@@ -209,25 +210,24 @@ class KilnService:
         from serving.batching import MicroBatcher
         from serving.metrics import EndpointMetrics
 
-        tag = os.environ["KILN_MODEL_TAG"]
-        self.model_ref = bentoml.models.get(tag)
+        self.model_ref = bentoml.models.get(settings.model_tag())
         info = self.model_ref.info
         self.spec = PipelineSpec.from_json(str(info.metadata["kiln_spec"]))
         self.labels = dict(info.labels)
         self.version = self.labels["mlflow_model_version"]
         self.version_header = self.version.encode("latin-1")
         self.predict_features = self._load_model()
-        self.log = PredictionLog(os.environ.get("KILN_PREDICTION_LOG"))
-        self.api_key = os.environ.get("KILN_API_KEY") or None
+        self.log = PredictionLog(settings.prediction_log_dir())
+        self.api_key = settings.api_key()
         self.max_rows = self.spec.serving.max_batch_rows
         self.unknown_category = self.spec.serving.unknown_category
         self.metrics = EndpointMetrics(self.spec.name, self.version)
         # Clients whose connections the router hands over share this machine's cores: no rest between batches for them.
         self.batcher: MicroBatcher[Rows] = MicroBatcher(self.score, self.max_rows, self.spec.serving.max_latency_ms / 1000,
-                                                        rest=not os.environ.get("KILN_HANDOFF_DIR"))
-        lane = os.environ.get("KILN_LANE_PORT")
+                                                        rest=not settings.handoff_dir())
+        lane = settings.lane()
         if lane:
-            self._open_lane(int(lane))
+            self._open_lane(*lane)
         # Everything loaded so far (BentoML, polars, the model: millions of objects) lives as long as the worker; out of
         # the collector's sight, each full collection triggered by a batch's allocations no longer walks all of it.
         gc.freeze()
@@ -348,7 +348,7 @@ class KilnService:
         channels = WorkerChannels(folder, loop, adopt, give_back_all)
         self._handoff = channels
 
-    def _open_lane(self, port: int) -> None:
+    def _open_lane(self, host: str, port: int) -> None:
         """Listen on the lane port (shared by all workers through SO_REUSEPORT) before the service reports ready."""
         import asyncio
         import socket
@@ -358,7 +358,7 @@ class KilnService:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((os.environ.get("KILN_LANE_HOST", "127.0.0.1"), port))
+        sock.bind((host, port))
         sock.listen(2048)  # bound and listening now: connections queue until the server below accepts them
         sock.setblocking(False)
         loop = asyncio.get_running_loop()
@@ -366,7 +366,7 @@ class KilnService:
         self._lane = loop.create_task(loop.create_server(lambda: ServerProtocol(self.lane, connections), sock=sock))
         self._lane_sweeper = loop.create_task(close_idle(connections, asyncio.Event()))  # idle keep-alive clients
         self._tasks: set[asyncio.Task[Any]] = set()
-        folder = os.environ.get("KILN_HANDOFF_DIR")
+        folder = settings.handoff_dir()
         if folder:
             self._open_handoff(folder, loop, connections)
 

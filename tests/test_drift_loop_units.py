@@ -63,7 +63,7 @@ def test_prediction_score_drift_alone_triggers() -> None:
 
 
 def test_windows_reader_resumes_at_the_offset_and_leaves_a_partial_line(tmp_path: Path) -> None:
-    from sensors.drift import read_new_windows
+    from kiln.windows import read_new_windows
 
     path = tmp_path / "windows.jsonl"
     path.write_text(json.dumps({"window_id": "a"}) + "\n" + json.dumps({"window_id": "b"}) + "\n" + '{"window_id": "c"')
@@ -79,7 +79,7 @@ def test_windows_reader_resumes_at_the_offset_and_leaves_a_partial_line(tmp_path
 
 
 def test_run_key_differs_per_window_and_model_version() -> None:
-    from sensors.drift import run_key
+    from kiln.windows import run_key
 
     keys = {run_key("fraud", w, v) for w in ("w1", "w2") for v in (["1"], ["2"], ["1", "2"])}
     assert len(keys) == 6
@@ -94,9 +94,10 @@ def _fraud_spec() -> Any:
 
 
 def test_training_reference_profiles_features_and_the_prediction_score(tmp_path: Path) -> None:
-    from assets.drift_report import PREDICTION, reference_id, training_reference, write_report
-    from assets.predictions import window_counts
+    from kiln.drift_report import write_report
     from kiln.features import compute_features
+    from kiln.reference import PREDICTION, reference_id, training_reference
+    from kiln.windows import window_counts
     from platform_defs.simulators.fraud import generate_day
 
     spec = _fraud_spec()

@@ -151,7 +151,8 @@ def test_quantities_compare_across_units() -> None:
 
 def test_cpu_endpoint_deployment_and_service(prod: None) -> None:
     spec = load_spec(FRAUD_SPEC)
-    deployment, service = (kubernetes.serialize(m) for m in kubernetes.endpoint_manifests(spec, kubernetes.endpoint_image(spec, "kiln-fraud:abc123")))
+    image = kubernetes.endpoint_image(spec, "kiln-fraud:abc123")
+    deployment, service = (kubernetes.serialize(m) for m in kubernetes.endpoint_manifests(spec, image))
     assert k8s.validate_objects({"deployment": deployment, "service": service}) == {}
     pod = deployment["spec"]["template"]["spec"]
     container = pod["containers"][0]

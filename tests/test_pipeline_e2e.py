@@ -229,12 +229,11 @@ def test_kiln_status_json(world: dict[str, Any]) -> None:
 
 
 def test_drift_windows_from_the_log_and_the_sensor_decision(world: dict[str, Any], kiln_home: Path) -> None:
-    from assets.predictions import window_counts
+    from kiln.windows import evaluate_windows, window_counts, windows_path
     from platform_defs.simulators.fraud import generate_day
-    from sensors.drift import evaluate_windows, windows_file
 
     spec = world["spec"]
-    windows = [json.loads(line) for line in windows_file(str(kiln_home / "state"), "fraud").read_text().splitlines()]
+    windows = [json.loads(line) for line in windows_path(str(kiln_home / "state"), "fraud").read_text().splitlines()]
     assert windows and windows[-1]["counts"]["n"] == 7  # the last window holds only the rows logged since the one before
     reference = json.loads((kiln_home / "state" / "reference" / "fraud" / "reference.json").read_text())
 

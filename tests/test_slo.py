@@ -121,7 +121,7 @@ def test_quantile_interpolates_within_the_bucket() -> None:
 def test_drift_trend_scores_stored_windows(live: dict[str, Any], tmp_path: Path) -> None:
     import polars as pl
 
-    from assets.predictions import window_counts
+    from kiln.windows import window_counts
     from platform_defs.lifecycle import simulate
     from platform_defs.slo import drift_trend
 

@@ -1,0 +1,199 @@
+"""Drift windows: logged predictions turned into bin counts, and the decisions the drift sensor takes on them.
+
+`<p>/predictions` appends one small JSON record of bin counts per window (:func:`append_window`); `<p>_drift` reads
+only the records appended since its cursor (:func:`read_new_windows`) and decides (:func:`evaluate_windows`), so a
+tick costs the same at any log size.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kiln import paths
+from kiln.reference import PREDICTION, load_reference, reference_id, state_path
+from kiln.spec import PipelineSpec
+
+if TYPE_CHECKING:
+    import polars as pl
+
+DECISION_FIELDS = ("window", "action", "n", "max_score", "share", "streak", "drifted_columns")
+SUMMARY_FIELDS = ("action", "max_score", "share", "drifted_columns", "streak", "n", "window", "prediction_drift")
+
+
+def windows_path(state_root: str, pipeline: str) -> Path:
+    """Where `<p>/predictions` appends one JSON line of bin counts per observed window."""
+    return state_path(state_root, paths.windows_file(pipeline))
+
+
+def prediction_log_dir(state_root: str, pipeline: str) -> Path:
+    """The folder of a pipeline's prediction-log files."""
+    return state_path(state_root, paths.predictions_dir(pipeline))
+
+
+def log_signature(folder: Path) -> str:
+    """Names and sizes of the prediction-log files: changes whenever rows are logged (no file is read)."""
+    if not folder.exists():
+        return ""
+    sizes = {p.name: p.stat().st_size for p in folder.glob("*.jsonl")}
+    return ",".join(f"{name}:{size}" for name, size in sorted(sizes.items()))
+
+
+def read_log(folder: Any) -> pl.DataFrame | None:
+    """All logged prediction rows in a folder of JSON-lines files, or None when nothing was logged."""
+    import polars as pl
+
+    files = sorted(folder.glob("*.jsonl"))
+    files = [f for f in files if f.stat().st_size > 0]
+    if not files:
+        return None
+    return pl.concat([pl.read_ndjson(f) for f in files], how="diagonal_relaxed")
+
+
+def window_counts(spec: PipelineSpec, rows: pl.DataFrame, reference: dict[str, Any]) -> dict[str, Any]:
+    """Bin counts of logged request rows in the training reference's bins (features computed as in training)."""
+    import polars as pl
+
+    from kiln.contracts import cast_to_spec
+    from kiln.drift import bin_counts
+    from kiln.features import compute_features, profile_frame
+
+    inputs = rows.select(spec.input_columns)
+    text_ts = [c for c in spec.input_columns if spec.schema_[c].dtype == "datetime" and inputs.schema[c] == pl.String]
+    inputs = inputs.with_columns([pl.col(c).str.to_datetime(time_unit="us") for c in text_ts])
+    typed = cast_to_spec(inputs, spec, spec.input_columns)
+    profile_input, _, _ = profile_frame(spec, typed, compute_features(typed, spec))
+    if PREDICTION in reference.get("numeric", {}):
+        if PREDICTION not in rows.columns:
+            raise KeyError(f"{spec.name}: the reference profiles the prediction score but the rows have no {PREDICTION!r} column")
+        # The model's own score, as logged next to the inputs: drift in what users see, one test for the whole model.
+        profile_input = profile_input.with_columns(rows.get_column(PREDICTION).cast(pl.Float64).alias(PREDICTION))
+    return bin_counts(profile_input, reference)
+
+
+def append_window(spec: PipelineSpec, log: pl.DataFrame, state_root: str) -> dict[str, Any] | None:
+    """Store the bin counts of rows logged since the last window; the drift sensor reads only these records."""
+    import polars as pl
+
+    reference = load_reference(state_root, spec.name)
+    if reference is None or log.height == 0:
+        return None
+    path = windows_path(state_root, spec.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = path.read_text().splitlines() if path.exists() else []
+    since = json.loads(lines[-1])["until"] if lines else 0.0
+    new = log.filter(pl.col("_logged_at") > since)
+    if new.height == 0:
+        return None
+    until = float(new["_logged_at"].max())  # type: ignore[arg-type]
+    record = {
+        "window_id": f"{since:.6f}-{until:.6f}",
+        "since": since,
+        "until": until,
+        "model_versions": sorted(new["_model_version"].cast(pl.String).unique().to_list()),
+        "reference_id": reference_id(reference),
+        "counts": window_counts(spec, new, reference),
+    }
+    with path.open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
+    return record
+
+
+def read_new_windows(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
+    """Complete window records appended after byte ``offset``, and the offset after the last complete one."""
+    with path.open("rb") as fh:
+        if offset > path.stat().st_size:
+            offset = 0  # the file was replaced (state reset): start over
+        fh.seek(offset)
+        data = fh.read()
+    end = data.rfind(b"\n") + 1  # a line still being written is left for the next tick
+    windows = [json.loads(line) for line in data[:end].splitlines() if line.strip()]
+    return windows, offset + end
+
+
+def run_key(pipeline: str, window_id: str, model_versions: list[str]) -> str:
+    """One retrain per (window, model version): a re-evaluated window or a restarted sensor cannot launch it twice."""
+    return f"{pipeline}:drift:{window_id}:v{'+'.join(model_versions) or 'none'}"
+
+
+def evaluate_windows(
+    spec: PipelineSpec, reference: dict[str, Any], windows: list[dict[str, Any]], state: dict[str, Any], now: float
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Run the drift decision over new windows in order; returns the decisions and the final state."""
+    from kiln.drift import column_scores, column_thresholds, decide
+
+    decisions = []
+    for window in windows:
+        scores = column_scores(reference, window["counts"], spec.drift.method)
+        n = int(window["counts"]["n"])
+        limits = column_thresholds(reference, n, spec.drift.threshold, alpha=spec.drift.alpha, method=spec.drift.method)
+        decision, state = decide(
+            scores,
+            int(window["counts"]["n"]),
+            state,
+            now,
+            threshold=spec.drift.threshold,
+            min_samples=spec.drift.min_samples,
+            consecutive_windows=spec.drift.consecutive_windows,
+            cooldown_seconds=spec.drift.cooldown_minutes * 60,
+            drifted_feature_share=spec.drift.drifted_feature_share,
+            score_key=PREDICTION if PREDICTION in scores else None,
+            thresholds=limits,
+        )
+        decisions.append(decision | {"window": window["window_id"], "scores": scores})
+    return decisions, state
+
+
+def record_decisions(state_root: str, pipeline: str, decisions: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    """Keep the newest decision (for `kiln status`) and append every decision to the history (for `kiln slo`)."""
+    last = state_path(state_root, paths.last_decision_file(pipeline))
+    last.parent.mkdir(parents=True, exist_ok=True)
+    last.write_text(json.dumps(summary))
+    with state_path(state_root, paths.decisions_file(pipeline)).open("a") as fh:
+        for d in decisions:
+            fh.write(json.dumps({k: d[k] for k in DECISION_FIELDS} | {"decided_at": summary["decided_at"]}) + "\n")
+
+
+@dataclass
+class DriftTick:
+    """What one `<p>_drift` tick decided: the new cursor (None: unchanged), a skip reason or the decisions."""
+
+    cursor: dict[str, Any] | None
+    skip: str | None = None
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+    windows: list[dict[str, Any]] = field(default_factory=list)  # the comparable windows the decisions are about
+    elapsed_ms: float = 0.0
+
+
+def drift_tick(spec: PipelineSpec, state_root: str, cursor: dict[str, Any], now: float | None = None) -> DriftTick:
+    """Decide on the windows appended since the cursor, from stored bin counts only; record the decisions.
+
+    Windows binned against an older reference (before a new champion published its own) are not comparable and are
+    skipped. The cursor keeps the byte offset, the hysteresis/cooldown state and the last decision's summary.
+    """
+    started = time.perf_counter()
+    path = windows_path(state_root, spec.name)
+    reference = load_reference(state_root, spec.name)
+    if not path.exists() or reference is None:
+        return DriftTick(None, "no prediction windows observed yet")
+    offset = int(cursor.get("offset", 0))
+    new, offset = read_new_windows(path, offset)
+    if not new:
+        return DriftTick(None, f"no new windows (read up to byte {offset})")
+    current_ref = reference_id(reference)
+    comparable = [w for w in new if w.get("reference_id", current_ref) == current_ref]
+    stale = len(new) - len(comparable)
+    state = cursor.get("state", {})
+    now = time.time() if now is None else now
+    decisions, state = evaluate_windows(spec, reference, comparable, state, now) if comparable else ([], state)
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    if not decisions:
+        skip = f"{stale} new window(s) were binned against an older reference; skipped"
+        return DriftTick({"offset": offset, "state": state, "last": cursor.get("last")}, skip)
+    summary = {k: decisions[-1][k] for k in SUMMARY_FIELDS}
+    summary |= {"decided_at": now, "decide_ms": round(elapsed_ms, 3), "stale_windows": stale, "reference_id": current_ref}
+    record_decisions(state_root, spec.name, decisions, summary)
+    return DriftTick({"offset": offset, "state": state, "last": summary}, None, decisions, comparable, elapsed_ms)
