@@ -12,8 +12,8 @@ if TYPE_CHECKING:
     import dagster as dg
 
 SERVICE = "serving.service:KilnService"
-# The bento carries Kiln's own modules so the container serves with the same feature code.
-INCLUDE = ["serving/*.py", "assets/*.py", "platform_defs/*.py", "platform_defs/simulators/*.py"]
+# The bento carries the serving runtime and the core it imports (the same feature code as training), nothing else.
+INCLUDE = ["kiln/**/*.py", "serving/*.py"]
 SERVING_PACKAGES = ["lightgbm>=4,<5", "polars>=1", "pyarrow>=14", "numpy>=1.26", "pydantic>=2.6,<3", "pyyaml>=6", "orjson>=3.9",
                     "httptools>=0.6"]
 
