@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from kiln import settings
@@ -37,7 +36,7 @@ def build(spec: PipelineSpec) -> list[Any]:
     """The `<p>/endpoint` asset and its live smoke-test check."""
     import dagster as dg
 
-    from kiln import steps as k8s
+    from assets.stage import asset_args
     from resources import kubernetes
     from resources.retries import service_retry_policy
     from resources.serving import ServingResource, healthy
@@ -46,10 +45,7 @@ def build(spec: PipelineSpec) -> list[Any]:
     endpoint_key = dg.AssetKey(key(spec.name, "endpoint"))
 
     @dg.asset(
-        key=endpoint_key,
-        group_name=spec.name,
-        op_tags=k8s.op_tags(spec, "endpoint"),
-        pool=k8s.pool(spec, "endpoint"),
+        **asset_args(spec, "endpoint"),
         ins={"bento": dg.AssetIn(key(spec.name, "bento"), input_manager_key="json_io_manager")},
         io_manager_key="json_io_manager",
         kinds={"bentoml"},
@@ -92,10 +88,11 @@ def build(spec: PipelineSpec) -> list[Any]:
         description="POSTs sample rows and requires predictions equal to offline predictions of the same rows.",
     )
     def live_smoke(context, endpoint: Any):
+        from kiln.reference import load_sample_rows
+
         storage: KilnStorage = context.resources.storage
         context.resources.mlflow.client()  # a check runs in its own process under dagster dev: point MLflow at the registry
-        sample_path = storage.state_dir(spec.name, "reference") / "sample_rows.json"
-        rows = json.loads(sample_path.read_text())
+        rows = load_sample_rows(storage.state_root, spec.name)
         result = smoke_test(endpoint["url"], rows, f"models:/{spec.name}/{endpoint['model_version']}", spec)
         passed = result["max_abs_diff"] <= SMOKE_TOLERANCE and result["model_version"] == endpoint["model_version"]
         return dg.AssetCheckResult(passed=passed, metadata=result | {"url": endpoint["url"]})

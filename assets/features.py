@@ -15,16 +15,13 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
     """The `<p>/features` asset: all validated partitions, featurized, plus the drift reference profile."""
     import dagster as dg
 
-    from kiln import steps as k8s
+    from assets.stage import asset_args
     from kiln.features import data_version, feature_columns, feature_reference, feature_table, sample_rows
     from kiln.reference import publish_features_reference
     from resources.storage import KilnStorage
 
     @dg.asset(
-        key=key(spec.name, "features"),
-        group_name=spec.name,
-        op_tags=k8s.op_tags(spec, "features"),
-        pool=k8s.pool(spec, "features"),
+        **asset_args(spec, "features"),
         ins={"validated": dg.AssetIn(key(spec.name, "validated"), metadata={"allow_missing_partitions": True})},
         io_manager_key="parquet_io_manager",
         kinds={"polars"},
