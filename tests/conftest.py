@@ -19,7 +19,7 @@ os.environ["BENTOML_DO_NOT_TRACK"] = "True"
 (SESSION_HOME / "dagster").mkdir(parents=True, exist_ok=True)
 
 REPO = Path(__file__).resolve().parent.parent
-FRAUD_SPEC = REPO / "platform_defs" / "pipelines" / "fraud.yaml"
+FRAUD_SPEC = REPO / "platform_defs" / "pipelines" / "fraud" / "defs.yaml"
 
 
 def free_port() -> int:
