@@ -30,7 +30,7 @@ def plan(client: Any, pipeline: str, to: str | None) -> tuple[Any, Any]:
     """The current champion version and the version to restore (``to``, or the champion's recorded predecessor)."""
     from mlflow.exceptions import MlflowException
 
-    from resources.mlflow import CHAMPION_ALIAS
+    from kiln.paths import CHAMPION_ALIAS
 
     try:
         current = client.get_model_version_by_alias(pipeline, CHAMPION_ALIAS)
@@ -57,9 +57,9 @@ def rollback(spec: PipelineSpec, defs: Any, instance: Any, to: str | None = None
     import dagster as dg
 
     from kiln.keys import key
+    from kiln.paths import CHAMPION_ALIAS
     from kiln.reference import publish_champion_reference
     from platform_defs.profiles import initialized
-    from resources.mlflow import CHAMPION_ALIAS
 
     ready = initialized(defs.resources, "mlflow", "storage")  # outside a run: resolve the prod profile's env vars
     client = ready["mlflow"].client()

@@ -6,10 +6,10 @@ from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 
+from kiln.paths import CHAMPION_ALIAS, CHECKSUM_TAG, STEP_TAG  # noqa: F401  (named once in kiln/paths.py)
+
 if TYPE_CHECKING:
     from mlflow import MlflowClient
-
-CHAMPION_ALIAS = "champion"
 
 
 class MlflowResource(dg.ConfigurableResource):
@@ -47,10 +47,6 @@ class MlflowResource(dg.ConfigurableResource):
 
 
 # ---------------------------------------------------------------------------- integrity and idempotent registration
-
-CHECKSUM_TAG = "kiln_sha256"
-STEP_TAG = "kiln_step"
-
 
 class ChecksumMismatch(RuntimeError):
     """A registered model's artifact no longer matches the checksum recorded at registration."""
