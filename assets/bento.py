@@ -14,8 +14,6 @@ if TYPE_CHECKING:
 SERVICE = "serving.service:KilnService"
 # The bento carries the serving runtime and the core it imports (the same feature code as training), nothing else.
 INCLUDE = ["kiln/**/*.py", "serving/*.py"]
-SERVING_PACKAGES = ["lightgbm>=4,<5", "polars>=1", "pyarrow>=14", "numpy>=1.26", "pydantic>=2.6,<3", "pyyaml>=6", "orjson>=3.9",
-                    "httptools>=0.6"]
 
 
 def project_root() -> Path:
@@ -80,16 +78,13 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
     """The `<p>/bento` asset."""
     import dagster as dg
 
-    from kiln import steps as k8s
+    from assets.stage import asset_args
     from resources.mlflow import MlflowResource
     from resources.retries import service_retry_policy
     from resources.serving import ServingResource
 
     @dg.asset(
-        key=key(spec.name, "bento"),
-        group_name=spec.name,
-        op_tags=k8s.op_tags(spec, "bento"),
-        pool=k8s.pool(spec, "bento"),
+        **asset_args(spec, "bento"),
         ins={"champion": dg.AssetIn(key(spec.name, "champion"), input_manager_key="json_io_manager")},
         io_manager_key="json_io_manager",
         kinds={"bentoml"},
@@ -104,7 +99,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         serving: ServingResource = context.resources.serving
         client = mlflow.client()
         bentoml = serving.bentoml()
-        from bentoml._internal.bento.build_config import BentoEnvSchema
+        import yaml
 
         from resources.mlflow import verify_checksum
         from serving.images import build_options, image_flavor
@@ -128,15 +123,21 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
             )
             model_tag = str(model.tag)
             with tempfile.TemporaryDirectory(prefix="kiln-bento-ctx-") as ctx:
-                built = bentoml.bentos.build(
-                    SERVICE,
+                # A bentofile, BentoML's documented build config: its `envs` become the bento's and its image's
+                # environment (bentoml.bentos.build takes envs only as objects from BentoML's private modules).
+                bentofile = Path(ctx) / "bentofile.yaml"  # not in INCLUDE: BentoML writes the bento's own copy
+                bentofile.write_text(yaml.safe_dump({
+                    "service": SERVICE,
+                    "description": f"Kiln endpoint for pipeline {spec.name}",
+                    "include": INCLUDE,
+                    "envs": [{"name": "KILN_MODEL_TAG", "value": model_tag}],
+                    **build_options(spec),  # CPU or GPU (CUDA + torch) image, from the spec
+                    "models": [model_tag],
+                }))
+                built = bentoml.bentos.build_bentofile(
+                    str(bentofile),
                     name=f"kiln-{spec.name}",
                     labels=labels | {"bento_model": model_tag},
-                    description=f"Kiln endpoint for pipeline {spec.name}",
-                    include=INCLUDE,
-                    envs=[BentoEnvSchema(name="KILN_MODEL_TAG", value=model_tag)],
-                    **build_options(spec),  # CPU or GPU (CUDA + torch) image, from the spec
-                    models=[model_tag],
                     build_ctx=str(build_context(Path(ctx))),
                 )
         record = {

@@ -124,10 +124,10 @@ def bare_compute(files: list[Path], spec: Any) -> tuple[dict[str, float], dict[s
     """The lifecycle's data work without Dagster, MLflow or BentoML; seconds per stage and a few facts."""
     import polars as pl
 
-    from assets.champion import score, split_holdout
-    from assets.model import predict, train_lightgbm
-    from assets.validated import AFTER_QUARANTINE, cast_to_spec, quality_rules, run_rules, schema_rules, split_rows
+    from kiln.contracts import AFTER_QUARANTINE, cast_to_spec, quality_rules, run_rules, schema_rules, split_rows
+    from kiln.evaluation import score, split_holdout
     from kiln.features import feature_table
+    from kiln.trainers.lightgbm import predict, train_lightgbm
 
     t: dict[str, float] = {}
     with timed(t, "read parquet (polars)"):
@@ -163,8 +163,9 @@ def bare_compute(files: list[Path], spec: Any) -> tuple[dict[str, float], dict[s
 
 def stop_endpoint(pipeline: str) -> str:
     """Stop the pipeline's `bentoml serve` process (if any) from its recorded state; say what was done."""
+    from kiln.process import pid_alive
     from platform_defs.profiles import resources
-    from resources.serving import pid_alive, stop
+    from resources.serving import stop
 
     state = resources("local")["serving"].state(pipeline)
     if not state:

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from kiln import settings
 from kiln.spec import PipelineSpec
-from kiln.steps import GPU_POOL, K8S_CONFIG_TAG, K8sConfigError, k8s_config, op_tags, pool  # noqa: F401  (re-exported for tests)
+from kiln.steps import K8sConfigError
+from platform_defs.profiles import executor
 from resources.kubernetes import endpoint_image, endpoint_manifests, serialize
 
 if TYPE_CHECKING:
@@ -29,31 +30,6 @@ KUBERNETES_VERSION = "1.37.0"
 ROOT = Path(__file__).resolve().parent.parent
 DAGSTER_CLOUD_YAML = ROOT / "dagster_cloud.yaml"
 DAGSTER_YAML = ROOT / "deploy" / "dagster.yaml"
-
-
-EXECUTORS = ("k8s", "multiprocess", "in_process")
-
-
-def executor(profile: str) -> dg.ExecutorDefinition | None:
-    """The prod profile runs each step as a Kubernetes Job; the local profile keeps Dagster's default executor.
-
-    ``KILN_EXECUTOR=multiprocess|in_process`` runs the prod profile without a cluster (one VM, CI): each step in its
-    own process, or all steps in the run worker.
-    """
-    import dagster as dg
-
-    choice = settings.executor_choice(profile)
-    if choice and choice not in EXECUTORS:
-        raise ValueError(f"KILN_EXECUTOR: '{choice}' is not one of {', '.join(EXECUTORS)}")
-    if choice == "multiprocess":
-        return dg.multiprocess_executor
-    if choice == "in_process":
-        return dg.in_process_executor
-    if choice != "k8s":
-        return None
-    from dagster_k8s import k8s_job_executor
-
-    return k8s_job_executor
 
 
 # ------------------------------------------------------------------------------------- deploy configuration files
@@ -98,7 +74,7 @@ def plan_definitions(specs: Sequence[PipelineSpec]) -> dg.Definitions:
     resolving the prod profile's environment variables, which only a cluster has."""
     import dagster as dg
 
-    from platform_defs.definitions import pipeline_definitions
+    from platform_defs.component import pipeline_definitions
     from platform_defs.profiles import resources
 
     placeholders = {

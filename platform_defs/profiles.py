@@ -49,3 +49,30 @@ def initialized(profile_resources: Mapping[str, Any], *names: str) -> dict[str, 
     """Resources ready for use outside a Dagster run (CLI commands): config processed, so the prod profile's
     ``dg.EnvVar`` fields hold the variables' values, not their names (inside a run Dagster does this itself)."""
     return {name: profile_resources[name].process_config_and_initialize() for name in names}
+
+
+EXECUTORS = ("k8s", "multiprocess", "in_process")
+
+
+def executor(profile: str) -> dg.ExecutorDefinition | None:
+    """The prod profile runs each step as a Kubernetes Job; the local profile keeps Dagster's default executor.
+
+    ``KILN_EXECUTOR=multiprocess|in_process`` runs the prod profile without a cluster (one VM, CI): each step in its
+    own process, or all steps in the run worker.
+    """
+    import dagster as dg
+
+    from kiln.settings import executor_choice
+
+    choice = executor_choice(profile)
+    if choice and choice not in EXECUTORS:
+        raise ValueError(f"KILN_EXECUTOR: '{choice}' is not one of {', '.join(EXECUTORS)}")
+    if choice == "multiprocess":
+        return dg.multiprocess_executor
+    if choice == "in_process":
+        return dg.in_process_executor
+    if choice != "k8s":
+        return None
+    from dagster_k8s import k8s_job_executor
+
+    return k8s_job_executor

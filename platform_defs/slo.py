@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln import paths as kiln_paths
+from kiln.process import pid_alive
 from kiln.spec import PipelineSpec
 
 REQUESTS = "bentoml_service_request"  # counter; prometheus_client's parser strips the _total suffix
@@ -192,7 +193,7 @@ def slo_report(spec: PipelineSpec, paths: dict[str, Path], serving: Any, instanc
             rows = sum(v for labels, v, name in parse_metrics(text).get("kiln_predicted_rows", []) if name.endswith("_total"))
             predictions = int(rows) if rows else endpoint["requests"]
             pid = state.get("backend_pid") or state.get("pid")
-            cpu = process_tree_cpu_seconds(int(pid)) if pid and Path(f"/proc/{pid}").exists() else None
+            cpu = process_tree_cpu_seconds(int(pid)) if pid and pid_alive(int(pid)) else None
             cost = {"cpu_seconds": cpu, "predictions": predictions,
                     "cpu_seconds_per_1k_predictions": cpu / predictions * 1000 if cpu is not None and predictions else None}
         except httpx.HTTPError as exc:

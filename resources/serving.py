@@ -15,6 +15,8 @@ from typing import Any
 
 import dagster as dg
 
+from kiln.process import pid_alive
+
 READY_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 30.0
 
@@ -31,14 +33,19 @@ class ServingResource(dg.ConfigurableResource):
     bentoml_home: str
 
     def bentoml(self) -> Any:
-        """Import bentoml bound to this profile's store (``BENTOML_HOME`` must be set before the first import)."""
+        """Import bentoml bound to this profile's store.
+
+        BentoML reads ``BENTOML_HOME`` once per process, when it first opens its store; so once bentoml is imported,
+        ``BENTOML_HOME`` must already name this store, else models and bentos would silently go to another one."""
+        current = os.environ.get("BENTOML_HOME")
+        if "bentoml" in sys.modules and (current is None or Path(current).resolve() != Path(self.bentoml_home).resolve()):
+            raise EndpointError(
+                f"bentoml was already imported with BENTOML_HOME={current or '~/bentoml (unset)'}, not {self.bentoml_home}: "
+                "set BENTOML_HOME before anything imports bentoml, or use one BentoML store per process"
+            )
         os.environ["BENTOML_HOME"] = self.bentoml_home
         import bentoml
-        from bentoml._internal.configuration.containers import BentoMLContainer
 
-        home = str(BentoMLContainer.bentoml_home.get())
-        if Path(home).resolve() != Path(self.bentoml_home).resolve():
-            raise EndpointError(f"bentoml was already imported with BENTOML_HOME={home}, not {self.bentoml_home}")
         return bentoml
 
     def folder(self, pipeline: str) -> Path:
@@ -367,34 +374,38 @@ def port_in_use(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True
-
-
 def stop(pid: int | None) -> None:
     """Stop a server's whole process group (bentoml serve forks workers), politely first."""
-    if not pid_alive(pid):
+    if not pid or pid < 1:
         return
-    assert pid is not None
     try:
         os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
+    except (ProcessLookupError, PermissionError):  # no such group, or not ours to stop
+        _reap(pid)
         return
     deadline = time.monotonic() + STOP_TIMEOUT_S
     while time.monotonic() < deadline and pid_alive(pid):
         time.sleep(0.2)
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
     if pid_alive(pid):
-        os.killpg(pid, signal.SIGKILL)
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        _reap(pid, wait_s=5.0)
+    else:
+        _reap(pid)
+
+
+def _reap(pid: int, wait_s: float = 0.0) -> None:
+    """Collect the exit status of a server this process started (within ``wait_s``), so it does not linger as a zombie."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] or time.monotonic() >= deadline:
+                return
+        except ChildProcessError:  # not our child (its own parent reaps it) or already collected
+            return
+        time.sleep(0.05)
 
 
 HANDOFF_PREFIX = "kiln-h-"
@@ -434,21 +445,11 @@ def sweep_handoff_dirs(base: str, min_age_s: float = 600.0) -> list[str]:
             pids = [n.removesuffix(".sock") for n in os.listdir(folder)]
         except OSError:
             continue
-        if not all(p.isdigit() for p in pids) or any(_process_exists(int(p)) for p in pids):
+        if not all(p.isdigit() for p in pids) or any(pid_alive(int(p)) for p in pids):
             continue
         remove_handoff_dir(folder)
         removed.append(folder)
     return removed
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def tail(path: Path, lines: int = 30) -> str:

@@ -18,6 +18,9 @@ yet answered is lost, and whatever the client sent meanwhile waits in the socket
 
 Messages on a channel: router -> worker ``b"c"`` with one descriptor (a connection to serve) or ``b"return"``;
 worker -> router ``b"c" + prefix`` with one descriptor (a connection given back) or ``b"done"``.
+
+This module moves descriptors and knows no HTTP; :mod:`serving.proxy` (which imports it, never the other way round)
+detaches a connection from its transport and writes a given-back request as its prefix.
 """
 
 from __future__ import annotations
@@ -55,26 +58,6 @@ def receive(channel: socket.socket) -> tuple[bytes, list[int]] | None:
     if not data and not fds:
         return None
     return data, list(fds)
-
-
-def socket_fd(transport: Any) -> int | None:
-    """The descriptor behind an asyncio/uvloop transport (None once it is closing)."""
-    if transport is None or transport.is_closing():
-        return None
-    sock = transport.get_extra_info("socket")
-    return None if sock is None else int(sock.fileno())
-
-
-def request_bytes(method: str, path: str, query: bytes, raw_headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
-    """A parsed request written back as HTTP/1.1 (what a given-back connection's new owner parses first)."""
-    from serving.proxy import HOP_HEADERS
-
-    target = path.encode("latin-1") + (b"?" + query if query else b"")
-    parts = [b"%s %s HTTP/1.1\r\n" % (method.encode("latin-1"), target)]
-    parts.extend(b"%s: %s\r\n" % kv for kv in raw_headers if kv[0] not in HOP_HEADERS or kv[0] in (b"host", b"connection"))
-    parts.append(b"content-length: %d\r\n\r\n" % len(body))
-    parts.append(body)
-    return b"".join(parts)
 
 
 class WorkerChannels:

@@ -44,37 +44,28 @@ class EndpointMetrics:
         if counter is None:
             counter = self._status[status] = self.requests.labels(**self.values, status=str(status))
         counter.inc(count)
-        if count == 1:
+        for _ in range(count):  # a combined request answered in `seconds` took that long for each request in it
             self.latency.observe(seconds)
-        else:
-            import numpy as np
-
-            observe_many(self.latency, np.full(count, seconds), LATENCY_BUCKETS)
 
     def batch(self, requests: int, predictions: Any) -> None:
-        """Record a scored batch: its requests, its rows and all its scores at once (bucket counts by numpy)."""
+        """Record a scored batch: its requests, its rows and each of its scores."""
         import numpy as np
 
         scores = np.asarray(predictions, dtype=float).ravel()
         self.batch_requests.observe(requests)
         self.batch_rows.observe(len(scores))
         self.rows.inc(len(scores))
-        observe_many(self.score, scores, SCORE_BUCKETS)
+        observe_each(self.score, scores)
 
 
-def observe_many(histogram: Any, values: Any, bounds: tuple[float, ...]) -> None:
-    """Add many observations to a prometheus_client histogram child in O(buckets) Python steps."""
+def observe_each(histogram: Any, values: Any) -> None:
+    """Observe every finite value of a numpy array on a prometheus_client histogram child.
+
+    prometheus_client has no bulk observe (its maintainers point bulk use at custom collectors, which BentoML's
+    multiprocess ``/metrics`` would not collect from every worker), so this is one public ``observe`` per value:
+    about 2 us each in multiprocess mode, 2 ms for a 1,000-row request."""
     import numpy as np
 
-    finite = values[np.isfinite(values)]
-    buckets = getattr(histogram, "_buckets", None)
-    total = getattr(histogram, "_sum", None)
-    if buckets is None or total is None or len(buckets) != len(bounds) + 1:
-        for v in finite.tolist():  # another prometheus_client layout: the public API, one value at a time
-            histogram.observe(v)
-        return
-    index = np.searchsorted(np.asarray(bounds, dtype=float), finite, side="left")
-    counts = np.bincount(index, minlength=len(bounds) + 1)
-    for i in np.flatnonzero(counts).tolist():
-        buckets[i].inc(int(counts[i]))
-    total.inc(float(finite.sum()))
+    observe = histogram.observe
+    for value in values[np.isfinite(values)].tolist():
+        observe(value)

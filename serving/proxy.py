@@ -21,6 +21,8 @@ from typing import Any, cast
 
 import httptools
 
+from serving.handoff import MAX_PREFIX_BYTES
+
 MAX_BODY_BYTES = 64 * 1024 * 1024  # the backend refuses above 32 MiB with a 413 naming the limit; this only guards memory
 IDLE_TIMEOUT_S = 30.0
 UPSTREAM_TIMEOUT_S = 60.0
@@ -72,6 +74,24 @@ def error(status: int, message: str) -> Response:
     import json
 
     return Response(status, JSON_HEADERS, json.dumps({"error": message}).encode())
+
+
+def request_bytes(request: Request) -> bytes:
+    """A parsed request written back as HTTP/1.1 (what a given-back connection's new owner parses first)."""
+    target = request.path.encode("latin-1") + (b"?" + request.query if request.query else b"")
+    parts = [b"%s %s HTTP/1.1\r\n" % (request.method.encode("latin-1"), target)]
+    parts.extend(b"%s: %s\r\n" % kv for kv in request.raw_headers if kv[0] not in HOP_HEADERS or kv[0] in (b"host", b"connection"))
+    parts.append(b"content-length: %d\r\n\r\n" % len(request.body))
+    parts.append(request.body)
+    return b"".join(parts)
+
+
+def socket_fd(transport: asyncio.BaseTransport | None) -> int | None:
+    """The descriptor behind an asyncio/uvloop transport (None once it is closing)."""
+    if transport is None or transport.is_closing():
+        return None
+    sock = transport.get_extra_info("socket")
+    return None if sock is None else int(sock.fileno())
 
 
 class ServerProtocol(asyncio.Protocol):
@@ -203,8 +223,6 @@ class ServerProtocol(asyncio.Protocol):
         """Hand the socket over between requests (the caller has dealt with any pending ones): ``send(fd)`` passes the
         descriptor on (True when it did); then this transport lets go of it without closing the connection (the
         receiver's copy keeps it open). False leaves the connection here."""
-        from serving.handoff import socket_fd
-
         transport = self.transport
         if transport is None or transport.is_closing() or self._partial or transport.get_write_buffer_size():
             return False
@@ -228,13 +246,11 @@ class ServerProtocol(asyncio.Protocol):
 
     def _give_back_with(self, request: Request | None) -> bool:
         """Give the connection back with ``request`` (unanswered) and any pipelined ones as its prefix."""
-        from serving.handoff import MAX_PREFIX_BYTES, request_bytes
-
         give_back = self.giving_back or self.give_back
         if give_back is None or self._partial:
             return False
         queued = ([request] if request is not None else []) + [r for r, _ in self.pending]
-        prefix = b"".join(request_bytes(r.method, r.path, r.query, r.raw_headers, r.body) for r in queued)
+        prefix = b"".join(request_bytes(r) for r in queued)
         if len(prefix) > MAX_PREFIX_BYTES:
             return False
         if not self.detach(lambda fd: give_back(fd, prefix)):

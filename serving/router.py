@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln import settings
+from kiln.process import pid_alive
 from serving.handoff import BackendChannels
 from serving.proxy import HOP_HEADERS, JSON_HEADERS, Request, Response, ServerProtocol, Upstream, close_idle
 
@@ -559,25 +560,13 @@ def stop_backends(config: dict[str, Any]) -> None:
             continue
     deadline = time.monotonic() + 20
     for pid in pids:
-        while time.monotonic() < deadline and _alive(pid):
+        while time.monotonic() < deadline and pid_alive(pid):
             time.sleep(0.1)
-        if _alive(pid):
+        if pid_alive(pid):
             try:
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie left for its parent, the process that deployed it, to reap counts as stopped)."""
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def main(argv: list[str] | None = None) -> None:

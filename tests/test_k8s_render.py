@@ -241,7 +241,7 @@ def test_prod_endpoint_asset_records_manifests_instead_of_serving(prod: None, tm
 
 
 def test_dagster_cloud_container_context_is_accepted_by_dagster_k8s() -> None:
-    from dagster._core.errors import DagsterInvalidConfigError
+    from dagster import DagsterInvalidConfigError
     from dagster_k8s.container_context import K8sContainerContext
 
     raw = k8s.code_location_container_context()
@@ -256,21 +256,48 @@ def test_dagster_cloud_container_context_is_accepted_by_dagster_k8s() -> None:
         K8sContainerContext.create_from_config(broken)
 
 
-def test_deploy_dagster_yaml_is_a_valid_instance_config(monkeypatch: pytest.MonkeyPatch) -> None:
-    from dagster._config import process_config
-    from dagster._core.instance.config import dagster_instance_config
-    from dagster_k8s import K8sRunLauncher
+def _validated(schema: Any, value: Any) -> Any:
+    """``value`` checked against a Dagster config schema by Dagster itself (as an op's config); raises
+    DagsterInvalidConfigError naming the offending entry, else returns it with its env vars resolved."""
+    import dagster as dg
 
-    config, _ = dagster_instance_config(str(REPO / "deploy"), "dagster.yaml")
+    @dg.op(config_schema=schema)
+    def check() -> None: ...
+
+    @dg.job
+    def probe() -> None:
+        check()
+
+    return dg.validate_run_config(probe, {"ops": {"check": {"config": value}}})["ops"]["check"]["config"]
+
+
+def test_deploy_dagster_yaml_is_a_valid_instance_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dagster as dg
+    from dagster_k8s import K8sRunLauncher
+    from dagster_postgres import DagsterPostgresStorage
+
+    config = yaml.safe_load((REPO / "deploy" / "dagster.yaml").read_text())
     assert config["storage"]["postgres"]["postgres_db"]["hostname"] == {"env": "DAGSTER_PG_HOST"}
     assert config["run_coordinator"]["class"] == "QueuedRunCoordinator"
     limits = {(t["key"], json.dumps(t.get("value"))): t["limit"] for t in config["concurrency"]["runs"]["tag_concurrency_limits"]}
     assert limits[("kiln/retrain", json.dumps({"applyLimitPerUniqueValue": True}))] == 1
     assert config["concurrency"]["pools"]["default_limit"] >= 1
-    monkeypatch.setenv("KILN_K8S_NAMESPACE", "kiln")
-    launcher = process_config(K8sRunLauncher.config_type(), config["run_launcher"]["config"])
-    assert launcher.success, launcher.errors
-    assert launcher.value["job_namespace"] == "kiln"
+    # Dagster loads every section that needs no database or cluster as an instance (run coordinator, concurrency,
+    # run monitoring and retries, telemetry): an unknown key or a wrong type fails here.
+    local = {name: section for name, section in config.items() if name not in ("storage", "run_launcher")}
+    with dg.instance_for_test(overrides=local) as instance:
+        assert isinstance(instance.run_coordinator, dg.QueuedRunCoordinator)
+        assert instance.run_monitoring_enabled and instance.run_retries_enabled
+    # The storage and the run launcher against their own config schemas, with the env vars a cluster provides.
+    for name, value in {"KILN_K8S_NAMESPACE": "kiln", "DAGSTER_PG_HOST": "postgres", "DAGSTER_PG_PORT": "5432",
+                        "DAGSTER_PG_DB": "dagster", "DAGSTER_PG_USERNAME": "dagster", "DAGSTER_PG_PASSWORD": "secret"}.items():
+        monkeypatch.setenv(name, value)
+    storage = _validated(DagsterPostgresStorage.config_type(), config["storage"]["postgres"])
+    assert storage["postgres_db"]["hostname"] == "postgres" and storage["postgres_db"]["scheme"] == "postgresql+psycopg2"
+    launcher = _validated(K8sRunLauncher.config_type(), config["run_launcher"]["config"])
+    assert launcher["job_namespace"] == "kiln"
+    with pytest.raises(dg.DagsterInvalidConfigError, match="job_namspace"):
+        _validated(K8sRunLauncher.config_type(), config["run_launcher"]["config"] | {"job_namspace": "kiln"})
     from platform_defs.definitions import defs
 
     assert defs.resolve_job_def("fraud_retrain").tags["kiln/retrain"] == "fraud"
@@ -334,11 +361,13 @@ def test_prod_executor_is_k8s_unless_kiln_executor_picks_a_local_one(prod: None,
     import dagster as dg
     from dagster_k8s import k8s_job_executor
 
-    assert k8s.executor("prod") is k8s_job_executor and k8s.executor("local") is None
+    from platform_defs.profiles import executor
+
+    assert executor("prod") is k8s_job_executor and executor("local") is None
     monkeypatch.setenv("KILN_EXECUTOR", "multiprocess")
-    assert k8s.executor("prod") is dg.multiprocess_executor
+    assert executor("prod") is dg.multiprocess_executor
     monkeypatch.setenv("KILN_EXECUTOR", "in_process")
-    assert k8s.executor("prod") is dg.in_process_executor
+    assert executor("prod") is dg.in_process_executor
     monkeypatch.setenv("KILN_EXECUTOR", "kubernetes")
     with pytest.raises(ValueError, match="KILN_EXECUTOR: 'kubernetes' is not one of k8s, multiprocess, in_process"):
-        k8s.executor("prod")
+        executor("prod")

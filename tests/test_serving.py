@@ -272,8 +272,8 @@ def test_a_keep_alive_connection_is_handed_to_the_worker_and_answered_the_same(w
 
 
 def test_roll_to_a_new_version_under_load_has_no_failed_request(world: dict[str, Any]) -> None:
+    from kiln.process import pid_alive
     from platform_defs.lifecycle import retrain
-    from resources.serving import pid_alive
 
     serving, url = world["serving"], world["url"]
     before = serving.state(NAME)
@@ -319,7 +319,7 @@ def test_roll_to_a_new_version_under_load_has_no_failed_request(world: dict[str,
 
 
 def test_canary_share_and_shadow_never_served(world: dict[str, Any]) -> None:
-    from resources.serving import pid_alive
+    from kiln.process import pid_alive
 
     serving, url = world["serving"], world["url"]
     champion = serving.state(NAME)

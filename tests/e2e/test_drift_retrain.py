@@ -123,13 +123,11 @@ def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                            json.dumps(seen), "-w", str(REPO / "workspace.yaml")],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr[-3000:]
-    from dagster._core.scheduler.instigation import InstigatorStatus
-
     # `sensor cursor` stores a sensor that had no state as stopped; it is declared running, so keep it running.
-    with dg.DagsterInstance.from_config(str(dagster_home)) as setup:
-        for sensor_state in setup.all_instigator_state():
-            if sensor_state.name == "fraud_new_data":
-                setup.update_instigator_state(sensor_state.with_status(InstigatorStatus.RUNNING))
+    started = subprocess.run([str(Path(sys.executable).parent / "dagster"), "sensor", "start", "fraud_new_data",
+                              "-w", str(REPO / "workspace.yaml")],
+                             env=env, cwd=REPO, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert started.returncode == 0, started.stderr[-3000:]
     sim = _kiln(env, "simulate", "fraud", "--drift", "1", "--days", "2", "--rows-per-day", str(ROWS), "--seed", "5")
     assert sim.returncode == 0, sim.stderr[-3000:]
     drifted = pl.concat([pl.read_parquet(p) for p in sorted((home / "sources" / "fraud").glob("*.parquet"))[DAYS:]])

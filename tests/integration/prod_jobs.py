@@ -55,9 +55,8 @@ class PausingMlflowResource(MlflowResource):
 def fraud_retrain() -> dg.JobDefinition:
     """`fraud_retrain` of the prod Definitions (executor from ``KILN_EXECUTOR``), pausing for the kill when asked."""
     from kiln.spec import load_specs
-    from platform_defs import k8s
-    from platform_defs.definitions import pipeline_definitions
-    from platform_defs.profiles import resources
+    from platform_defs.component import pipeline_definitions
+    from platform_defs.profiles import executor, resources
 
     specs = [s for s in load_specs() if s.name == "fraud"]
     prod = resources("prod")
@@ -65,5 +64,5 @@ def fraud_retrain() -> dg.JobDefinition:
     if marker:
         prod["mlflow"] = PausingMlflowResource(tracking_uri=dg.EnvVar("MLFLOW_TRACKING_URI"), marker=marker)
     merged = dg.Definitions.merge(*[pipeline_definitions(s) for s in specs])
-    defs = dg.Definitions.merge(merged, dg.Definitions(resources=prod, executor=k8s.executor("prod")))
+    defs = dg.Definitions.merge(merged, dg.Definitions(resources=prod, executor=executor("prod")))
     return defs.resolve_job_def("fraud_retrain")

@@ -64,14 +64,14 @@ def test_s3_unreachable_fails_naming_bucket_and_key(prod_world: dict[str, Any], 
 
 def test_mlflow_stopped_during_training_bounded_retries_no_stray_alias_rerun_succeeds(
         prod_world: dict[str, Any], services: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    import assets.model
+    import kiln.trainers.lightgbm
     from platform_defs.lifecycle import retrain
 
     stages = ("features", "model", "champion")
     versions, champion = _registry(services)
     stored = {k: v for k, v in _objects(services["s3"]).items() if k in ("storage/fraud/model.json", "storage/fraud/champion.json")}
     training, stopped = threading.Event(), threading.Event()
-    real_train = assets.model.train_lightgbm
+    real_train = kiln.trainers.lightgbm.train_lightgbm
 
     def train_while_the_server_stops(*args: Any, **kwargs: Any) -> Any:
         # The model step's MLflow run is open and the booster is about to fit: the server goes away right now.
@@ -80,7 +80,7 @@ def test_mlflow_stopped_during_training_bounded_retries_no_stray_alias_rerun_suc
             assert stopped.wait(timeout=120), "the test did not stop the MLflow server"
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(assets.model, "train_lightgbm", train_while_the_server_stops)
+    monkeypatch.setattr(kiln.trainers.lightgbm, "train_lightgbm", train_while_the_server_stops)
     outcome: dict[str, Any] = {}
 
     def run() -> None:
@@ -279,8 +279,7 @@ def _launch(context: Any, pipeline: str) -> str:
 def test_two_retrains_of_one_pipeline_one_waits_another_pipeline_runs_in_parallel(
         prod_world: dict[str, Any], services: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import yaml
-    from dagster._core.storage.dagster_run import DagsterRunStatus, RunsFilter
-    from dagster._daemon.run_coordinator.queued_run_coordinator_daemon import QueuedRunCoordinatorDaemon
+    from dagster import DagsterRunStatus, RunsFilter
     from dagster_graphql.test.utils import define_out_of_process_context
 
     from kiln.spec import load_spec
@@ -309,21 +308,28 @@ def test_two_retrains_of_one_pipeline_one_waits_another_pipeline_runs_in_paralle
     monkeypatch.setenv("KILN_EXECUTOR", "in_process")
     workspace = Path(__file__).resolve().parents[2] / "workspace.yaml"
     finished = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
-    with define_out_of_process_context(str(workspace), None, instance) as context, \
-            QueuedRunCoordinatorDaemon(interval_seconds=1) as daemon:
+    # The daemon below would also tick the pipelines' sensors (declared running), whose ingest runs would join the queue.
+    for sensor in build_definitions([load_spec(p) for p in sorted(specs.glob("*.yaml"))], "prod").sensors or []:
+        _dagster("dagster", "sensor", "stop", sensor.name, "-w", str(workspace))
+    with define_out_of_process_context(str(workspace), None, instance) as context:
         first, second, parallel = _launch(context, "fraud"), _launch(context, "fraud"), _launch(context, "fraud_b")
         ids = [first, second, parallel]
 
         def statuses() -> dict[str, DagsterRunStatus]:
             return {r.run_id: r.status for r in instance.get_runs(RunsFilter(run_ids=ids))}
 
+        assert set(statuses().values()) == {DagsterRunStatus.QUEUED}  # requests wait for the daemon
+        assert instance.get_run_by_id(second).tags["kiln/retrain"] == "fraud"
+        # The queued-run coordinator as deployed: `dagster-daemon run` on this instance and workspace.
+        daemon = _daemon(tmp_path, workspace)
         try:
-            assert set(statuses().values()) == {DagsterRunStatus.QUEUED}  # requests wait for the daemon
-            assert instance.get_run_by_id(second).tags["kiln/retrain"] == "fraud"
-            list(daemon.run_iteration(context.process_context))
             now = statuses()
-            # One daemon pass: fraud's first retrain and fraud_b's retrain leave the queue, fraud's second waits.
-            assert now[first] != DagsterRunStatus.QUEUED and now[parallel] != DagsterRunStatus.QUEUED, now
+            deadline = time.monotonic() + 180
+            while now[first] == DagsterRunStatus.QUEUED or now[parallel] == DagsterRunStatus.QUEUED:
+                assert time.monotonic() < deadline, f"the daemon did not dequeue within 180s: {now}\n{_tail(tmp_path)}"
+                time.sleep(0.5)
+                now = statuses()
+            # fraud's first retrain and fraud_b's retrain left the queue; fraud's second waits.
             assert now[second] == DagsterRunStatus.QUEUED, now
             held = 0
             deadline = time.monotonic() + 480
@@ -333,12 +339,12 @@ def test_two_retrains_of_one_pipeline_one_waits_another_pipeline_runs_in_paralle
                     held += 1
                 assert time.monotonic() < deadline, f"runs not finished within 480s: {now}"
                 time.sleep(1.0)
-                list(daemon.run_iteration(context.process_context))
                 now = statuses()
         finally:
             for run_id, status in statuses().items():
                 if status not in finished:
                     instance.run_launcher.terminate(run_id)
+            _stop(daemon)
     assert held >= 2
     failures = {i: _failures_of(instance, i) for i in ids if now[i] != DagsterRunStatus.SUCCESS}
     assert not failures, failures
@@ -354,6 +360,46 @@ def test_two_retrains_of_one_pipeline_one_waits_another_pipeline_runs_in_paralle
     assert other_version.tags["dagster_run_id"] == parallel and other_version.tags.get("kiln_sha256")
     rows = dict(services["pg"].query("dagster", "SELECT run_id, status FROM runs"))
     assert [rows[i] for i in ids] == ["SUCCESS"] * 3 and "QUEUED" not in rows.values()
+
+
+def _dagster(*args: str) -> None:
+    """Run a Dagster CLI command on the test's instance (DAGSTER_HOME) and environment; fail with its output."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([str(Path(sys.executable).parent / args[0]), *args[1:]], capture_output=True, text=True,
+                          timeout=300, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, f"{' '.join(args)}:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+
+
+def _daemon(tmp_path: Path, workspace: Path) -> Any:
+    """`dagster-daemon run` on the test's instance and the workspace, logging to ``tmp_path/daemon.log``."""
+    import subprocess
+    import sys
+
+    with (tmp_path / "daemon.log").open("ab") as log:
+        return subprocess.Popen([str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", str(workspace)],
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def _tail(tmp_path: Path) -> str:
+    log = tmp_path / "daemon.log"
+    return "\n".join(log.read_text(errors="replace").splitlines()[-30:]) if log.exists() else ""
+
+
+def _stop(proc: Any) -> None:
+    """Stop a process group started with start_new_session (the daemon and the code server it started)."""
+    import signal
+    import subprocess
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def _failures_of(instance: Any, run_id: str) -> str:
