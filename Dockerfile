@@ -18,24 +18,30 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /src
 RUN python -m venv /opt/venv
 
-# Dependencies first, from pyproject.toml alone: this layer is rebuilt only when the dependency list changes,
-# not on every pipeline-spec or code change. torch comes from TORCH_INDEX (CPU wheels: no CUDA libraries, ~4 GB smaller).
-COPY pyproject.toml ./
-RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
-open('torch.txt', 'w').write('\n'.join(d for d in deps if d.startswith('torch'))); \
-open('requirements.txt', 'w').write('\n'.join(d for d in deps if not d.startswith('torch')))" \
- && pip install --index-url "${TORCH_INDEX}" -r torch.txt \
- && pip install -r requirements.txt
+# Dependencies first, from pyproject.toml and requirements.lock alone: this layer is rebuilt only when the dependency
+# list or the lock changes, not on every pipeline-spec or code change. Every install takes the lock as constraints,
+# so the image carries exactly the versions CI tested and bentos pin. The `torch` extra comes from TORCH_INDEX
+# (CPU wheels: no CUDA libraries, ~4 GB smaller) without its dependencies, which then come from PyPI at the locked versions.
+COPY pyproject.toml requirements.lock ./
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; torch = p['optional-dependencies']['torch']; \
+open('torch.txt', 'w').write('\n'.join(torch)); open('requirements.txt', 'w').write('\n'.join(p['dependencies'] + torch))" \
+ && pip install --no-deps --index-url "${TORCH_INDEX}" -c requirements.lock -r torch.txt \
+ && pip install -c requirements.lock -r requirements.txt \
+ && pip check
 
-# Then the code: only Kiln's packages (see .dockerignore), installed without touching the dependency layer.
+# Then the code: only Kiln's packages (see .dockerignore), installed without touching the dependency layer. The lock
+# ships beside serving/lock.py (package data), so bentos built in this image pin the same versions.
 COPY README.md ./
+COPY kiln ./kiln
 COPY platform_defs ./platform_defs
 COPY assets ./assets
 COPY resources ./resources
 COPY sensors ./sensors
 COPY serving ./serving
-RUN pip install --no-deps . \
- && python -P -c "import platform_defs.definitions as d; print(len(list(d.defs.assets or [])), 'assets load from the installed package')"
+RUN cp requirements.lock serving/ \
+ && pip install --no-deps . \
+ && python -P -c "import platform_defs.definitions as d; print(len(list(d.defs.assets or [])), 'assets load from the installed package')" \
+ && python -P -c "from serving.lock import pinned; print('bentos pin', *pinned(['polars', 'lightgbm']))"
 
 FROM ${PYTHON_IMAGE} AS runtime
 # LightGBM's wheel links OpenMP at run time; nothing else is installed and apt lists are removed.

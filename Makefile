@@ -3,16 +3,28 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The exact versions of every dependency (CI, this venv, the code-location image, bentos); `make lock` regenerates it.
+LOCK := requirements.lock
+EXTRAS := dev,torch
 
-.PHONY: demo test lint typecheck install ui clean chromium
+.PHONY: demo test lint typecheck install ui clean chromium lock
 
-$(STAMP): pyproject.toml
+# The lock is a constraints file: pip installs exactly its versions of whatever pyproject.toml asks for.
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -c $(LOCK) -e ".[$(EXTRAS)]"
 	$(BIN)/python -m pip check
 	$(MAKE) chromium
 	touch $(STAMP)
+
+# Re-resolve pyproject.toml with all extras to the newest versions its ranges allow and rewrite the lock
+# (pip's dry-run report, nothing installed); then `make install` brings the venv to it.
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --dry-run --ignore-installed --report $(VENV)/lock-report.json -e ".[$(EXTRAS)]"
+	$(BIN)/python -m serving.lock $(VENV)/lock-report.json > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
 
 # The browser the UI tests drive (tests/e2e/test_ui_browser.py): Debian's chromium, non-interactive, sudo only when not root.
 chromium:

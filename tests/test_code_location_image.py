@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 from tests.conftest import REPO, free_port
@@ -43,7 +44,11 @@ def test_build_installs_dependencies_before_code_and_runs_non_root() -> None:
     install_deps = next(i for i, (op, a) in enumerate(ops) if op == "RUN" and "-r requirements.txt" in a)
     copy_code = next(i for i, (op, a) in enumerate(ops) if op == "COPY" and a.startswith("platform_defs"))
     assert copy_pyproject < install_deps < copy_code  # a code or spec change reuses the dependency layer
-    assert '--index-url "${TORCH_INDEX}" -r torch.txt' in ops[install_deps][1]
+    assert "requirements.lock" in ops[copy_pyproject][1].split()  # the dependency layer is keyed by the lock too
+    pip_steps = [s.strip() for s in ops[install_deps][1].split("&&") if "pip install" in s]
+    torch_step = next(s for s in pip_steps if "-r torch.txt" in s)
+    assert '--index-url "${TORCH_INDEX}"' in torch_step and "--no-deps" in torch_step  # torch's deps come locked from PyPI
+    assert all("-c requirements.lock" in s for s in pip_steps), pip_steps  # exactly the versions CI tested
     assert ("ARG", "TORCH_INDEX=https://download.pytorch.org/whl/cpu") in ops  # CPU torch unless asked otherwise
     assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim", DOCKERFILE, re.M)
     runtime = _runtime_stage()
@@ -52,6 +57,16 @@ def test_build_installs_dependencies_before_code_and_runs_non_root() -> None:
     # No compiler or build tool in the runtime stage: it only copies the venv built in the first stage.
     assert not any(op == "RUN" and re.search(r"\b(gcc|g\+\+|build-essential|make)\b", a) for op, a in runtime)
     assert ("COPY", "--from=build /opt/venv /opt/venv") in runtime
+
+
+def test_build_copies_every_kiln_package_before_installing_the_code() -> None:
+    """A package the wheel declares but the build context lacks would fail only at import time in the cluster."""
+    include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {pattern.rstrip("*") for pattern in include}
+    ops = _instructions()
+    install_code = next(i for i, (op, a) in enumerate(ops) if op == "RUN" and "pip install --no-deps ." in a)
+    copied = {a.split()[0] for op, a in ops[:install_code] if op == "COPY"}
+    assert packages <= copied, f"not copied into the image: {sorted(packages - copied)}"
 
 
 def test_image_command_serves_the_code_location_and_passes_its_healthcheck(tmp_path: Path) -> None:
