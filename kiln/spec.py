@@ -117,50 +117,34 @@ class TrainerResources(_Strict):
     gpu: int = 0
 
 
-class TorchParams(_Strict):
-    """``trainer.params`` of a torch trainer: an MLP on standardised features, early-stopped on a validation split."""
+def _default_trainer_kind() -> str:
+    from kiln.trainers import DEFAULT_KIND
 
-    epochs: int = Field(default=50, ge=1, le=100_000)
-    batch_size: int = Field(default=64, ge=1)
-    lr: float = Field(default=1e-3, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
-    hidden: list[int] = Field(default_factory=lambda: [64, 32])
-    dropout: float = Field(default=0.0, ge=0, lt=1)
-    patience: int = Field(default=10, ge=1)
-    min_delta: float = Field(default=0.0, ge=0)
-    val_fraction: float = Field(default=0.15, gt=0, lt=0.9)
-    pos_weight: float | None = Field(default=None, gt=0)
-    seed: int = 0
-
-    @field_validator("hidden")
-    @classmethod
-    def _hidden(cls, value: list[int]) -> list[int]:
-        if any(h < 1 for h in value):
-            raise ValueError(f"layer sizes must be >= 1, got {value}")
-        return value
+    return DEFAULT_KIND
 
 
 class TrainerSpec(_Strict):
-    kind: Literal["lightgbm", "torch"] = "lightgbm"
+    """Which trainer (``kiln.trainers``) fits the model, its params (validated by that trainer's params model), resources."""
+
+    kind: str = Field(default_factory=_default_trainer_kind)
     params: dict[str, Any] = Field(default_factory=dict)
     resources: TrainerResources = Field(default_factory=TrainerResources)
 
-    @model_validator(mode="after")
-    def _torch_params(self) -> TrainerSpec:
-        if self.kind == "torch":
-            try:
-                TorchParams.model_validate(self.params)
-            except ValidationError as exc:
-                item = exc.errors()[0]
-                where = ".".join(str(p) for p in item["loc"])
-                msg = "unknown torch parameter" if item["type"] == "extra_forbidden" else item["msg"].removeprefix("Value error, ")
-                raise ValueError(f"params.{where}: {msg}") from None
-        return self
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, value: str) -> str:
+        from kiln.trainers import kinds
 
-    @property
-    def torch_params(self) -> TorchParams:
-        """The validated parameters of a torch trainer (defaults filled in)."""
-        return TorchParams.model_validate(self.params)
+        if value not in kinds():
+            raise ValueError(f"{value!r} is not one of {', '.join(kinds())}")
+        return value
+
+    @model_validator(mode="after")
+    def _trainer_params(self) -> TrainerSpec:
+        from kiln.trainers import validate_params
+
+        validate_params(self.kind, self.params)  # "params.<field>: <reason>", from the trainer's own params model
+        return self
 
 
 class EvaluationSpec(_Strict):
@@ -269,7 +253,7 @@ class PipelineSpec(_Strict):
             raise ValueError(f"source.timestamp_column: '{ts}' is not a datetime schema column")
         if self.task == "classification" and columns[self.target].dtype not in ("int", "bool"):
             raise ValueError("target: classification needs an int or bool target column")
-        if self.trainer.kind == "lightgbm" and self.evaluation.metric in ("rmse", "mae", "r2") and self.task == "classification":
+        if self.task == "classification" and self.evaluation.metric in ("rmse", "mae", "r2"):
             raise ValueError(f"evaluation.metric: '{self.evaluation.metric}' is a regression metric")
         return self
 
@@ -295,11 +279,50 @@ class PipelineSpec(_Strict):
         return cls.model_validate(json.loads(text))
 
 
-def _format_error(path: Path, error: ValidationError) -> str:
+# A pipeline file is either a Dagster component instance (`platform_defs/pipelines/<name>/defs.yaml`:
+# `type: platform_defs.component.KilnPipeline` and the spec under `attributes:`), which `dg` loads and checks,
+# or a bare spec mapping (`<name>.yaml`), which older folders and KILN_PIPELINES_DIR may still hold.
+PIPELINE_COMPONENT_TYPE = "platform_defs.component.KilnPipeline"
+COMPONENT_FILES = ("defs.yaml", "defs.yml")
+_TOP_FIELDS = {f.alias or n for n, f in PipelineSpec.model_fields.items()}
+
+
+def pipeline_name_of(path: Path) -> str:
+    """The name a spec file must carry: its folder's for ``<name>/defs.yaml``, else the file's stem."""
+    return path.parent.name if path.name in COMPONENT_FILES else path.stem
+
+
+def spec_files(folder: Path) -> list[Path]:
+    """Every spec file of a pipelines folder: ``<name>/defs.yaml`` (component form) and ``<name>.yaml`` (bare)."""
+    patterns = [f"*/{name}" for name in COMPONENT_FILES] + ["*.yaml", "*.yml"]
+    return sorted({p for pattern in patterns for p in folder.glob(pattern) if p.is_file()})
+
+
+def _line_of(node: Any, loc: Iterable[str | int]) -> int | None:
+    """The 1-based line of the deepest YAML node on a field path (the key's line for a mapping entry)."""
+    import yaml
+
+    if node is None:
+        return None
+    line = node.start_mark.line + 1
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            entry = next(((k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == str(part)), None)
+            if entry is None:
+                break
+            line, node = entry[0].start_mark.line + 1, entry[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _format_error(path: Path, error: ValidationError, node: Any = None) -> str:
     lines = []
     for item in error.errors():
-        loc = ".".join(str(part) for part in item["loc"] if part != "schema_") or "(top level)"
-        loc = loc.replace("schema_", "schema")
+        parts: list[str | int] = ["schema" if part == "schema_" else part for part in item["loc"]]
         msg = item["msg"]
         if item["type"] == "literal_error":
             expected = item.get("ctx", {}).get("expected", "")
@@ -311,55 +334,100 @@ def _format_error(path: Path, error: ValidationError) -> str:
             msg = "required field is missing"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
-        lines.append(f"{path}: {loc}: {msg}")
+        # Cross-field rules of the whole spec raise "target: ..." from the model: name that field, not "(top level)".
+        field = re.match(r"([a-z_][a-z0-9_]*(?:\.[A-Za-z0-9_]+)*): ", msg) if not parts else None
+        if field and field.group(1).split(".")[0] in _TOP_FIELDS:
+            parts, msg = list(field.group(1).split(".")), msg[field.end() :]
+        loc = ".".join(str(part) for part in parts) or "(top level)"
+        line = _line_of(node, parts)
+        lines.append(f"{path}: {loc}: {msg}" + (f" (line {line})" if line else ""))
     return "\n".join(lines)
 
 
-def load_spec(path: Path) -> PipelineSpec:
-    """Parse and validate one spec file; the file name must equal the pipeline name."""
+def _read(path: Path) -> tuple[dict[str, Any], Any]:
+    """The spec mapping of a file in either form, and its YAML node (for line numbers); raises SpecError."""
     import yaml
 
+    # One parse gives both the data and the node tree; libyaml's parser is ~10x faster (the code location reads every spec).
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        parser = loader(path.read_text(encoding="utf-8"))
+        try:
+            root = parser.get_single_node()
+            raw = parser.construct_document(root) if root is not None else None
+        finally:
+            parser.dispose()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(unknown position)"
         raise SpecError(f"{path}: {where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
     except UnicodeDecodeError as exc:
         raise SpecError(f"{path}: (file): not UTF-8 text: {exc.reason}") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: (file): cannot read: {exc.strerror}") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: (top level): expected a mapping of fields, got {type(raw).__name__}")
+    if "type" not in raw and path.name not in COMPONENT_FILES:
+        return raw, root
+    if raw.get("type") != PIPELINE_COMPONENT_TYPE:
+        what = "required field is missing" if "type" not in raw else f"{raw['type']!r} is not Kiln's pipeline component"
+        raise SpecError(f"{path}: type: {what}; write 'type: {PIPELINE_COMPONENT_TYPE}' (line {_line_of(root, ['type'])})")
+    extras = sorted(str(k) for k in set(raw) - {"type", "attributes"})
+    if extras:
+        raise SpecError(f"{path}: {extras[0]}: unknown field (a pipeline file holds `type` and `attributes`) "
+                        f"(line {_line_of(root, [extras[0]])})")
+    attributes = raw.get("attributes")
+    if not isinstance(attributes, dict):
+        got = "nothing" if attributes is None else type(attributes).__name__
+        raise SpecError(f"{path}: attributes: expected the pipeline spec as a mapping of fields, got {got} "
+                        f"(line {_line_of(root, ['attributes'])})")
+    node = next((v for k, v in getattr(root, "value", []) if k.value == "attributes"), None)
+    return attributes, node
+
+
+def spec_data(path: Path) -> dict[str, Any]:
+    """The unvalidated spec mapping of a file in either form (a component's ``attributes``)."""
+    return _read(path)[0]
+
+
+def load_spec(path: Path) -> PipelineSpec:
+    """Parse and validate one spec file; the pipeline name must equal the file's (or, for ``defs.yaml``, the folder's)."""
+    data, node = _read(path)
     try:
-        spec = PipelineSpec.model_validate(raw)
+        spec = PipelineSpec.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(_format_error(path, exc)) from None
-    if path.stem != spec.name:
-        raise SpecError(f"{path}: name: '{spec.name}' must equal the file name '{path.stem}'")
+        raise SpecError(_format_error(path, exc, node)) from None
+    expected = pipeline_name_of(path)
+    if spec.name != expected:
+        what = "folder" if path.name in COMPONENT_FILES else "file"
+        raise SpecError(f"{path}: name: '{spec.name}' must equal the {what} name '{expected}' (line {_line_of(node, ['name'])})")
     return spec
 
 
 def load_specs(folder: Path | None = None) -> list[PipelineSpec]:
-    """Load every ``*.yaml`` spec in the folder; all errors are reported together."""
+    """Load every spec of the folder (``<name>/defs.yaml`` and ``<name>.yaml``); all errors are reported together."""
     from kiln.settings import pipelines_dir
 
     folder = folder or pipelines_dir()
     if not folder.is_dir():
         raise SpecError(f"{folder}: pipelines folder does not exist")
     specs: list[PipelineSpec] = []
+    files: list[Path] = []
     errors: list[str] = []
-    for path in sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")]):
+    for path in spec_files(folder):
         try:
             specs.append(load_spec(path))
+            files.append(path)
         except SpecError as exc:
             errors.append(str(exc))
-    errors.extend(_duplicate_errors(specs))
+    errors.extend(_duplicate_errors(specs, files))
     if errors:
         raise SpecError("\n".join(errors))
     return specs
 
 
-def _duplicate_errors(specs: Iterable[PipelineSpec]) -> list[str]:
-    seen: dict[str, int] = {}
-    for spec in specs:
-        seen[spec.name] = seen.get(spec.name, 0) + 1
-    return [f"name: '{n}' is used by {c} specs" for n, c in seen.items() if c > 1]
+def _duplicate_errors(specs: Iterable[PipelineSpec], files: Iterable[Path]) -> list[str]:
+    seen: dict[str, list[Path]] = {}
+    for spec, path in zip(specs, files, strict=True):
+        seen.setdefault(spec.name, []).append(path)
+    return [f"name: '{n}' is used by {len(ps)} specs: {', '.join(map(str, ps))} (keep one)" for n, ps in seen.items() if len(ps) > 1]

@@ -238,7 +238,8 @@ def cmd_new(args: argparse.Namespace) -> int:
     spec = load_spec(out)
     print(f"wrote {out}: {len(spec.schema_)} columns, target {spec.target} ({spec.task}), "
           f"key {', '.join(spec.key_columns) or 'none'}, {len(spec.feature_names)} features")
-    print(f"put source files in the '{spec.source.path}' folder of the source root, then `kiln validate` and `dagster dev`")
+    print(f"put source files in the '{spec.source.path}' folder of the source root, then `kiln validate` (or `dg check yaml`) "
+          "and `dagster dev`")
     return 0
 
 
@@ -280,7 +281,7 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("serve", help="(re)start the endpoint of a pipeline's champion")
     v.add_argument("pipeline")
     v.set_defaults(func=cmd_serve)
-    n = sub.add_parser("new", help="infer a pipeline spec from a CSV or parquet sample")
+    n = sub.add_parser("new", help="infer a pipeline spec (<pipelines>/<name>/defs.yaml) from a CSV or parquet sample")
     n.add_argument("name")
     n.add_argument("--from", dest="sample", required=True, help="a CSV or parquet sample of the source data")
     n.add_argument("--target", help="the label column (default: guessed from its name)")

@@ -2,8 +2,9 @@
 
 It guesses what a person would write by hand: each column's dtype, nullability, numeric range, categories
 (text columns with few distinct values), a key (a unique text or int column named like an id) and the target
-(``--target``, else a column named like a label). The result is a normal spec that validates and loads; the
-person then reviews it (ranges are the observed ones, widened a little).
+(``--target``, else a column named like a label). The result is a normal spec, written as the component file
+``<name>/defs.yaml`` that validates and loads; the person then reviews it (ranges are the observed ones, widened a
+little). ``dg scaffold defs platform_defs.component.KilnPipeline <name>`` writes the same file (or a skeleton).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kiln.spec import NAME_PATTERN, PipelineSpec, SpecError
+from kiln.spec import NAME_PATTERN, PIPELINE_COMPONENT_TYPE, PipelineSpec, SpecError
 
 if TYPE_CHECKING:
     import polars as pl
@@ -135,7 +136,7 @@ def infer_spec(name: str, frame: pl.DataFrame, fmt: str, source_path: str, targe
         raise SpecError("features: the sample has no usable feature columns besides the target and key")
     return {
         "name": name,
-        "description": f"Inferred by `kiln new` from a {fmt} sample of {frame.height} rows; review ranges and categories.",
+        "description": f"Inferred from a {fmt} sample of {frame.height} rows; review ranges and categories.",
         "owner": "unknown",
         "source": {"path": source_path, "format": fmt, "partitions": "none", **({"timestamp_column": timestamp} if timestamp else {})},
         "schema": schema,
@@ -147,19 +148,77 @@ def infer_spec(name: str, frame: pl.DataFrame, fmt: str, source_path: str, targe
     }
 
 
-def write_spec(name: str, sample: Path, folder: Path, target: str | None = None, source_path: str | None = None,
-               force: bool = False) -> Path:
-    """Infer, validate and write ``<folder>/<name>.yaml``; refuses to overwrite unless ``force``."""
+SKELETON = """\
+# The `{name}` pipeline: a Kiln pipeline spec, as a Dagster component (`dg check yaml` validates it).
+# Replace the example columns with your data's, then `kiln validate`. To infer the schema from a sample
+# instead: `kiln new {name} --from sample.csv` (or `dg scaffold defs ... --sample sample.csv`).
+type: {type}
+attributes:
+  name: {name}  # must equal this folder's name
+  description: "TODO: what this model predicts, for whom."
+  owner: unknown
+  source:
+    path: {name}  # folder under the source root (KILN_SOURCE_ROOT), a glob, or s3://bucket/prefix
+    format: csv                  # csv | parquet
+    partitions: none             # none | daily (one file per day, named by date)
+  schema:                        # the data contract: every source column
+    record_id: {{dtype: str, key: true}}
+    amount: {{dtype: float, nullable: true, min: 0}}
+    segment: {{dtype: str, allowed: [a, b, c]}}
+    label: {{dtype: int, min: 0, max: 1}}
+  target: label
+  task: classification           # classification | regression
+  features:
+    passthrough: [amount]
+    categorical: [segment]       # columns with `allowed` values
+    expressions:                 # SQL over the schema columns, evaluated by polars
+      log_amount: "LN(amount + 1)"
+  trainer:
+    kind: lightgbm               # lightgbm | torch
+    params: {{num_boost_round: 200, learning_rate: 0.05, num_leaves: 31, seed: 7}}
+  evaluation:
+    metric: roc_auc              # a challenger must beat the champion on this metric
+    min_improvement: 0.0
+    holdout: 0.2
+"""
+
+
+def skeleton_text(name: str) -> str:
+    """A commented ``defs.yaml`` for a new pipeline that validates as it is (example columns to replace)."""
+    if not NAME_PATTERN.fullmatch(name):
+        raise SpecError(f"name: '{name}' must match {NAME_PATTERN.pattern}")
+    return SKELETON.format(name=name, type=PIPELINE_COMPONENT_TYPE)
+
+
+def component_text(data: dict[str, Any], note: str) -> str:
+    """A spec mapping as a component file: ``type:`` Kiln's pipeline component, the spec under ``attributes:``."""
     import yaml
 
+    body = yaml.safe_dump({"type": PIPELINE_COMPONENT_TYPE, "attributes": data}, sort_keys=False, default_flow_style=None, width=120)
+    return f"# {note}\n{body}"
+
+
+def infer_from_sample(name: str, sample: Path, target: str | None = None, source_path: str | None = None) -> dict[str, Any]:
+    """The validated spec mapping inferred from a CSV or parquet sample."""
     frame = read_sample(sample)
     fmt = "parquet" if sample.suffix.lower() == ".parquet" else "csv"
     data = infer_spec(name, frame, fmt, source_path or name, target)
     PipelineSpec.model_validate(data)  # a bug here is ours, not the user's: fail loudly before writing
-    out = folder / f"{name}.yaml"
-    if out.exists() and not force:
-        raise SpecError(f"{out}: already exists (use --force to replace it)")
-    folder.mkdir(parents=True, exist_ok=True)
-    header = f"# Inferred by `kiln new {name} --from {sample.name}`: review ranges, categories, key and target.\n"
-    out.write_text(header + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120))
+    return data
+
+
+def write_spec(name: str, sample: Path, folder: Path, target: str | None = None, source_path: str | None = None,
+               force: bool = False) -> Path:
+    """Infer, validate and write ``<folder>/<name>/defs.yaml``; refuses to overwrite unless ``force``."""
+    out = folder / name / "defs.yaml"
+    existing = [p for p in (out, folder / f"{name}.yaml", folder / f"{name}.yml") if p.exists()]
+    if existing and not force:
+        raise SpecError(f"{existing[0]}: already exists (use --force to replace it)")
+    data = infer_from_sample(name, sample, target, source_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(component_text(data, f"Inferred by `kiln new {name} --from {sample.name}`: review ranges, categories, key and target."),
+                   encoding="utf-8")
+    for old in existing:  # --force: the new file replaces a bare <name>.yaml too, so the name stays unique
+        if old != out:
+            old.unlink()
     return out

@@ -65,10 +65,11 @@ def test_dagster_definitions_validate() -> None:
 
 
 def test_invalid_spec_fails_definitions_validate(tmp_path) -> None:
-    bad = (REPO / "platform_defs/pipelines/fraud.yaml").read_text().replace("dtype: float, min: 0", "dtype: flaot, min: 0")
-    (tmp_path / "fraud.yaml").write_text(bad)
+    bad = (REPO / "platform_defs/pipelines/fraud/defs.yaml").read_text().replace("dtype: float, min: 0", "dtype: flaot, min: 0")
+    (tmp_path / "fraud").mkdir()
+    (tmp_path / "fraud" / "defs.yaml").write_text(bad)
     dagster = os.path.join(os.path.dirname(sys.executable), "dagster")
     out = subprocess.run([dagster, "definitions", "validate", "-w", "workspace.yaml"], cwd=REPO,
                          env=_env() | {"KILN_PIPELINES_DIR": str(tmp_path)}, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0
-    assert "schema.amount.dtype: 'flaot' is not one of" in out.stdout + out.stderr
+    assert f"{tmp_path / 'fraud' / 'defs.yaml'}: schema.amount.dtype: 'flaot' is not one of" in out.stdout + out.stderr

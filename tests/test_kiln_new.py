@@ -12,6 +12,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 import pytest
+import yaml
 
 from platform_defs.cli import main
 from tests.conftest import REPO
@@ -89,7 +90,9 @@ def test_new_from_csv_with_nulls_and_categoricals(pipelines: Path, tmp_path: Pat
 
     sample = churn_csv(tmp_path / "churn.csv")
     assert main(["new", "churn", "--from", str(sample)]) == 0
-    spec = load_spec(pipelines / "churn.yaml")
+    written = pipelines / "churn" / "defs.yaml"  # a Dagster component instance, like the shipped pipelines
+    assert yaml.safe_load(written.read_text())["type"] == "platform_defs.component.KilnPipeline"
+    spec = load_spec(written)
     schema = spec.schema_
     assert spec.target == "churned" and spec.task == "classification"
     assert spec.key_columns == ["customer_id"]
@@ -114,7 +117,7 @@ def test_new_from_parquet_with_timestamps(pipelines: Path, tmp_path: Path, kiln_
 
     sample = trips_parquet(tmp_path / "trips.parquet")
     assert main(["new", "trips", "--from", str(sample), "--target", "fare"]) == 0
-    spec = load_spec(pipelines / "trips.yaml")
+    spec = load_spec(pipelines / "trips" / "defs.yaml")
     assert spec.task == "regression" and spec.target == "fare" and spec.evaluation.metric == "rmse"
     assert spec.schema_["pickup_at"].dtype == "datetime" and spec.schema_["dropoff_at"].dtype == "datetime"
     assert spec.source.timestamp_column == "pickup_at" and spec.source.format == "parquet"
@@ -134,3 +137,16 @@ def test_new_explains_what_it_cannot_infer(pipelines: Path, tmp_path: Path, caps
     assert "no such file" in capsys.readouterr().err
     assert main(["new", "Bad-Name", "--from", str(sample), "--target", "a"]) == 1
     assert "name" in capsys.readouterr().err
+
+
+def test_new_replaces_a_bare_spec_only_with_force(pipelines: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An older `<name>.yaml` of the same name blocks `kiln new`; --force moves it to `<name>/defs.yaml`, keeping names unique."""
+    from kiln.spec import load_specs, spec_data
+
+    sample = churn_csv(tmp_path / "churn.csv", rows=300)
+    (pipelines / "churn.yaml").write_text(yaml.safe_dump(spec_data(pipelines / "fraud" / "defs.yaml") | {"name": "churn"}))
+    assert main(["new", "churn", "--from", str(sample)]) == 1
+    assert "churn.yaml: already exists" in capsys.readouterr().err
+    assert main(["new", "churn", "--from", str(sample), "--force"]) == 0
+    assert not (pipelines / "churn.yaml").exists()
+    assert [s.name for s in load_specs()].count("churn") == 1

@@ -1,4 +1,4 @@
-"""Self-service onboarding: a new pipeline is one YAML file in the pipelines folder.
+"""Self-service onboarding: a new pipeline is one component file, `<name>/defs.yaml`, in the pipelines folder.
 
 The code location is loaded fresh in subprocesses (as `dagster dev`, the code server and CI load it), with
 ``KILN_PIPELINES_DIR`` pointing at a copy of the folder plus a new `payments` spec; a broken new file fails
@@ -41,16 +41,19 @@ print(json.dumps({
 
 
 def _folder_with_payments(tmp_path: Path, edit: Any = None) -> Path:
-    """A copy of the shipped pipelines folder plus `payments.yaml` (the fraud example under a new name)."""
+    """A copy of the shipped pipelines folder plus `payments/defs.yaml` (the fraud example under a new name)."""
+    from kiln.spec import PIPELINE_COMPONENT_TYPE, spec_data
+
     folder = tmp_path / "pipelines"
     shutil.copytree(REPO / "platform_defs" / "pipelines", folder)
-    data = yaml.safe_load((folder / "fraud.yaml").read_text())
+    data = spec_data(folder / "fraud" / "defs.yaml")
     data |= {"name": "payments", "description": "Payments risk, onboarded by adding this file.", "owner": "payments@example.com"}
     data["source"]["path"] = "payments"
     data["serving"]["port"] = free_port()
     if edit is not None:
         edit(data)
-    (folder / "payments.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    (folder / "payments").mkdir()
+    (folder / "payments" / "defs.yaml").write_text(yaml.safe_dump({"type": PIPELINE_COMPONENT_TYPE, "attributes": data}, sort_keys=False))
     return folder
 
 
@@ -94,7 +97,7 @@ def test_new_spec_passes_kiln_validate_and_dagster_validate(tmp_path: Path) -> N
     kiln = _run([str(BIN / "kiln"), "validate"], folder)
     assert kiln.returncode == 0, kiln.stderr
     assert "ok  payments  (classification, lightgbm, 11 columns)" in kiln.stdout
-    assert f"{len(list(folder.glob('*.yaml')))} pipeline spec(s) valid in {folder}" in kiln.stdout
+    assert f"3 pipeline spec(s) valid in {folder}" in kiln.stdout  # breast_cancer, fraud, payments
     dagster = _run([str(BIN / "dagster"), "definitions", "validate", "-w", "workspace.yaml"], folder)
     assert dagster.returncode == 0, dagster.stdout + dagster.stderr
     assert "Validation successful" in dagster.stdout + dagster.stderr
@@ -122,16 +125,16 @@ def _target_not_in_schema(data: dict[str, Any]) -> None:
 )
 def test_invalid_new_spec_fails_validation_naming_file_and_field(tmp_path: Path, edit: Any, message: str) -> None:
     folder = _folder_with_payments(tmp_path, edit)
-    path = str(folder / "payments.yaml")
+    path = str(folder / "payments" / "defs.yaml")
 
     def named(output: str) -> bool:
-        """The file, then the field and reason (cross-field rules put "(top level): " between the two)."""
-        return re.search(re.escape(path) + r": (\(top level\): )?" + re.escape(message), output) is not None
+        """The file, the field, the reason, then the line."""
+        return re.search(re.escape(f"{path}: {message}") + r" \(line \d+\)", output) is not None
 
     kiln = _run([str(BIN / "kiln"), "validate"], folder)
     assert kiln.returncode == 1
     assert named(kiln.stderr), kiln.stderr
-    assert "fraud.yaml" not in kiln.stderr  # only the broken file is blamed
+    assert "fraud/defs.yaml" not in kiln.stderr  # only the broken file is blamed
 
     dagster = _run([str(BIN / "dagster"), "definitions", "validate", "-w", "workspace.yaml"], folder)
     assert dagster.returncode != 0

@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kiln.spec import SpecError, load_spec, load_specs
-from tests.conftest import FRAUD_SPEC, REPO
+from kiln.spec import PIPELINE_COMPONENT_TYPE, SpecError, load_spec, load_specs, spec_data, spec_files
+from tests.conftest import REPO
+
+PIPELINES = REPO / "platform_defs" / "pipelines"
+FRAUD_SPEC = PIPELINES / "fraud" / "defs.yaml"  # the shipped component form: type + attributes
 
 
 def write(folder: Path, name: str, data: dict | str) -> Path:
@@ -20,7 +23,18 @@ def write(folder: Path, name: str, data: dict | str) -> Path:
 
 
 def fraud() -> dict:
-    return yaml.safe_load(FRAUD_SPEC.read_text())
+    return spec_data(FRAUD_SPEC)
+
+
+def write_component(folder: Path, name: str, text: str) -> Path:
+    path = folder / name / "defs.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def line_of(text: str, fragment: str) -> int:
+    return next(i for i, line in enumerate(text.splitlines(), 1) if fragment in line)
 
 
 def test_fraud_spec_loads_with_its_contract() -> None:
@@ -30,6 +44,71 @@ def test_fraud_spec_loads_with_its_contract() -> None:
     assert spec.key_columns == ["txn_id"]
     assert spec.feature_names[:5] == ["amount", "card_present", "customer_age", "distance_from_home_km", "txns_last_24h"]
     assert spec.feature_names[-4:] == ["log_amount", "hour", "is_night", "amount_per_txn"]
+
+
+def test_shipped_specs_are_component_instances() -> None:
+    """Each shipped pipeline is `<name>/defs.yaml` with `type: platform_defs.component.KilnPipeline`, as `dg` expects."""
+    files = spec_files(PIPELINES)
+    assert [p.relative_to(PIPELINES).as_posix() for p in files] == ["breast_cancer/defs.yaml", "fraud/defs.yaml"]
+    for path in files:
+        raw = yaml.safe_load(path.read_text())
+        assert raw["type"] == PIPELINE_COMPONENT_TYPE and raw["attributes"]["name"] == path.parent.name
+    assert [s.name for s in load_specs(PIPELINES)] == ["breast_cancer", "fraud"]
+
+
+def test_component_type_names_the_component_class() -> None:
+    from platform_defs.component import KilnPipeline
+
+    assert f"{KilnPipeline.__module__}.{KilnPipeline.__qualname__}" == PIPELINE_COMPONENT_TYPE
+
+
+def test_component_form_error_names_file_field_and_line(tmp_path: Path) -> None:
+    text = FRAUD_SPEC.read_text().replace("dtype: float, min: 0, max: 50000", "dtype: flaot, min: 0, max: 50000")
+    path = write_component(tmp_path, "fraud", text)
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    line = line_of(text, "dtype: flaot")
+    assert str(err.value) == (f"{path}: schema.amount.dtype: 'flaot' is not one of float, int, str, bool, datetime (line {line})")
+
+
+def test_cross_field_error_names_the_field_and_its_line(tmp_path: Path) -> None:
+    text = FRAUD_SPEC.read_text().replace("target: is_fraud", "target: is_chargeback")
+    path = write_component(tmp_path, "fraud", text)
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    assert str(err.value) == f"{path}: target: 'is_chargeback' is not a schema column (line {line_of(text, 'target: is_chargeback')})"
+
+
+def test_component_folder_name_must_match(tmp_path: Path) -> None:
+    path = write_component(tmp_path, "payments", FRAUD_SPEC.read_text())
+    with pytest.raises(SpecError, match=r"payments/defs\.yaml: name: 'fraud' must equal the folder name 'payments'"):
+        load_spec(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("type: dagster.FunctionComponent\nattributes: {name: fraud}\n",
+         r"type: 'dagster.FunctionComponent' is not Kiln's pipeline component; write 'type: platform_defs\.component\.KilnPipeline' "
+         r"\(line 1\)"),
+        (f"type: {PIPELINE_COMPONENT_TYPE}\n", r"attributes: expected the pipeline spec as a mapping of fields, got nothing"),
+        (f"type: {PIPELINE_COMPONENT_TYPE}\npost_processing: {{}}\nattributes: {{}}\n", r"post_processing: unknown field .* \(line 2\)"),
+        ("name: fraud\n", r"type: required field is missing"),
+    ],
+)
+def test_component_file_shape_errors(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(SpecError, match=message):
+        load_spec(write_component(tmp_path, "fraud", text))
+
+
+def test_folder_mixes_component_and_bare_specs(tmp_path: Path) -> None:
+    """Older folders (KILN_PIPELINES_DIR) keep bare `<name>.yaml` specs; both forms load, and a name is used once."""
+    write_component(tmp_path, "fraud", FRAUD_SPEC.read_text())
+    write(tmp_path, "payments", fraud() | {"name": "payments"})
+    assert [s.name for s in load_specs(tmp_path)] == ["fraud", "payments"]
+    write(tmp_path, "fraud", fraud())
+    with pytest.raises(SpecError, match="name: 'fraud' is used by 2 specs"):
+        load_specs(tmp_path)
 
 
 def test_spec_json_round_trip_keeps_feature_order() -> None:
@@ -56,7 +135,9 @@ def test_bad_dtype_lists_the_choices(tmp_path: Path) -> None:
     data["schema"]["amount"]["dtype"] = "flaot"
     with pytest.raises(SpecError) as err:
         load_spec(write(tmp_path, "fraud", data))
-    assert "fraud.yaml: schema.amount.dtype: 'flaot' is not one of float, int, str, bool, datetime" in str(err.value)
+    text = (tmp_path / "fraud.yaml").read_text()
+    assert str(err.value) == (f"{tmp_path / 'fraud.yaml'}: schema.amount.dtype: 'flaot' is not one of float, int, str, bool, datetime "
+                              f"(line {line_of(text, 'dtype: flaot')})")
 
 
 @pytest.mark.parametrize("name", ["Fraud", "1fraud", "f", "fraud-detector", "x" * 42])
