@@ -38,11 +38,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from kiln.spec import spec_data
+
 # benchmarks/serving.py must not shadow the serving package when a script here is run directly
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 REPO = Path(__file__).resolve().parent.parent
-FRAUD_SPEC = REPO / "platform_defs" / "pipelines" / "fraud.yaml"  # copied, with serving.port changed
+FRAUD_SPEC = REPO / "platform_defs" / "pipelines" / "fraud" / "defs.yaml"  # copied, with serving.port changed
 GOAL_OVERHEAD = 1.5
 PIPELINE = "fraud"
 UPSTREAM_OF_ENDPOINT = ("features", "model", "champion", "bento")
@@ -63,7 +65,7 @@ def isolate(home: Path) -> Path:
         os.environ.pop(name, None)
     spec_dir = home / "pipelines"
     spec_dir.mkdir(parents=True)
-    data = yaml.safe_load(FRAUD_SPEC.read_text())
+    data = spec_data(FRAUD_SPEC)
     data["serving"]["port"] = free_port()
     (spec_dir / "fraud.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     os.environ |= {

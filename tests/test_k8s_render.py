@@ -36,11 +36,14 @@ def prod(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture()
 def gpu_pipelines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A pipelines folder whose fraud spec trains on one GPU and serves on one GPU."""
-    text = FRAUD_SPEC.read_text()
-    text = text.replace('resources: {cpu: "2", memory: 4Gi, gpu: 0}', 'resources: {cpu: "4", memory: 16Gi, gpu: 1}')
-    text = text.replace("  port: 3100\n", "  port: 3100\n  gpu: 1\n  replicas: 2\n")
-    assert "gpu: 1" in text and "replicas: 2" in text
-    (tmp_path / "fraud.yaml").write_text(text)
+    import yaml
+
+    from kiln.spec import spec_data
+
+    data = spec_data(FRAUD_SPEC)
+    data["trainer"]["resources"] = {"cpu": "4", "memory": "16Gi", "gpu": 1}
+    data["serving"] |= {"gpu": 1, "replicas": 2}
+    (tmp_path / "fraud.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     monkeypatch.setenv("KILN_PIPELINES_DIR", str(tmp_path))
     return tmp_path
 

@@ -17,6 +17,7 @@ import polars as pl
 import pytest
 import yaml
 
+from kiln.spec import spec_data
 from tests.conftest import FRAUD_SPEC, free_port
 
 DAYS = 4
@@ -43,7 +44,7 @@ def world(kiln_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     from platform_defs.profiles import local_paths, resources
 
     spec_dir = tmp_path_factory.mktemp("pipelines")
-    data = yaml.safe_load(FRAUD_SPEC.read_text())
+    data = spec_data(FRAUD_SPEC)
     data["serving"]["port"] = free_port()
     (spec_dir / "fraud.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     os.environ["KILN_PIPELINES_DIR"] = str(spec_dir)
@@ -73,8 +74,8 @@ def _sample(kiln_home: Path) -> list[dict[str, Any]]:
 
 
 def test_ingest_row_counts_and_checks(world: dict[str, Any]) -> None:
-    from assets.raw import read_source
-    from assets.validated import conform
+    from kiln.contracts import conform
+    from kiln.source import read_source
 
     assert len(world["ingested"]) == DAYS and all(r.success for r in world["ingested"])
     for partition, result in zip(world["partitions"], world["ingested"], strict=True):

@@ -19,6 +19,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kiln.spec import spec_data
 from tests.conftest import FRAUD_SPEC, free_port
 
 NAME = "servetest"
@@ -36,7 +37,7 @@ def world(kiln_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     from platform_defs.profiles import local_paths, resources
 
     spec_dir = tmp_path_factory.mktemp("serving-pipelines")
-    data = yaml.safe_load(FRAUD_SPEC.read_text())
+    data = spec_data(FRAUD_SPEC)
     data["name"] = NAME
     data["source"]["path"] = NAME
     data["trainer"]["params"]["num_boost_round"] = 30

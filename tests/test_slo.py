@@ -14,6 +14,7 @@ import httpx
 import pytest
 import yaml
 
+from kiln.spec import spec_data
 from tests.conftest import FRAUD_SPEC, free_port
 
 DAYS = 2
@@ -30,7 +31,7 @@ def live(kiln_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     from platform_defs.profiles import local_paths, resources
 
     spec_dir = tmp_path_factory.mktemp("slo-pipelines")
-    data = yaml.safe_load(FRAUD_SPEC.read_text())
+    data = spec_data(FRAUD_SPEC)
     data["name"] = "fraud_slo"
     data["source"]["path"] = "fraud_slo"
     data["serving"]["port"] = free_port()

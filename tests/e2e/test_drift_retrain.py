@@ -25,6 +25,7 @@ import polars as pl
 import pytest
 import yaml
 
+from kiln.spec import spec_data
 from tests.conftest import FRAUD_SPEC, REPO, free_port
 
 DAYS = 4
@@ -92,7 +93,7 @@ def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     home = tmp_path_factory.mktemp("drift-e2e")
     spec_dir = home / "pipelines"
     spec_dir.mkdir()
-    data = yaml.safe_load(FRAUD_SPEC.read_text())
+    data = spec_data(FRAUD_SPEC)
     data["serving"]["port"] = free_port()
     data["drift"].update(min_samples=500, consecutive_windows=2, cooldown_minutes=30, sensor_interval_seconds=TICK_S)
     (spec_dir / "fraud.yaml").write_text(yaml.safe_dump(data, sort_keys=False))

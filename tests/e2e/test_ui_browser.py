@@ -19,6 +19,7 @@ import httpx
 import pytest
 import yaml
 
+from kiln.spec import spec_data
 from tests.conftest import FRAUD_SPEC, REPO, free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -44,7 +45,7 @@ def ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     home = tmp_path_factory.mktemp("ui-home")
     specs = home / "pipelines"
     specs.mkdir()
-    data = yaml.safe_load(FRAUD_SPEC.read_text())
+    data = spec_data(FRAUD_SPEC)
     data["serving"]["port"] = free_port()
     (specs / "fraud.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     spec = load_spec(specs / "fraud.yaml")

@@ -24,6 +24,7 @@ import httpx
 import pytest
 import yaml
 
+from kiln.spec import spec_data
 from tests.conftest import FRAUD_SPEC, free_port
 
 PG_BIN = Path(os.environ.get("KILN_PG_BIN", "/usr/lib/postgresql/15/bin"))
@@ -256,7 +257,7 @@ def prod_world(services: dict[str, Any], tmp_path_factory: pytest.TempPathFactor
     from resources.serving import ServingResource
 
     spec_dir = tmp_path_factory.mktemp("pipelines")
-    data = yaml.safe_load(FRAUD_SPEC.read_text())
+    data = spec_data(FRAUD_SPEC)
     data["serving"]["port"] = free_port()
     (spec_dir / "fraud.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     os.environ["KILN_PIPELINES_DIR"] = str(spec_dir)
