@@ -17,8 +17,8 @@ def smoke_test(url: str, rows: list[dict[str, Any]], model_uri: str, spec: Pipel
     import httpx
     import numpy as np
 
-    from assets.predictors import load_predictor
     from kiln.features import compute_features
+    from kiln.trainers import load_predictor
     from serving.requests import parse_rows
 
     key = settings.api_key()  # the platform's own smoke test authenticates like any client

@@ -44,10 +44,12 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+from kiln.spec import spec_data
+
 REPO = Path(__file__).resolve().parent.parent
 # This file is named like Kiln's `serving` package: keep its folder off the import path so `serving.*` is the package.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-FRAUD_SPEC = REPO / "platform_defs" / "pipelines" / "fraud.yaml"
+FRAUD_SPEC = REPO / "platform_defs" / "pipelines" / "fraud" / "defs.yaml"
 CONNECTIONS = (1, 16, 64)
 READY_S = 180.0
 
@@ -198,7 +200,7 @@ def run(args: argparse.Namespace, home: Path) -> int:
 
     spec_dir = home / "pipelines"
     spec_dir.mkdir()
-    data = yaml.safe_load(FRAUD_SPEC.read_text())
+    data = spec_data(FRAUD_SPEC)
     data["serving"].update(port=free_port(), workers=1)
     (spec_dir / "fraud.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     for name in ("KILN_SOURCE_ROOT", "MLFLOW_TRACKING_URI", "KILN_STATE_ROOT", "KILN_STORAGE_PREFIX", "KILN_API_KEY"):
@@ -210,9 +212,9 @@ def run(args: argparse.Namespace, home: Path) -> int:
     import dagster as dg
     import numpy as np
 
-    from assets.model import load_booster, matrix
     from kiln.features import compute_features, feature_columns
     from kiln.spec import load_spec
+    from kiln.trainers.lightgbm import load_booster, matrix
     from platform_defs.definitions import build_definitions
     from platform_defs.lifecycle import ingest, retrain, simulate, source_partitions
     from platform_defs.profiles import local_paths, resources

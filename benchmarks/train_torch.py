@@ -1,4 +1,4 @@
-"""Training throughput of the torch trainer (``assets.train_torch.fit``): samples per second on CPU, and on CUDA when present.
+"""Training throughput of the torch trainer (``kiln.trainers.torch.fit``): samples per second on CPU, and on CUDA when present.
 
 The data are the `breast_cancer` pipeline's features (scikit-learn's bundled Wisconsin data, through
 ``compute_features``), tiled with a little seeded noise to ``--rows`` rows so an epoch is long enough to
@@ -30,16 +30,16 @@ from rich.table import Table
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 REPO = Path(__file__).resolve().parent.parent
-SPEC = REPO / "platform_defs" / "pipelines" / "breast_cancer.yaml"
+SPEC = REPO / "platform_defs" / "pipelines" / "breast_cancer" / "defs.yaml"
 
 
 def dataset(rows: int, seed: int) -> tuple[Any, Any]:
     """The pipeline's feature matrix (float32) and target, tiled to ``rows`` rows with 1% multiplicative noise."""
     import numpy as np
 
-    from assets.train_torch import features_matrix
     from kiln.features import compute_features
     from kiln.spec import load_spec
+    from kiln.trainers.torch import features_matrix
     from platform_defs.simulators.breast_cancer import generate_snapshot
 
     spec = load_spec(SPEC)
@@ -59,8 +59,8 @@ def measure(x: Any, y: Any, device: str, epochs: int, batch_size: int, checkpoin
 
 
 def _fit_once(x: Any, y: Any, device: str, epochs: int, batch_size: int, checkpoint: bool, threads: int | None = None) -> dict[str, Any]:
-    from assets.train_torch import cpu_threads, fit
     from kiln.spec import load_spec
+    from kiln.trainers.torch import cpu_threads, fit
 
     spec = load_spec(SPEC)
     params = spec.trainer.params | {"epochs": epochs, "patience": epochs + 1, "batch_size": batch_size}

@@ -111,7 +111,7 @@ def read_sample(spec: PipelineSpec, files: list[UPath], rows: int) -> tuple[pl.D
     """The newest ``rows`` source rows, read from as few of the newest files as hold them, in time order."""
     import polars as pl
 
-    from assets.raw import read_source
+    from kiln.source import read_source
 
     frames: list[pl.DataFrame] = []
     used: list[str] = []
@@ -132,7 +132,7 @@ def read_sample(spec: PipelineSpec, files: list[UPath], rows: int) -> tuple[pl.D
 
 def passing_rows(raw: pl.DataFrame, spec: PipelineSpec, who: str) -> pl.Series:
     """True for each row that the spec's data contract keeps (the rows `<p>/validated` would hold)."""
-    from assets.validated import cast_to_spec, split_rows
+    from kiln.contracts import cast_to_spec, split_rows
 
     missing = [c for c in spec.schema_ if c not in raw.columns]
     if missing:
@@ -149,7 +149,7 @@ def feature_frame(raw: pl.DataFrame, spec: PipelineSpec) -> tuple[pl.DataFrame, 
     """Typed source rows and their features (key, timestamp and target kept), row for row in the given order."""
     import polars as pl
 
-    from assets.validated import cast_to_spec
+    from kiln.contracts import cast_to_spec
     from kiln.features import compute_features
 
     typed = cast_to_spec(raw, spec)
@@ -159,7 +159,7 @@ def feature_frame(raw: pl.DataFrame, spec: PipelineSpec) -> tuple[pl.DataFrame, 
 
 def score_all(names: list[str], y_true: Any, y_pred: Any, notes: list[str], who: str) -> dict[str, float | None]:
     """Every metric that can be computed; one that cannot (e.g. one class in the holdout) is None with a note."""
-    from assets.champion import score
+    from kiln.evaluation import score
 
     out: dict[str, float | None] = {}
     for name in names:
@@ -172,24 +172,19 @@ def score_all(names: list[str], y_true: Any, y_pred: Any, notes: list[str], who:
 
 
 def fit_sample(train: pl.DataFrame, spec: PipelineSpec) -> Any:
-    """A predictor trained on the sample's training rows with the spec's trainer (LightGBM or torch), as `<p>/model` does."""
-    from assets.predictors import LightGBMPredictor, TorchPredictor
+    """A predictor trained on the sample's training rows with the spec's trainer (kiln.trainers), as `<p>/model` does."""
+    from kiln.trainers import trainer_for
 
-    if spec.trainer.kind == "lightgbm":
-        from assets.model import train_lightgbm
-
-        return LightGBMPredictor(train_lightgbm(train, spec), spec)
-    if spec.trainer.kind == "torch":
-        from assets.train_torch import features_matrix, fit
-
-        result = fit(features_matrix(train, spec), train[spec.target].cast(float).to_numpy(), spec)
-        return TorchPredictor(result.model, spec)
-    raise PreviewError(f"{spec.name}: trainer.kind '{spec.trainer.kind}' is not one kiln preview can train")
+    try:
+        trainer = trainer_for(spec)
+    except ValueError as exc:  # e.g. an estimator path that imports but is no estimator for the task
+        raise PreviewError(str(exc)) from exc
+    return trainer.fit(train).predictor
 
 
 def load_champion(spec: PipelineSpec, mlflow: Any) -> tuple[Champion | None, Any, str]:
-    """The champion version, its spec and predictor (LightGBM or torch), or None with the reason (no registry entry, no alias)."""
-    from assets.predictors import load_predictor
+    """The champion version, its spec and predictor (whatever trained it), or None with the reason (no registry entry, no alias)."""
+    from kiln.trainers import load_predictor
 
     try:
         current = mlflow.champion(spec.name)
@@ -267,8 +262,7 @@ def preview(spec: PipelineSpec, resources: dict[str, Any], sample_rows: int = DE
     """Train ``spec`` on the newest ``sample_rows`` source rows and compare it with the production champion."""
     from upath import UPath
 
-    from assets.champion import gate, split_holdout
-    from assets.model import _metrics
+    from kiln.evaluation import gate, metric_names, split_holdout
 
     if sample_rows < 10:
         raise PreviewError(f"--sample-rows: {sample_rows} is too few to train and hold out rows (at least 10)")
@@ -297,10 +291,10 @@ def preview(spec: PipelineSpec, resources: dict[str, Any], sample_rows: int = DE
         train, holdout = split_holdout(frame, spec)
     except ValueError as exc:
         raise PreviewError(f"{exc}; raise --sample-rows") from exc
-    metric_names = _metrics(spec)
+    names = metric_names(spec)
     model = fit_sample(train, spec)
     y_true = holdout[spec.target].to_numpy()
-    metrics = score_all(metric_names, y_true, model.predict(holdout), notes, "this change")
+    metrics = score_all(names, y_true, model.predict(holdout), notes, "this change")
 
     verdict = None
     if champion is not None and champion_spec is not None:
@@ -311,7 +305,7 @@ def preview(spec: PipelineSpec, resources: dict[str, Any], sample_rows: int = DE
             _, champion_frame = feature_frame(raw, champion_spec)
             champion_holdout = champion_frame.slice(train.height)  # the same rows as `holdout`, in the same order
             champion.holdout_metrics = score_all(
-                metric_names, y_true, champion_predictor.predict(champion_holdout), notes, f"champion v{champion.version}")
+                names, y_true, champion_predictor.predict(champion_holdout), notes, f"champion v{champion.version}")
             ours, theirs = metrics.get(spec.evaluation.metric), champion.holdout_metrics.get(spec.evaluation.metric)
             if ours is not None and theirs is not None:
                 promote, reason = gate(ours, theirs, spec.evaluation)

@@ -1,14 +1,17 @@
 """Serving images: the BentoML image definitions (CPU and GPU) a pipeline's bento is containerized with.
 
 The GPU image starts from NVIDIA's CUDA runtime (cuDNN included) and installs torch's CUDA build; the CPU image
-is BentoML's slim Python image. Which one a pipeline gets follows from its spec (:func:`image_flavor`).
+is BentoML's slim Python image. Which one a pipeline gets follows from its spec (:func:`image_flavor`); the packages
+are the serving runtime's plus what the pipeline's trainer (``kiln.trainers``) needs to load its model.
 """
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 from kiln.spec import PipelineSpec
+from serving.lock import pinned
 
 if TYPE_CHECKING:
     from bentoml.images import Image
@@ -17,25 +20,34 @@ PYTHON_VERSION = "3.11"
 CUDA_BASE_IMAGE = "nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04"
 TORCH_REQUIREMENT = "torch==2.13.0"  # the Linux x86_64 wheel carries CUDA 12 libraries; the driver comes from the node
 FLAVORS = ("cpu", "gpu")
+# What the serving runtime imports besides bentoml (which a bento brings itself); the model's own library comes from
+# its trainer (Trainer.serving_packages).
+RUNTIME_PACKAGES = ["polars>=1", "pyarrow>=14", "numpy>=1.26", "pydantic>=2.6,<3", "pyyaml>=6", "orjson>=3.9", "httptools>=0.6",
+                    "prometheus-client>=0.20"]
 
 
 def image_flavor(spec: PipelineSpec) -> str:
-    """``gpu`` when the endpoint asks for GPUs or serves a torch model trained on GPUs, else ``cpu``."""
-    if spec.serving.gpu > 0 or (spec.trainer.kind == "torch" and spec.trainer.resources.gpu > 0):
+    """``gpu`` when the endpoint asks for GPUs or its trainer wants them for serving (a torch model trained on GPUs), else ``cpu``."""
+    from kiln.trainers import trainer_class
+
+    if spec.serving.gpu > 0 or trainer_class(spec.trainer.kind).wants_gpu(spec):
         return "gpu"
     return "cpu"
 
 
 def python_packages(spec: PipelineSpec) -> list[str]:
     """What the served model needs besides Kiln's own modules."""
-    from assets.bento import SERVING_PACKAGES
+    from kiln.trainers import trainer_class
 
-    packages = list(SERVING_PACKAGES)
-    if spec.trainer.kind == "torch" or image_flavor(spec) == "gpu":
-        packages.append(TORCH_REQUIREMENT)
-    if spec.trainer.kind == "torch":
-        packages.append("mlflow>=3,<4")  # assets.predictors loads the pt2 program through mlflow.pytorch
-    return packages
+    packages = [*RUNTIME_PACKAGES, *trainer_class(spec.trainer.kind).serving_packages(spec)]
+    if image_flavor(spec) == "gpu" and _name(TORCH_REQUIREMENT) not in {_name(p) for p in packages}:
+        packages.append(TORCH_REQUIREMENT)  # a GPU endpoint gets torch's CUDA build whatever trained its model
+    return pinned(packages)  # the versions training used (requirements.lock)
+
+
+def _name(requirement: str) -> str:
+    """The distribution name of a pip requirement ('polars' of 'polars>=1')."""
+    return re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].strip().lower()
 
 
 def image_for(spec: PipelineSpec) -> Image:

@@ -234,7 +234,7 @@ class KilnService:
 
     def _load_model(self) -> Any:
         """A function from a features frame to a 1-D array of predictions (the one place a model is loaded)."""
-        from assets.predictors import load_predictor
+        from kiln.trainers import load_predictor
 
         self.predictor = load_predictor(self.model_ref.path, self.spec, num_threads=1)  # LightGBM or torch, from the MLmodel
         return self.predictor.predict

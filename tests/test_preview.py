@@ -22,6 +22,13 @@ SAMPLE = 3000
 DROPPED = "amount_per_txn"
 
 
+def _fraud_data() -> dict[str, Any]:
+    """The shipped fraud spec as a bare mapping."""
+    from kiln.spec import spec_data
+
+    return spec_data(FRAUD_SPEC)
+
+
 def _metric_row(markdown: str, metric: str) -> list[str]:
     """The cells of one row of the metrics table (``| average_precision (gate) | ... |``)."""
     for line in markdown.splitlines():
@@ -76,7 +83,7 @@ def previews(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
         unchanged = preview(spec, resources("local"), SAMPLE)
 
         # The change under review: one feature dropped, one trainer param changed; and the newest day has drifted.
-        data = yaml.safe_load(FRAUD_SPEC.read_text())
+        data = _fraud_data()
         del data["features"]["expressions"][DROPPED]
         data["trainer"]["params"]["learning_rate"] = 0.1
         changed_dir = tmp_path_factory.mktemp("changed")
@@ -159,7 +166,7 @@ def test_preview_refuses_a_spec_of_another_pipeline(previews: dict[str, Any], ca
     from platform_defs.cli import main
 
     other = previews["changed_dir"] / "payments.yaml"
-    data = yaml.safe_load(FRAUD_SPEC.read_text()) | {"name": "payments"}
+    data = _fraud_data() | {"name": "payments"}
     other.write_text(yaml.safe_dump(data, sort_keys=False))
     assert main(["preview", "fraud", "--spec", str(other)]) == 1
     assert f"{other}: name: defines pipeline 'payments', not 'fraud'" in capsys.readouterr().err
@@ -180,7 +187,7 @@ def test_changed_spec_with_a_column_the_data_lacks_fails_naming_it(previews: dic
     from platform_defs.preview import PreviewError, preview
     from platform_defs.profiles import resources
 
-    data = yaml.safe_load(FRAUD_SPEC.read_text())
+    data = _fraud_data()
     data["schema"]["merchant_id"] = {"dtype": "str"}
     with pytest.raises(PreviewError, match=r"this change: schema columns \['merchant_id'\] are not in the source data"):
         preview(PipelineSpec.model_validate(data), resources("local"), SAMPLE)
@@ -194,7 +201,7 @@ def test_torch_pipeline_preview_on_an_unpartitioned_snapshot(previews: dict[str,
     from platform_defs.profiles import local_paths
 
     spec_file = tmp_path / "breast_cancer.yaml"
-    shutil.copy(REPO / "platform_defs" / "pipelines" / "breast_cancer.yaml", spec_file)
+    shutil.copy(REPO / "platform_defs" / "pipelines" / "breast_cancer" / "defs.yaml", spec_file)
     spec = load_spec(spec_file)
     simulate(spec, local_paths()["sources"] / spec.source.path, 1, 569, seed=1)
     md = run("breast_cancer", spec_file, 1000)

@@ -17,12 +17,12 @@ PLOTS = ("roc", "pr", "calibration", "feature_importance")
 
 
 def test_model_card_and_plots_in_dagster_metadata_and_mlflow(kiln_home: Path, tmp_path: Path) -> None:
-    from kiln.spec import load_spec
+    from kiln.spec import load_spec, spec_data
     from platform_defs.definitions import build_definitions
     from platform_defs.lifecycle import ingest, retrain, simulate, source_partitions
     from platform_defs.profiles import local_paths, resources
 
-    data = yaml.safe_load(FRAUD_SPEC.read_text())
+    data = spec_data(FRAUD_SPEC)
     data["name"] = "fraud_report"
     data["source"]["path"] = "fraud_report"
     data["trainer"]["params"]["num_boost_round"] = 30
@@ -56,7 +56,7 @@ def test_model_card_and_plots_in_dagster_metadata_and_mlflow(kiln_home: Path, tm
 
 
 def test_regression_report_has_residuals() -> None:
-    from assets.report import evaluation_figures, png
+    from kiln.report import evaluation_figures, png
 
     rng = np.random.default_rng(0)
     y = rng.normal(size=500)
@@ -66,7 +66,7 @@ def test_regression_report_has_residuals() -> None:
 
 
 def test_classifier_figures() -> None:
-    from assets.report import evaluation_figures
+    from kiln.report import evaluation_figures
 
     rng = np.random.default_rng(1)
     y = rng.integers(0, 2, size=400)

@@ -12,7 +12,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kiln.spec import PipelineSpec, SpecError, load_spec
+from kiln.spec import PipelineSpec, SpecError, load_spec, spec_data
 from serving.requests import RequestError, parse_body, parse_rows
 from serving.router import request_key, share_of
 from tests.conftest import FRAUD_SPEC
@@ -80,7 +80,7 @@ def test_categorical_feature_codes_are_positions_in_allowed_and_unknowns_are_nul
 
 def test_serving_release_options_validate(spec: PipelineSpec, tmp_path: Path) -> None:
     assert spec.serving.release.mode == "none" and spec.serving.unknown_category == "reject" and spec.serving.workers == 0
-    data = yaml.safe_load(FRAUD_SPEC.read_text())
+    data = spec_data(FRAUD_SPEC)
     data["serving"]["release"] = {"mode": "canary", "challenger_share": 0.25}
     path = tmp_path / "fraud.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -130,7 +130,7 @@ def test_timestamps_with_and_without_offsets_mixed_in_one_request_parse_alike_on
     assert big.frame is not None  # the full path: more rows than the fast path takes
     assert [str(t) for t in big.frame["ts"].to_list()[:4]] == expected
     assert big.frame.schema["ts"] == small.schema["ts"]
-    data = yaml.safe_load(FRAUD_SPEC.read_text())
+    data = spec_data(FRAUD_SPEC)
     data["schema"]["ts"]["nullable"] = True
     with_null = parse_body(_body([ROW | {"ts": ts} for ts in stamps]), PipelineSpec.model_validate(data), 10)
     assert with_null["ts"].null_count() == 1 and str(with_null["ts"][1]) == "2026-01-01 10:00:00"
@@ -203,8 +203,8 @@ def test_small_batches_get_the_same_features_and_matrix_as_large_frames(spec: Pi
     above the thresholds takes polars' parallel select and to_numpy. Both must give the same numbers, nulls included."""
     import numpy as np
 
-    import assets.model as train
     import kiln.features as features
+    import kiln.trainers.lightgbm as train
 
     allowed = spec.schema_["country"].allowed or []
     rows = [ROW | {"txn_id": f"t{i}", "country": "ZZ" if i % 3 == 0 else allowed[i % len(allowed)],

@@ -22,7 +22,7 @@ import yaml
 
 from tests.conftest import REPO, free_port
 
-SPEC_FILE = REPO / "platform_defs" / "pipelines" / "breast_cancer.yaml"
+SPEC_FILE = REPO / "platform_defs" / "pipelines" / "breast_cancer" / "defs.yaml"
 PIPELINE = "breast_cancer"
 EPOCHS = 12
 CRASH_EPOCHS = 50
@@ -43,7 +43,9 @@ def _check(result: dg.ExecuteInProcessResult, name: str) -> Any:
 
 
 def _spec_data(**params: Any) -> dict[str, Any]:
-    data = yaml.safe_load(SPEC_FILE.read_text())
+    from kiln.spec import spec_data
+
+    data = spec_data(SPEC_FILE)
     data["serving"]["port"] = free_port()
     data["trainer"]["params"] |= params
     return data
@@ -104,7 +106,7 @@ def test_torch_model_trained_logged_registered_and_promoted(world: dict[str, Any
     history = client.get_metric_history(model["run_id"], "val_loss")
     assert sorted(m.step for m in history) == list(range(EPOCHS))  # one point per epoch
     assert len(client.get_metric_history(model["run_id"], "val_roc_auc")) == EPOCHS
-    from assets.predictors import flavor_of, model_dir
+    from kiln.trainers import flavor_of, model_dir
 
     folder = model_dir(model["model_uri"])
     assert flavor_of(folder) == "pytorch" and (folder / "data" / "model.pt2").exists()
@@ -115,8 +117,8 @@ def test_torch_model_trained_logged_registered_and_promoted(world: dict[str, Any
     import mlflow.pyfunc
     import polars as pl
 
-    from assets.predictors import load_predictor
-    from assets.train_torch import features_matrix
+    from kiln.trainers import load_predictor
+    from kiln.trainers.torch import features_matrix
 
     holdout = pl.read_parquet(Path(os.environ["KILN_HOME"]) / "storage" / PIPELINE / "features.parquet").tail(model["holdout_rows"])
     pyfunc = mlflow.pyfunc.load_model(model["model_uri"]).predict(features_matrix(holdout, world["spec"]))
@@ -129,8 +131,8 @@ def test_torch_model_trained_logged_registered_and_promoted(world: dict[str, Any
 
 
 def test_http_prediction_equals_offline(world: dict[str, Any], kiln_home: Path) -> None:
-    from assets.predictors import load_predictor
     from kiln.features import compute_features
+    from kiln.trainers import load_predictor
     from serving.requests import parse_rows
 
     spec = world["spec"]
@@ -247,8 +249,8 @@ def test_sigkill_mid_training_resumes_from_the_checkpoint(world: dict[str, Any],
 def test_cpu_training_is_deterministic(world: dict[str, Any]) -> None:
     import polars as pl
 
-    from assets.champion import score, split_holdout
-    from assets.train_torch import features_matrix, fit, predict_module
+    from kiln.evaluation import score, split_holdout
+    from kiln.trainers.torch import features_matrix, fit, predict_module
 
     spec = world["spec"]
     features = pl.read_parquet(Path(os.environ["KILN_HOME"]) / "storage" / PIPELINE / "features.parquet")
@@ -289,13 +291,13 @@ def test_torch_params_are_validated_with_the_field_named(tmp_path: Path) -> None
 def test_categorical_features_are_one_hot_inside_the_model() -> None:
     from datetime import date
 
-    from assets.champion import split_holdout
-    from assets.train_torch import categorical_columns, features_matrix, fit, predict_module
+    from kiln.evaluation import split_holdout
     from kiln.features import feature_table
     from kiln.spec import load_spec
+    from kiln.trainers.torch import categorical_columns, features_matrix, fit, predict_module
     from platform_defs.simulators.fraud import generate_day
 
-    fraud = load_spec(REPO / "platform_defs" / "pipelines" / "fraud.yaml")
+    fraud = load_spec(REPO / "platform_defs" / "pipelines" / "fraud" / "defs.yaml")
     spec = fraud.model_copy(update={"trainer": fraud.trainer.model_copy(update={"kind": "torch", "params": {"epochs": 2, "seed": 3}})})
     _, features = feature_table([generate_day(date(2026, 1, d), 1500, 1) for d in (1, 2)], spec)
     train, holdout = split_holdout(features, spec)

@@ -1,20 +1,18 @@
-"""The model report on `<p>/model`: evaluation plots, feature importance and a model card.
+"""The model report: evaluation plots, feature importance and a model card, for any trainer.
 
-Rendered once per trained version (matplotlib, Agg backend), logged to the model's MLflow run under
-``report/`` and attached to the materialization as metadata the Dagster UI renders (markdown with
-inline PNGs). Works for any trainer: holdout scores come from the trainer or :func:`assets.predictors.load_predictor`.
+Rendered once per trained version (matplotlib, Agg backend, no display) and logged to the model's MLflow run under
+``report/``; `<p>/model` also shows it in the Dagster UI (markdown with inline PNGs).
 """
 
 from __future__ import annotations
 
-import base64
 import io
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kiln.spec import PipelineSpec
 
 if TYPE_CHECKING:
-    import dagster as dg
     import numpy as np
     import polars as pl
     from matplotlib.figure import Figure
@@ -72,8 +70,8 @@ def evaluation_figures(task: str, y_true: np.ndarray, y_pred: np.ndarray) -> dic
     return figures
 
 
-def importance_figure(names: list[str], gains: np.ndarray, top: int = 20) -> Figure:
-    """Horizontal bars of the ``top`` features by gain."""
+def importance_figure(names: list[str], gains: np.ndarray, measure: str = "gain", top: int = 20) -> Figure:
+    """Horizontal bars of the ``top`` features by importance (``measure``: what the trainer measures, e.g. LightGBM gain)."""
     import numpy as np
     from matplotlib.figure import Figure
 
@@ -81,7 +79,7 @@ def importance_figure(names: list[str], gains: np.ndarray, top: int = 20) -> Fig
     fig = Figure(figsize=(5, max(2.0, 0.3 * len(order) + 1)), dpi=DPI)
     ax = fig.add_subplot()
     ax.barh([names[i] for i in order], [float(gains[i]) for i in order])
-    ax.set(xlabel="total gain", title="Feature importance (LightGBM gain)")
+    ax.set(xlabel=measure, title=f"Feature importance ({measure})")
     fig.tight_layout()
     return fig
 
@@ -146,57 +144,43 @@ def data_window(features: pl.DataFrame, spec: PipelineSpec) -> dict[str, Any]:
     return window
 
 
-def _inline(name: str, data: bytes) -> str:
-    return f"![{name}](data:image/png;base64,{base64.b64encode(data).decode()})"
+@dataclass
+class Report:
+    """A rendered report: the model card (markdown) and PNG images by name."""
+
+    card: str
+    images: dict[str, bytes]
+
+    @property
+    def artifacts(self) -> list[str]:
+        """Where the report's files live on the MLflow run."""
+        return [CARD_FILE, *[f"{REPORT_DIR}/{name}.png" for name in self.images]]
 
 
-def inline_png(name: str, data: bytes) -> str:
-    """Markdown that embeds a PNG, so the Dagster UI renders the image inside the metadata."""
-    return _inline(name, data)
+def render(spec: PipelineSpec, record: dict[str, Any], features: pl.DataFrame, holdout_scores: np.ndarray,
+           importances: tuple[str, np.ndarray] | None, champion: dict[str, Any] | None) -> Report:
+    """The report of a trained version: ``record`` as `<p>/model` returns it, its holdout scores and importances
+    (``(measure, values)`` from the trainer), and the current champion (``{"version", "metrics"}``) or None."""
+    from kiln.evaluation import split_holdout
+    from kiln.features import feature_columns
+
+    _, holdout = split_holdout(features, spec)
+    figures = evaluation_figures(spec.task, holdout[spec.target].to_numpy(), holdout_scores)
+    if importances is not None:
+        measure, values = importances
+        figures["feature_importance"] = importance_figure(feature_columns(spec, features), values, measure)
+    card = model_card(spec, record, data_window(features, spec), champion)
+    return Report(card=card, images={name: png(fig) for name, fig in figures.items()})  # rendered once, for MLflow and the UI
 
 
-def attach(output: dg.Output, spec: PipelineSpec, features: pl.DataFrame, mlflow: Any,
-           holdout_scores: np.ndarray | None = None, gains: np.ndarray | None = None) -> dg.Output:
-    """Render the report for the model in ``output``, log it to its MLflow run and return the output with report metadata.
-
-    ``holdout_scores`` and ``gains``: the trainer's own holdout predictions and LightGBM gain importances, when it has
-    them in memory; without scores the registered model is loaded to score the holdout (and give gains if LightGBM).
-    """
+def log_report(client: Any, run_id: str, report: Report) -> None:
+    """Upload the report's files to the MLflow run under ``report/`` (one upload for the whole report)."""
     import tempfile
     from pathlib import Path
 
-    import dagster as dg
-
-    from assets.champion import split_holdout
-    from assets.predictors import load_predictor
-    from kiln.features import feature_columns
-
-    record = output.value
-    client = mlflow.client()
-    _, holdout = split_holdout(features, spec)
-    if holdout_scores is None:
-        predictor = load_predictor(record["model_uri"], spec)
-        holdout_scores = predictor.predict(holdout)
-        if predictor.flavor == "lightgbm":
-            gains = predictor.booster.feature_importance("gain")  # type: ignore[attr-defined]
-    figures = evaluation_figures(spec.task, holdout[spec.target].to_numpy(), holdout_scores)
-    if gains is not None:
-        figures["feature_importance"] = importance_figure(feature_columns(spec, features), gains)
-    champion = None
-    current = mlflow.champion(spec.name)
-    if current is not None and str(current.version) != record["version"]:
-        champion = {"version": str(current.version), "metrics": dict(client.get_run(current.run_id).data.metrics)}
-    card = model_card(spec, record, data_window(features, spec), champion)
-    images = {name: png(fig) for name, fig in figures.items()}  # rendered once, for MLflow and the UI alike
     with tempfile.TemporaryDirectory(prefix="kiln-report-") as tmp:
         folder = Path(tmp)
-        for name, data in images.items():
+        for name, data in report.images.items():
             (folder / f"{name}.png").write_bytes(data)
-        (folder / Path(CARD_FILE).name).write_text(card)
-        client.log_artifacts(record["run_id"], tmp, REPORT_DIR)  # one upload for the whole report
-    metadata = {
-        "model_card": dg.MetadataValue.md(card),
-        **{f"plot/{name}": dg.MetadataValue.md(_inline(name, data)) for name, data in images.items()},
-        "report_artifacts": dg.MetadataValue.text(", ".join([CARD_FILE, *[f"{REPORT_DIR}/{n}.png" for n in images]])),
-    }
-    return dg.Output(output.value, metadata={**(output.metadata or {}), **metadata})
+        (folder / Path(CARD_FILE).name).write_text(report.card)
+        client.log_artifacts(run_id, tmp, REPORT_DIR)
