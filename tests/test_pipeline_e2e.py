@@ -120,8 +120,8 @@ def test_bento_labels_tie_it_to_the_model(world: dict[str, Any]) -> None:
 
 
 def test_http_prediction_equals_offline(world: dict[str, Any], kiln_home: Path) -> None:
-    from kiln.trainers.lightgbm import load_booster, matrix
     from kiln.features import compute_features
+    from kiln.trainers.lightgbm import load_booster, matrix
     from serving.requests import parse_rows
 
     state = world["serving"].state("fraud")
@@ -238,8 +238,8 @@ def test_drift_windows_from_the_log_and_the_sensor_decision(world: dict[str, Any
     assert windows and windows[-1]["counts"]["n"] == 7  # the last window holds only the rows logged since the one before
     reference = json.loads((kiln_home / "state" / "reference" / "fraud" / "reference.json").read_text())
 
-    from kiln.trainers.lightgbm import load_booster, predict
     from kiln.features import compute_features
+    from kiln.trainers.lightgbm import load_booster, predict
 
     booster = load_booster(f"models:/fraud/{world['serving'].state('fraud')['model_version']}")
 

@@ -132,8 +132,8 @@ def test_drift_trend_scores_stored_windows(live: dict[str, Any], tmp_path: Path)
     drifted = pl.read_parquet(simulate(spec, tmp_path / "drifted", 1, 1500, drift=1.0, seed=22, start=date(2026, 1, 3))[0])
     folder = state / "drift" / spec.name
     folder.mkdir(parents=True, exist_ok=True)
-    from kiln.trainers.lightgbm import load_booster, predict
     from kiln.features import compute_features
+    from kiln.trainers.lightgbm import load_booster, predict
     from platform_defs.profiles import resources
 
     resources("local")["mlflow"].client()  # points MLflow at the session registry
