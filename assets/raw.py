@@ -1,4 +1,8 @@
-"""`<p>/raw`: source files as they arrived, one partition per day."""
+"""`<p>/raw`: source files as they arrived, one partition per day, with the blocking schema contract.
+
+Reading lives in `kiln.source`, the contract in `kiln.contracts`; this module holds the Dagster wiring, and the
+check-result and column-schema metadata that `<p>/validated` and `<p>/features` use too.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +15,9 @@ from kiln.spec import PipelineSpec
 if TYPE_CHECKING:
     import dagster as dg
     import polars as pl
-    from upath import UPath
 
-POLARS_DTYPES = {"float": "Float64", "int": "Int64", "str": "String", "bool": "Boolean", "datetime": "Datetime"}
+RAW_WARN_HOURS = 26  # a daily source lands once a day; a little slack before warning
+RAW_FAIL_HOURS = 48
 
 
 def partitions_def(spec: PipelineSpec) -> dg.PartitionsDefinition | None:
@@ -25,82 +29,6 @@ def partitions_def(spec: PipelineSpec) -> dg.PartitionsDefinition | None:
     return None
 
 
-def source_file(folder: UPath, spec: PipelineSpec, partition: str | None) -> UPath:
-    """The file that holds one day (``<folder>/<YYYY-MM-DD>.<format>``)."""
-    if partition is None:
-        raise ValueError(f"{spec.name}: unpartitioned sources are read with read_source_folder")
-    return folder / f"{partition}.{spec.source.format}"
-
-
-class SourceReadError(ValueError):
-    """A source file cannot be read at all (empty, truncated, not UTF-8, not the declared format)."""
-
-
-def read_source(path: UPath, spec: PipelineSpec) -> pl.DataFrame:
-    """Read one source file; CSV text is typed by the spec where every value converts cleanly."""
-    return read_source_with_report(path, spec)[0]
-
-
-def read_source_with_report(path: UPath, spec: PipelineSpec) -> tuple[pl.DataFrame, dict[str, list[str]]]:
-    """Read one source file, and for CSV columns left as text, a few values that did not convert to the spec's dtype."""
-    import polars as pl
-
-    from resources.storage import check_reachable
-
-    check_reachable(path)  # an unreachable object store is not "file does not exist"
-    if not path.exists():
-        raise SourceReadError(f"{spec.name}: source file {path} does not exist")
-    with path.open("rb") as fh:
-        data = fh.read()
-    if not data:
-        raise SourceReadError(f"{spec.name}: source file {path} is empty (0 bytes)")
-    try:
-        if spec.source.format == "parquet":
-            return pl.read_parquet(data), {}
-        try:
-            data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            line = data[: exc.start].count(b"\n") + 1
-            raise SourceReadError(f"{spec.name}: {path} is not UTF-8 text: byte {data[exc.start]:#04x} at offset {exc.start} "
-                                  f"(line {line})") from None
-        frame = pl.read_csv(data, infer_schema=False)
-    except SourceReadError:
-        raise
-    except Exception as exc:  # polars raises several error types for unreadable files
-        raise SourceReadError(f"{spec.name}: cannot read {spec.source.format} file {path}: {str(exc).splitlines()[0][:300]}") from exc
-    return _type_csv(frame, spec)
-
-
-def _type_csv(frame: pl.DataFrame, spec: PipelineSpec) -> tuple[pl.DataFrame, dict[str, list[str]]]:
-    import polars as pl
-
-    casts: list[Any] = []
-    for name, col in spec.schema_.items():
-        if name not in frame.columns:
-            continue
-        text = pl.col(name)
-        if col.dtype == "datetime":
-            typed = text.str.to_datetime(strict=False, time_unit="us")
-        elif col.dtype == "bool":
-            typed = text.str.to_lowercase().replace_strict({"true": True, "false": False, "1": True, "0": False}, default=None)
-        else:
-            typed = text.cast(getattr(pl, POLARS_DTYPES[col.dtype]), strict=False)
-        casts.append((name, typed))
-    if not casts:
-        return frame, {}
-    broken = frame.select([(pl.col(n).is_not_null() & t.is_null()).alias(n) for n, t in casts])
-    counts = broken.sum().row(0, named=True)
-    clean = [t.alias(n) for n, t in casts if counts[n] == 0]
-    unparsed = {n: [str(v) for v in frame.filter(broken[n])[n].unique(maintain_order=True).head(5).to_list()]
-                for n, _ in casts if counts[n]}
-    # A column with values that do not convert stays text, so the schema check names it (with these samples).
-    return (frame.with_columns(clean) if clean else frame), unparsed
-
-
-RAW_WARN_HOURS = 26  # a daily source lands once a day; a little slack before warning
-RAW_FAIL_HOURS = 48
-
-
 def raw_freshness_policy(spec: PipelineSpec) -> dg.FreshnessPolicy | None:
     """Daily sources are expected every day: the UI warns after 26 h without a new materialization of raw, fails after 48 h."""
     import dagster as dg
@@ -110,20 +38,63 @@ def raw_freshness_policy(spec: PipelineSpec) -> dg.FreshnessPolicy | None:
     return dg.FreshnessPolicy.time_window(fail_window=timedelta(hours=RAW_FAIL_HOURS), warn_window=timedelta(hours=RAW_WARN_HOURS))
 
 
+def column_schema(frame: pl.DataFrame) -> Any:
+    """A Dagster ``TableSchema`` of a frame's columns and dtypes (shown in the UI, compared between materializations)."""
+    import dagster as dg
+
+    return dg.TableSchema(columns=[dg.TableColumn(name, str(dtype)) for name, dtype in frame.schema.items()])
+
+
+def schema_change(context: Any, asset_key: Any, schema: Any) -> tuple[bool, dict[str, Any]]:
+    """Compare a column schema with the asset's previous materialization: (unchanged, metadata naming what changed)."""
+    event = context.instance.get_latest_materialization_event(asset_key)
+    previous = None
+    if event is not None and event.asset_materialization is not None:
+        value = event.asset_materialization.metadata.get("dagster/column_schema")
+        previous = getattr(value, "schema", None)
+    if previous is None:
+        return True, {"previous": "none (first materialization)"}
+    before = {c.name: c.type for c in previous.columns}
+    now = {c.name: c.type for c in schema.columns}
+    added = sorted(set(now) - set(before))
+    removed = sorted(set(before) - set(now))
+    retyped = sorted(f"{n}: {before[n]} -> {now[n]}" for n in set(now) & set(before) if now[n] != before[n])
+    changed = bool(added or removed or retyped)
+    return not changed, {"added": ", ".join(added) or "none", "removed": ", ".join(removed) or "none",
+                         "retyped": ", ".join(retyped) or "none"}
+
+
+def check_result(check_name: str, asset_key: Any, failures: list[dict[str, Any]], rows: int, partition: str | None,
+                 file: str | None) -> Any:
+    """An asset-check result a person can act on: every failed rule with column, counts, samples, file and partition.
+
+    It fails with ERROR severity (blocking) when an ``error`` rule failed, with WARN when only ``warn`` rules did."""
+    import dagster as dg
+
+    from kiln.contracts import describe, failure_table
+
+    errors = [f for f in failures if f.get("severity", "error") == "error"]
+    metadata: dict[str, Any] = {"rows": rows, "failed_rules": len(failures), "partition": partition or "none",
+                                "file": file or "none"}
+    if failures:
+        metadata["summary"] = describe(failures)
+        metadata["failures"] = dg.MetadataValue.json(failures)
+        metadata["failed_rule_table"] = dg.MetadataValue.md(failure_table(failures))
+    return dg.AssetCheckResult(asset_key=asset_key, check_name=check_name, passed=not failures, metadata=metadata,
+                               severity=dg.AssetCheckSeverity.ERROR if errors else dg.AssetCheckSeverity.WARN)
+
+
 def build(spec: PipelineSpec) -> dg.AssetsDefinition:
     """The `<p>/raw` asset, with its blocking GX schema check and a schema-change check run in the same step."""
     import dagster as dg
 
-    from kiln import steps as k8s
+    from assets.stage import asset_args
     from resources.storage import KilnStorage
 
     raw_key = dg.AssetKey(key(spec.name, "raw"))
 
     @dg.asset(
-        key=raw_key,
-        group_name=spec.name,
-        op_tags=k8s.op_tags(spec, "raw"),
-        pool=k8s.pool(spec, "raw"),
+        **asset_args(spec, "raw"),
         partitions_def=partitions_def(spec),
         io_manager_key="parquet_io_manager",
         kinds={"polars", "parquet"},
@@ -140,45 +111,27 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         ],
     )
     def raw(context):
-        import polars as pl
-
-        from assets.validated import check_result, column_schema, raw_schema_check, schema_change
+        from kiln.contracts import schema_failures, unreadable_failure
+        from kiln.source import SourceReadError, read_source_folder, read_source_with_report, source_file
+        from resources.storage import check_reachable
 
         storage: KilnStorage = context.resources.storage
         folder = storage.source_dir(spec.source.path)
         partition = context.partition_key if context.has_partition_key else None
+        path = source_file(folder, spec, partition) if partition else folder
+        check_reachable(path)  # an unreachable object store is not "file does not exist"
         try:
-            if partition is None:
-                files = sorted(folder.glob(f"*.{spec.source.format}"))
-                if not files:
-                    raise SourceReadError(f"{spec.name}: no *.{spec.source.format} files in {folder}")
-                reads = [read_source_with_report(f, spec) for f in files]
-                frame = pl.concat([r[0] for r in reads], how="diagonal_relaxed")
-                unparsed = {k: v for r in reads for k, v in r[1].items()}
-                path = str(folder)
-            else:
-                path = str(source_file(folder, spec, partition))
-                frame, unparsed = read_source_with_report(source_file(folder, spec, partition), spec)
+            frame, unparsed = read_source_with_report(path, spec) if partition else read_source_folder(folder, spec)
         except SourceReadError as exc:
-            failure = {"rule": "readable", "column": "(file)", "severity": "error", "expectation": "the file reads as "
-                       f"{spec.source.format}", "unexpected_count": None, "unexpected_percent": 0.0, "sample_values": [],
-                       "observed": str(exc), "error": str(exc)}
-            where = str(source_file(folder, spec, partition)) if partition else str(folder)
-            yield check_result("schema_contract", raw_key, [failure], 0, partition, where)
+            yield check_result("schema_contract", raw_key, [unreadable_failure(spec, str(exc))], 0, partition, str(path))
             yield dg.AssetCheckResult(asset_key=raw_key, check_name="schema_change", passed=True, metadata={"skipped": "unreadable"})
             return
         schema = column_schema(frame)
         unchanged, change = schema_change(context, raw_key, schema)
-        yield dg.Output(
-            frame,
-            metadata={
-                "dagster/row_count": frame.height,
-                "dagster/column_schema": schema,
-                "source_file": path,
-                "partition": partition or "none",
-            },
-        )
-        yield raw_schema_check(context, spec, frame, partition, path, unparsed)
+        yield dg.Output(frame, metadata={"dagster/row_count": frame.height, "dagster/column_schema": schema,
+                                         "source_file": str(path), "partition": partition or "none"})
+        failures = schema_failures(frame, spec, unparsed)
+        yield check_result("schema_contract", raw_key, failures, frame.height, partition, str(path))
         yield dg.AssetCheckResult(asset_key=raw_key, check_name="schema_change", passed=unchanged,
                                   severity=dg.AssetCheckSeverity.WARN, metadata=change)
 

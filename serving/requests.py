@@ -116,7 +116,7 @@ def parse_rows(rows: Any, spec: PipelineSpec, max_rows: int, unknown_category: s
     """Validate request rows against the spec's input columns and return them as a typed frame."""
     import polars as pl
 
-    from assets.raw import POLARS_DTYPES
+    from kiln.source import POLARS_DTYPES
 
     if not isinstance(rows, list):
         raise RequestError(f"rows: must be a list of objects, got {TYPE_NAMES.get(type(rows), 'a value')}")
@@ -366,7 +366,7 @@ def _schema(spec: PipelineSpec) -> dict[str, Any]:
     """The polars schema of validated request rows (the full path's dtypes)."""
     import polars as pl
 
-    from assets.raw import POLARS_DTYPES
+    from kiln.source import POLARS_DTYPES
 
     cached = _SCHEMAS.get(id(spec))
     if cached is not None and cached[0] is spec:

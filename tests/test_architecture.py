@@ -1,7 +1,8 @@
 """The layers of ARCHITECTURE.md hold: imports run one way, no cycles, a Dagster-free core, a serving runtime on the core.
 
-The import graph is read from the source (every ``import``, also those inside functions and under TYPE_CHECKING), so
-an import placed inside a function to dodge a cycle still counts.
+The import graph is read from the source (every ``import``, also those inside functions), so an import placed inside
+a function to dodge a cycle still counts. Imports under ``if TYPE_CHECKING:`` never run: they count for the one-way
+rule (a layer names no type of a layer above it) but not as edges of a cycle.
 """
 
 from __future__ import annotations
@@ -27,11 +28,27 @@ def modules() -> dict[str, Path]:
     return {module_name(p): p for package in KILN_PACKAGES for p in sorted((ROOT / package).rglob("*.py"))}
 
 
-def imported(path: Path, name: str) -> list[tuple[str, int]]:
-    """Every module an import statement of the file names (``from a import b`` names ``a`` and ``a.b``), with its line."""
+def type_checking_lines(tree: ast.AST) -> set[int]:
+    """Lines of ``if TYPE_CHECKING:`` blocks: imports there are annotations only, never executed."""
+    lines: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+            for child in node.body:
+                lines.update(range(child.lineno, (child.end_lineno or child.lineno) + 1))
+    return lines
+
+
+def imported(path: Path, name: str, runtime_only: bool = False) -> list[tuple[str, int]]:
+    """Every module an import statement of the file names (``from a import b`` names ``a`` and ``a.b``), with its line.
+
+    ``runtime_only`` leaves out imports under ``if TYPE_CHECKING:`` (they name types for annotations, run never)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: list[tuple[str, int]] = []
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    skip = type_checking_lines(tree) if runtime_only else set()
+    for node in ast.walk(tree):
+        if getattr(node, "lineno", 0) in skip:
+            continue
         if isinstance(node, ast.Import):
             found += [(alias.name, node.lineno) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -46,11 +63,11 @@ def imported(path: Path, name: str) -> list[tuple[str, int]]:
 
 
 def graph() -> dict[str, set[str]]:
-    """Edges between Kiln's own modules."""
+    """Edges between Kiln's own modules: every import that runs (at module level or inside a function)."""
     mods = modules()
     edges: dict[str, set[str]] = {m: set() for m in mods}
     for name, path in mods.items():
-        for target, _ in imported(path, name):
+        for target, _ in imported(path, name, runtime_only=True):
             if target in mods and target != name:
                 edges[name].add(target)
     return edges
@@ -98,6 +115,13 @@ def test_the_import_graph_has_no_cycle() -> None:
 def test_the_cycle_finder_finds_a_cycle_through_three_modules() -> None:
     edges = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert cycles(edges) == [["a", "b", "c"]]
+
+
+def test_an_import_inside_a_function_counts_and_one_for_annotations_does_not(tmp_path: Path) -> None:
+    source = tmp_path / "m.py"
+    source.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import kiln.spec\n\n\ndef f():\n    import kiln.paths\n")
+    assert [t for t, _ in imported(source, "kiln.m", runtime_only=True)] == ["typing", "typing.TYPE_CHECKING", "kiln.paths"]
+    assert "kiln.spec" in [t for t, _ in imported(source, "kiln.m")]
 
 
 @pytest.mark.parametrize("package", KILN_PACKAGES)

@@ -21,6 +21,7 @@ import polars as pl
 import pytest
 import yaml
 
+from kiln.spec import spec_data
 from tests.conftest import FRAUD_SPEC, free_port
 
 TRAIN_DAYS = 2
@@ -29,7 +30,7 @@ START = date(2026, 1, 1)
 
 
 def _spec_file(folder: Path, name: str, fmt: str, validation: dict[str, Any]) -> Path:
-    data = yaml.safe_load(FRAUD_SPEC.read_text())
+    data = spec_data(FRAUD_SPEC)
     data.update(name=name, validation=validation)
     data["source"].update(path=name, format=fmt)
     data["serving"]["port"] = free_port()
@@ -233,7 +234,7 @@ def test_schema_change_is_flagged_between_materializations(world: dict[str, Any]
 
 
 def test_a_warn_rule_reports_without_blocking(world: dict[str, Any], tmp_path: Path) -> None:
-    from assets.validated import cast_to_spec, quality_rules, run_rules, split_rows
+    from kiln.contracts import cast_to_spec, quality_rules, run_rules, split_rows
 
     spec = world["specs"]["cards"].model_copy(update={"validation": world["specs"]["cards"].validation.model_copy(
         update={"severity": {"customer_age.range": "warn"}})})
@@ -246,7 +247,7 @@ def test_a_warn_rule_reports_without_blocking(world: dict[str, Any], tmp_path: P
 
 
 def test_null_fraction_and_row_count_bounds_are_quality_rules(world: dict[str, Any]) -> None:
-    from assets.validated import cast_to_spec, quality_rules, run_rules
+    from kiln.contracts import cast_to_spec, quality_rules, run_rules
 
     data = world["specs"]["cards"].model_dump(by_alias=True)
     data["schema"]["customer_age"]["max_null_fraction"] = 0.1

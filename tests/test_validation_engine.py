@@ -1,8 +1,10 @@
 """The GX engine behind every data-contract check: what `run_rules` reports must be what the rows hold.
 
-The rules run on several GX batches (whole frame, one-column batches for null-dropping rules and for key uniqueness),
-some of them on worker threads with their own data sources; these tests pin the counts, percentages and samples of
-each failed rule against a direct computation, also when two validations run at once.
+The rules run on several GX batches (zero-row for column-set and dtype rules, one-column for null-dropping rules and
+key uniqueness, the other columns shared between workers), some on worker threads with their own data sources, and
+the pass/fail round reads integer stand-ins for text; these tests pin the counts, percentages and samples of each
+failed rule against a direct computation, also when two validations run at once, and pin that great-expectations
+itself is left as shipped.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 import polars as pl
 import pytest
 
-from assets.validated import SAMPLES, cast_to_spec, quality_rules, run_rules, schema_rules
+from kiln.contracts import SAMPLES, cast_to_spec, quality_rules, run_rules, schema_rules
 from kiln.spec import PipelineSpec
 
 ROWS = 3000
@@ -109,89 +111,34 @@ def test_schema_rules_name_the_dtype_and_the_nulls(spec: PipelineSpec) -> None:
     assert failures[("flag", "columns_match")]["observed"] == "missing ['flag'], unexpected []"
 
 
-def test_the_configuration_memo_changes_no_result(spec: PipelineSpec, monkeypatch: pytest.MonkeyPatch) -> None:
-    import assets.validated as validate
-
-    frame = cast_to_spec(_frame(1), spec)
-    raw = _frame(1).with_columns(pl.col("score").cast(pl.String))
-    memoized = (run_rules(frame, quality_rules(spec), "memo_q", spec, arrow=False),
-                run_rules(raw, schema_rules(spec, raw.columns), "memo_s", spec))
-
-    class NoMemo:
-        """GX as shipped: every ``configuration`` built afresh."""
-
-        memo = property(lambda self: None, lambda self, value: None)
-
-    monkeypatch.setattr(validate, "_MEMO", NoMemo())
-    shipped = (run_rules(frame, quality_rules(spec), "memo_q", spec, arrow=False),
-               run_rules(raw, schema_rules(spec, raw.columns), "memo_s", spec))
-    assert memoized == shipped
-    assert memoized[0] and memoized[1]
+def test_not_null_on_text_names_the_count_and_the_rows(spec: PipelineSpec) -> None:
+    """Not-null rules on text pass or fail on a stand-in (byte lengths); the count and share are the text's own."""
+    frame = _frame(0).with_columns(
+        pl.when(pl.int_range(pl.len()) % 10 == 0).then(None).otherwise(pl.col("color")).alias("color"),
+        pl.when(pl.int_range(pl.len()) == 7).then(pl.lit("")).otherwise(pl.col("row_id")).alias("row_id"),  # empty is not null
+    )
+    failures = {(f["column"], f["rule"]): f for f in run_rules(frame, schema_rules(spec, frame.columns), "engine_nulls", spec)}
+    assert set(failures) == {("color", "not_null")}
+    assert failures[("color", "not_null")]["unexpected_count"] == ROWS // 10
+    assert failures[("color", "not_null")]["unexpected_percent"] == 10.0
 
 
-def test_outside_a_validation_gx_expectations_behave_as_shipped(spec: PipelineSpec) -> None:
-    import great_expectations as gx
-
-    run_rules(cast_to_spec(_frame(0), spec), quality_rules(spec), "engine_quality", spec, arrow=False)
-    expectation = gx.expectations.ExpectColumnValuesToBeBetween(column="amount", min_value=0, max_value=1)
-    assert expectation.configuration is not expectation.configuration  # built afresh, as GX ships it
-    expectation.column = "score"
-    assert expectation.configuration.kwargs["column"] == "score"
-    configuration = expectation.configuration
-    assert configuration.to_domain_obj() is not configuration.to_domain_obj()
+def test_a_dtype_rule_reads_the_column_dtype_of_every_column(spec: PipelineSpec) -> None:
+    """Dtype rules run on the frame's schema alone (a zero-row batch): every mistyped column is named, none else."""
+    frame = _frame(0).with_columns(pl.col("qty").cast(pl.Float64), pl.col("ts").cast(pl.String), pl.col("flag").cast(pl.Int8))
+    failures = {f["column"]: f for f in run_rules(frame, schema_rules(spec, frame.columns), "engine_dtypes", spec)
+                if f["rule"] == "dtype"}
+    assert {c: f["observed"] for c, f in failures.items()} == {
+        "qty": "Float64 (expected int)", "ts": "String (expected datetime)", "flag": "Int8 (expected bool)"}
 
 
-def test_inside_a_validation_a_configuration_s_expectation_is_rebuilt_when_it_changes(spec: PipelineSpec) -> None:
-    import great_expectations as gx
-
-    import assets.validated as validate
-
-    run_rules(cast_to_spec(_frame(0), spec), quality_rules(spec), "engine_quality", spec, arrow=False)  # GX patched
-    configuration = gx.expectations.ExpectColumnValuesToBeBetween(column="amount", min_value=0, max_value=1).configuration
-    validate._MEMO.memo = {}
-    try:
-        first = configuration.to_domain_obj()
-        assert configuration.to_domain_obj() is first
-        configuration.kwargs["max_value"] = 2  # GX adds the batch id to a copy's kwargs this way
-        second = configuration.to_domain_obj()
-        assert second is not first and second.max_value == 2
-        configuration.meta = {"kiln_rule": 3}
-        assert configuration.to_domain_obj().meta == {"kiln_rule": 3}
-        third = configuration.to_domain_obj()
-        third.min_value = -1  # an assigned expectation is never handed out again
-        assert configuration.to_domain_obj() is not third and configuration.to_domain_obj().min_value == 0
-    finally:
-        validate._MEMO.memo = None
-
-
-def test_plain_metric_ids_are_the_ids_gx_computes(spec: PipelineSpec, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Inside a validation, plain metric kwargs get their id without GX's JSON conversion: it must be GX's own id."""
-    import copy
-
-    from great_expectations.core.id_dict import IDDict
-
-    import assets.validated as validate
-
-    run_rules(cast_to_spec(_frame(0), spec), quality_rules(spec), "ids_warmup", spec, arrow=False)  # GX patched
-    patched = IDDict.to_id
-    seen: list[tuple[dict[str, Any], Any, bool]] = []
-
-    def recording(self: Any, id_keys: Any = None, id_ignore_keys: Any = None) -> Any:
-        out = patched(self, id_keys, id_ignore_keys)
-        if id_keys is None and id_ignore_keys is None and type(self) is IDDict:
-            seen.append((copy.deepcopy(dict(self)), out, len(self) > 1 and validate._plain(self, IDDict)))
-        return out
-
-    monkeypatch.setattr(IDDict, "to_id", recording)
-    frame = cast_to_spec(_frame(1), spec)
-    raw = _frame(1).with_columns(pl.col("score").cast(pl.String))
-    assert run_rules(frame, quality_rules(spec), "ids_q", spec, arrow=False)
-    assert run_rules(raw, schema_rules(spec, raw.columns), "ids_s", spec)
-    recorded = list(seen)
-    assert sum(plain for _, _, plain in recorded) > 100  # the fast path is taken, and often
-    assert any(isinstance(v, list) for kwargs, _, plain in recorded if plain for v in kwargs.values())  # value sets too
-    for kwargs, got, _ in recorded:  # outside a validation every id takes GX's own path
-        assert IDDict(kwargs).to_id() == got, kwargs
+def test_key_uniqueness_names_the_repeated_keys(spec: PipelineSpec) -> None:
+    frame = cast_to_spec(_frame(0), spec)
+    frame = frame.with_columns(pl.when(pl.int_range(pl.len()) < 3).then(pl.lit("dup")).otherwise(pl.col("row_id")).alias("row_id"))
+    [unique] = [f for f in run_rules(frame, quality_rules(spec), "engine_keys", spec, arrow=False) if f["rule"] == "unique_key"]
+    repeated = frame.filter(pl.col("row_id").is_duplicated())["row_id"]
+    assert unique["column"] == "row_id" and unique["unexpected_count"] == repeated.len() == 3 + 10
+    assert unique["sample_values"] == [str(v) for v in repeated.head(SAMPLES)] and unique["sample_values"][:3] == ["dup"] * 3
 
 
 def test_key_uniqueness_passes_on_hashes_and_repeated_hashes_are_decided_on_the_keys(
@@ -200,25 +147,80 @@ def test_key_uniqueness_passes_on_hashes_and_repeated_hashes_are_decided_on_the_
     a failure by itself: the rule runs again on the keys, which decide it and give the count and samples."""
     import pandas as pd
 
-    import assets.validated as validate
+    import kiln.gx as engine
 
     clean = cast_to_spec(_frame(0), spec).unique("row_id", keep="first", maintain_order=True)
-    stand_ins = validate._key_hashes(clean, quality_rules(spec))
-    assert list(stand_ins) == ["row_id"] and str(stand_ins["row_id"]["row_id"].dtype) == "uint64"
-    assert stand_ins["row_id"]["row_id"].is_unique
-    assert not validate._key_hashes(clean.with_columns(pl.lit(None, pl.String).alias("row_id")), quality_rules(spec))
+    stand_ins = engine._stand_ins(clean, quality_rules(spec), arrow=False)
+    assert list(stand_ins) == [("ExpectColumnValuesToBeUnique", "row_id")]
+    hashes = stand_ins[("ExpectColumnValuesToBeUnique", "row_id")]
+    assert str(hashes.dtype) == "uint64" and hashes.is_unique
+    assert not engine._stand_ins(clean.with_columns(pl.lit(None, pl.String).alias("row_id")), quality_rules(spec), arrow=False)
 
     used: list[int] = []
-    real = validate._key_hashes
+    real = engine._stand_ins
 
-    def colliding(frame: pl.DataFrame, rules: list[Any]) -> dict[str, pd.DataFrame]:
-        out = {name: pd.DataFrame({name: [7] * len(stand_in)}, dtype="uint64")  # every key "collides"
-               for name, stand_in in real(frame, rules).items()}
+    def colliding(frame: pl.DataFrame, rules: list[Any], arrow: bool) -> dict[tuple[str, str], pd.Series]:
+        out = {k: pd.Series([7] * len(v), dtype="uint64", name=k[1]) if k[0] == "ExpectColumnValuesToBeUnique" else v
+               for k, v in real(frame, rules, arrow).items()}  # every key "collides"
         used.append(len(out))
         return out
 
-    monkeypatch.setattr(validate, "_key_hashes", colliding)
+    monkeypatch.setattr(engine, "_stand_ins", colliding)
     assert "unique_key" not in {f["rule"] for f in run_rules(clean, quality_rules(spec), "engine_quality", spec, arrow=False)}
     assert used == [1]
     broken = cast_to_spec(_frame(0), spec)
     assert _found(run_rules(broken, quality_rules(spec), "engine_quality", spec, arrow=False)) == _expected(broken)
+
+
+GX_AS_SHIPPED = """
+import json, sys
+import great_expectations  # noqa: F401
+from great_expectations.core.id_dict import IDDict
+from great_expectations.execution_engine import pandas_execution_engine
+from great_expectations.expectations.expectation import Expectation
+from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
+
+def snapshot():
+    return {"Expectation.__setattr__": Expectation.__setattr__, "Expectation.configuration": vars(Expectation)["configuration"],
+            "ExpectationConfiguration.to_domain_obj": ExpectationConfiguration.to_domain_obj, "IDDict.to_id": IDDict.to_id,
+            "HASH_THRESHOLD": pandas_execution_engine.HASH_THRESHOLD}
+
+before = snapshot()
+import polars as pl
+from kiln.contracts import quality_rules, run_rules, schema_rules
+from kiln.spec import PipelineSpec
+spec = PipelineSpec.model_validate(json.loads(sys.argv[1]))
+frame = pl.DataFrame({"k": ["a", "b", "b"], "x": [1.0, 2.0, 50.0], "y": [1, 0, 1]})
+failures = run_rules(frame, schema_rules(spec, frame.columns), "s", spec) + run_rules(frame, quality_rules(spec), "q", spec, arrow=False)
+after = snapshot()
+print(json.dumps({"changed": [n for n in before if before[n] is not after[n]], "failures": sorted(f["rule"] for f in failures)}))
+"""
+
+
+def test_great_expectations_is_left_as_shipped() -> None:
+    """A validation patches nothing in GX: its classes and module settings are the same objects before and after."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    spec = {"name": "shipped", "source": {"path": "shipped"}, "target": "y", "task": "classification",
+            "features": {"passthrough": ["x"]},
+            "schema": {"k": {"dtype": "str", "key": True}, "x": {"dtype": "float", "max": 10}, "y": {"dtype": "int"}}}
+    out = subprocess.run([sys.executable, "-c", GX_AS_SHIPPED, json.dumps(spec)], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parent.parent, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report == {"changed": [], "failures": ["range", "unique_key"]}
+
+
+def test_gx_methods_are_gx_s_own_after_validations(spec: PipelineSpec) -> None:
+    """In this process too (whatever ran before): every GX method Kiln's engine goes through is defined by GX."""
+    from great_expectations.core.id_dict import IDDict
+    from great_expectations.expectations.expectation import Expectation
+    from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
+
+    run_rules(cast_to_spec(_frame(0), spec), quality_rules(spec), "engine_quality", spec, arrow=False)
+    for function in (vars(Expectation)["configuration"].fget, ExpectationConfiguration.to_domain_obj, IDDict.to_id):
+        assert function.__module__.startswith("great_expectations."), function
+    assert "__setattr__" not in vars(Expectation)

@@ -1,0 +1,238 @@
+"""The data contract: rules built from the spec, the schema and quality checks they make up, and the row split behind
+`<p>/validated` and `<p>/quarantine`.
+
+The rules run as great-expectations suites (:mod:`kiln.gx`); the row split is plain polars. No Dagster here: the
+asset modules turn these results into asset-check results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from kiln.gx import SAMPLES, Rule, run_rules
+from kiln.source import POLARS_DTYPES
+from kiln.spec import PipelineSpec
+
+if TYPE_CHECKING:
+    import polars as pl
+
+__all__ = ["AFTER_QUARANTINE", "ROW_RULES", "SAMPLES", "QualityReport", "Rule", "bad_row_limit", "cast_to_spec",
+           "check_quality", "conform", "describe", "failure_table", "quality_rules", "rejected_by_column", "run_rules",
+           "schema_failures", "schema_rules", "split_rows", "unreadable_failure", "violations"]
+
+AFTER_QUARANTINE = ("row_count", "null_fraction")  # judged on the rows that stay, not on the rows that arrived
+ROW_RULES = ("not_null", "range", "allowed_values", "unique_key")  # rules whose breaking rows `<p>/validated` sets aside
+
+
+def _row_count_rule(spec: PipelineSpec) -> Rule:
+    rows: dict[str, Any] = {"min_value": spec.validation.min_rows}
+    if spec.validation.max_rows is not None:
+        rows["max_value"] = spec.validation.max_rows
+    return Rule("row_count", None, "ExpectTableRowCountToBeBetween", rows)
+
+
+def schema_rules(spec: PipelineSpec, present: list[str]) -> list[Rule]:
+    """The raw-data schema contract: column set (exact, or the spec's extra-column policy), row count, exact dtypes and
+    required non-nulls. Timestamps that do not parse stay text, so the dtype rule names them."""
+    policy = spec.validation
+    columns = {"column_set": list(spec.schema_), "exact_match": policy.extra_columns == "fail"}
+    rules = [Rule("columns_match", None, "ExpectTableColumnsToMatchSet", columns), _row_count_rule(spec)]
+    for name, col in spec.schema_.items():
+        if name not in present:
+            continue
+        rules.append(Rule("dtype", name, "ExpectColumnValuesToBeOfType", {"column": name, "type_": col.dtype}))
+        if not col.nullable:
+            # Under quarantine a few null rows are set aside by `<p>/validated`; more than the limit fails here.
+            mostly = {"mostly": 1 - policy.max_bad_row_share} if policy.on_bad_rows == "quarantine" and policy.max_bad_row_share else {}
+            rules.append(Rule("not_null", name, "ExpectColumnValuesToNotBeNull", {"column": name, **mostly}))
+    return rules
+
+
+def quality_rules(spec: PipelineSpec) -> list[Rule]:
+    """The validated-data quality contract: row-count bounds, null fractions, ranges, allowed values, unique keys."""
+    rules = [_row_count_rule(spec)]
+    for name, col in spec.schema_.items():
+        if col.nullable and col.max_null_fraction is not None:
+            kwargs = {"column": name, "mostly": 1 - col.max_null_fraction}
+            rules.append(Rule("null_fraction", name, "ExpectColumnValuesToNotBeNull", kwargs))
+        if col.min is not None or col.max is not None:
+            rules.append(Rule("range", name, "ExpectColumnValuesToBeBetween", {"column": name, "min_value": col.min, "max_value": col.max}))
+        if col.allowed is not None:
+            rules.append(Rule("allowed_values", name, "ExpectColumnValuesToBeInSet", {"column": name, "value_set": col.allowed}))
+        if col.key:
+            rules.append(Rule("unique_key", name, "ExpectColumnValuesToBeUnique", {"column": name}))
+    return rules
+
+
+def violations(frame: pl.DataFrame, spec: PipelineSpec, keys: bool = False) -> pl.DataFrame:
+    """One boolean column per spec column present in the frame: True where a row breaks its null, range or allowed rule
+    (and, with ``keys``, repeats a key seen in an earlier row)."""
+    import polars as pl
+
+    conditions = []
+    for name, col in spec.schema_.items():
+        if name not in frame.columns:
+            continue
+        c = pl.col(name)
+        bad = c.is_null() if not col.nullable else pl.lit(False)
+        if col.min is not None:
+            bad = bad | (c < col.min).fill_null(False)
+        if col.max is not None:
+            bad = bad | (c > col.max).fill_null(False)
+        if col.allowed is not None:
+            bad = bad | (~c.is_in(col.allowed)).fill_null(False)
+        if keys and col.key:
+            bad = bad | ~c.is_first_distinct()
+        conditions.append(bad.alias(name))
+    return frame.select(conditions)
+
+
+def cast_to_spec(frame: pl.DataFrame, spec: PipelineSpec, columns: list[str] | None = None) -> pl.DataFrame:
+    """Select the spec's columns (or the given subset) cast to the spec's dtypes; raises on values that do not convert."""
+    import polars as pl
+
+    names = columns if columns is not None else list(spec.schema_)
+    exprs = []
+    for n in names:
+        dtype = spec.schema_[n].dtype
+        typed = pl.col(n).cast(pl.Datetime("us") if dtype == "datetime" else getattr(pl, POLARS_DTYPES[dtype]))
+        # NaN is a missing value for the contract, not a number greater than every bound.
+        exprs.append((typed.fill_nan(None) if dtype == "float" else typed).alias(n))
+    return frame.select(exprs)
+
+
+def conform(frame: pl.DataFrame, spec: PipelineSpec) -> tuple[pl.DataFrame, dict[str, int]]:
+    """Cast to the spec's dtypes and drop rows that break a null, range, allowed-value or key rule."""
+    good, bad = split_rows(cast_to_spec(frame, spec), spec)
+    return good, rejected_by_column(bad)
+
+
+def split_rows(typed: pl.DataFrame, spec: PipelineSpec) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Good rows, and bad rows with a ``_reasons`` column ("amount.range; country.allowed_values") for `<p>/quarantine`.
+
+    Only rules of severity ``error`` reject rows; ``warn`` rules are reported by the checks and rows stay."""
+    import polars as pl
+
+    flags = violations(typed, spec, keys=True)
+    reasons = []
+    for name in flags.columns:
+        col = spec.schema_[name]
+        c = pl.col(name)
+        labelled = [
+            (c.is_null(), "not_null", not col.nullable),
+            ((c < col.min).fill_null(False) if col.min is not None else pl.lit(False), "range", col.min is not None),
+            ((c > col.max).fill_null(False) if col.max is not None else pl.lit(False), "range", col.max is not None),
+            ((~c.is_in(col.allowed)).fill_null(False) if col.allowed is not None else pl.lit(False), "allowed_values",
+             col.allowed is not None),
+            (~c.is_first_distinct(), "unique_key", col.key),
+        ]
+        for condition, rule, applies in labelled:
+            if applies and spec.validation.severity_of(rule, name) == "error":
+                reasons.append(pl.when(condition).then(pl.lit(f"{name}.{rule}")))
+    if not reasons:
+        return typed, typed.clear().with_columns(pl.lit("").alias("_reasons"))
+    labelled_frame = typed.with_columns(pl.concat_str(reasons, separator="; ", ignore_nulls=True).alias("_reasons"))
+    bad_mask = pl.col("_reasons").is_not_null() & (pl.col("_reasons") != "")
+    good = labelled_frame.filter(~bad_mask.fill_null(False)).drop("_reasons")
+    bad = labelled_frame.filter(bad_mask.fill_null(False))
+    return good, bad
+
+
+def rejected_by_column(bad: pl.DataFrame) -> dict[str, int]:
+    """Rejected rows per column (a row breaking two columns counts for both)."""
+    if bad.height == 0:
+        return {}
+    import polars as pl
+
+    exploded = bad.select(pl.col("_reasons").str.split("; ")).explode("_reasons")
+    per_column = exploded.select(pl.col("_reasons").str.split(".").list.first().alias("column")).group_by("column").len()
+    return {r["column"]: int(r["len"]) for r in per_column.to_dicts()}
+
+
+def schema_failures(frame: pl.DataFrame, spec: PipelineSpec, unparsed: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:
+    """The raw schema contract on a frame as read; a dtype failure of a CSV column left as text shows the values that
+    did not convert (``unparsed``, from :func:`kiln.source.read_source_with_report`)."""
+    failures = run_rules(frame, schema_rules(spec, frame.columns), f"{spec.name}_raw_schema", spec, arrow=True)
+    for f in failures:
+        if f["rule"] == "dtype" and unparsed and f["column"] in unparsed and not f["sample_values"]:
+            f["sample_values"] = unparsed[f["column"]]
+    return failures
+
+
+def unreadable_failure(spec: PipelineSpec, message: str) -> dict[str, Any]:
+    """The schema-contract failure of a source file that cannot be read at all."""
+    return {"rule": "readable", "column": "(file)", "severity": "error", "expectation": f"the file reads as {spec.source.format}",
+            "unexpected_count": None, "unexpected_percent": 0.0, "sample_values": [], "observed": message, "error": message}
+
+
+def bad_row_limit(spec: PipelineSpec) -> float:
+    """The share of rows that may be quarantined before the partition fails (0 unless ``on_bad_rows: quarantine``)."""
+    policy = spec.validation
+    return policy.max_bad_row_share if policy.on_bad_rows == "quarantine" else 0.0
+
+
+@dataclass(frozen=True)
+class QualityReport:
+    """The quality contract on one batch of raw rows: rows kept, rows set aside (with ``_reasons``), failed rules."""
+
+    good: pl.DataFrame
+    bad: pl.DataFrame
+    failures: list[dict[str, Any]]
+    rows: int  # typed rows checked
+
+    @property
+    def blocking(self) -> bool:
+        """True when a rule of severity ``error`` failed: nothing downstream may use these rows."""
+        return any(f.get("severity", "error") == "error" for f in self.failures)
+
+
+def check_quality(raw: pl.DataFrame, spec: PipelineSpec) -> QualityReport:
+    """Type raw rows, run the quality suite, and split off the rows that break a row rule.
+
+    Row rules are judged on the rows that arrived; row count and null fractions on the rows that stay. Bad rows within
+    the spec's quarantine limit only demote the row rules they broke to ``warn``; beyond it a ``bad_row_share``
+    failure blocks."""
+    typed = cast_to_spec(raw, spec)
+    rules = quality_rules(spec)
+    failures = run_rules(typed, [r for r in rules if r.name not in AFTER_QUARANTINE], f"{spec.name}_validated_quality", spec,
+                         arrow=False)
+    good, bad = split_rows(typed, spec)
+    failures += run_rules(good, [r for r in rules if r.name in AFTER_QUARANTINE], f"{spec.name}_validated_table", spec,
+                          arrow=False)
+    limit = bad_row_limit(spec)
+    share = bad.height / typed.height if typed.height else 0.0
+    if bad.height and share > limit:
+        failures.append({
+            "rule": "bad_row_share", "column": None, "severity": spec.validation.severity_of("bad_row_share", None),
+            "expectation": f"at most {limit:.1%} of rows break the contract ({spec.validation.on_bad_rows})",
+            "unexpected_count": bad.height, "unexpected_percent": round(100 * share, 3),
+            "sample_values": bad["_reasons"].head(SAMPLES).to_list(), "observed": "", "error": None,
+        })
+    elif bad.height:
+        failures = [f | {"severity": "warn"} if f["rule"] in ROW_RULES else f for f in failures]
+    return QualityReport(good, bad, failures, typed.height)
+
+
+def describe(failures: list[dict[str, Any]]) -> str:
+    """One line per failed rule: column, rule, severity and how many rows."""
+    parts = []
+    for f in failures:
+        where = f"column '{f['column']}'" if f["column"] else "table"
+        count = f" ({f['unexpected_count']} rows, {f['unexpected_percent']}%)" if f["unexpected_count"] else ""
+        observed = f" observed {f['observed']}" if f["observed"] and not f["unexpected_count"] else ""
+        samples = f" e.g. {f['sample_values']}" if f["sample_values"] else ""
+        level = "" if f.get("severity", "error") == "error" else " [warn]"
+        parts.append(f"{where}: rule {f['rule']} failed{level}{count}{observed}{samples}")
+    return "; ".join(parts)
+
+
+def failure_table(failures: list[dict[str, Any]]) -> str:
+    """The failed rules as a Markdown table (rule, column, severity, unexpected rows, percent, samples)."""
+    lines = ["| rule | column | severity | unexpected | % | samples |", "|---|---|---|---|---|---|"]
+    for f in failures:
+        samples = ", ".join(f["sample_values"]) or f["observed"]
+        lines.append(f"| {f['rule']} | {f['column'] or '(table)'} | {f.get('severity', 'error')} | "
+                     f"{f['unexpected_count'] if f['unexpected_count'] is not None else ''} | {f['unexpected_percent']} | "
+                     f"{samples.replace('|', '/')} |")
+    return "\n".join(lines)
