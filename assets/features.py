@@ -37,8 +37,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         if not frames:
             raise ValueError(f"{spec.name}: no validated partitions yet; materialize {spec.name}/validated first")
         source, frame = feature_table(frames, spec)
-        from assets.metadata import reference_table
-        from assets.raw import column_schema, schema_change
+        from assets.metadata import column_schema, reference_table, schema_change
 
         schema = column_schema(frame)
         unchanged, change = schema_change(context, dg.AssetKey(key(spec.name, "features")), schema)

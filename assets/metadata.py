@@ -1,10 +1,13 @@
-"""Dagster metadata shared by several stages: tables of drift references and inline images."""
+"""Dagster metadata shared by several stages: drift reference tables, inline images, column schemas, check results."""
 
 from __future__ import annotations
 
 import base64
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import polars as pl
 
 REFERENCE_COLUMNS = (("column", "string"), ("kind", "string"), ("bins", "int"), ("bins_detail", "string"), ("proportions", "string"))
 
@@ -24,3 +27,49 @@ def reference_table(reference: Mapping[str, Any]) -> Any:
 def inline_png(name: str, data: bytes) -> str:
     """Markdown that shows a PNG inline in the Dagster UI (metadata travels with the event, no file server needed)."""
     return f"![{name}](data:image/png;base64,{base64.b64encode(data).decode()})"
+
+
+def column_schema(frame: pl.DataFrame) -> Any:
+    """A Dagster ``TableSchema`` of a frame's columns and dtypes (shown in the UI, compared between materializations)."""
+    import dagster as dg
+
+    return dg.TableSchema(columns=[dg.TableColumn(name, str(dtype)) for name, dtype in frame.schema.items()])
+
+
+def schema_change(context: Any, asset_key: Any, schema: Any) -> tuple[bool, dict[str, Any]]:
+    """Compare a column schema with the asset's previous materialization: (unchanged, metadata naming what changed)."""
+    event = context.instance.get_latest_materialization_event(asset_key)
+    previous = None
+    if event is not None and event.asset_materialization is not None:
+        value = event.asset_materialization.metadata.get("dagster/column_schema")
+        previous = getattr(value, "schema", None)
+    if previous is None:
+        return True, {"previous": "none (first materialization)"}
+    before = {c.name: c.type for c in previous.columns}
+    now = {c.name: c.type for c in schema.columns}
+    added = sorted(set(now) - set(before))
+    removed = sorted(set(before) - set(now))
+    retyped = sorted(f"{n}: {before[n]} -> {now[n]}" for n in set(now) & set(before) if now[n] != before[n])
+    changed = bool(added or removed or retyped)
+    return not changed, {"added": ", ".join(added) or "none", "removed": ", ".join(removed) or "none",
+                         "retyped": ", ".join(retyped) or "none"}
+
+
+def check_result(check_name: str, asset_key: Any, failures: list[dict[str, Any]], rows: int, partition: str | None,
+                 file: str | None) -> Any:
+    """An asset-check result a person can act on: every failed rule with column, counts, samples, file and partition.
+
+    It fails with ERROR severity (blocking) when an ``error`` rule failed, with WARN when only ``warn`` rules did."""
+    import dagster as dg
+
+    from kiln.contracts import describe, failure_table
+
+    errors = [f for f in failures if f.get("severity", "error") == "error"]
+    metadata: dict[str, Any] = {"rows": rows, "failed_rules": len(failures), "partition": partition or "none",
+                                "file": file or "none"}
+    if failures:
+        metadata["summary"] = describe(failures)
+        metadata["failures"] = dg.MetadataValue.json(failures)
+        metadata["failed_rule_table"] = dg.MetadataValue.md(failure_table(failures))
+    return dg.AssetCheckResult(asset_key=asset_key, check_name=check_name, passed=not failures, metadata=metadata,
+                               severity=dg.AssetCheckSeverity.ERROR if errors else dg.AssetCheckSeverity.WARN)

@@ -7,14 +7,13 @@ check-result and column-schema metadata that `<p>/validated` and `<p>/features` 
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from kiln.keys import key
 from kiln.spec import PipelineSpec
 
 if TYPE_CHECKING:
     import dagster as dg
-    import polars as pl
 
 RAW_WARN_HOURS = 26  # a daily source lands once a day; a little slack before warning
 RAW_FAIL_HOURS = 48
@@ -36,52 +35,6 @@ def raw_freshness_policy(spec: PipelineSpec) -> dg.FreshnessPolicy | None:
     if spec.source.partitions != "daily":
         return None
     return dg.FreshnessPolicy.time_window(fail_window=timedelta(hours=RAW_FAIL_HOURS), warn_window=timedelta(hours=RAW_WARN_HOURS))
-
-
-def column_schema(frame: pl.DataFrame) -> Any:
-    """A Dagster ``TableSchema`` of a frame's columns and dtypes (shown in the UI, compared between materializations)."""
-    import dagster as dg
-
-    return dg.TableSchema(columns=[dg.TableColumn(name, str(dtype)) for name, dtype in frame.schema.items()])
-
-
-def schema_change(context: Any, asset_key: Any, schema: Any) -> tuple[bool, dict[str, Any]]:
-    """Compare a column schema with the asset's previous materialization: (unchanged, metadata naming what changed)."""
-    event = context.instance.get_latest_materialization_event(asset_key)
-    previous = None
-    if event is not None and event.asset_materialization is not None:
-        value = event.asset_materialization.metadata.get("dagster/column_schema")
-        previous = getattr(value, "schema", None)
-    if previous is None:
-        return True, {"previous": "none (first materialization)"}
-    before = {c.name: c.type for c in previous.columns}
-    now = {c.name: c.type for c in schema.columns}
-    added = sorted(set(now) - set(before))
-    removed = sorted(set(before) - set(now))
-    retyped = sorted(f"{n}: {before[n]} -> {now[n]}" for n in set(now) & set(before) if now[n] != before[n])
-    changed = bool(added or removed or retyped)
-    return not changed, {"added": ", ".join(added) or "none", "removed": ", ".join(removed) or "none",
-                         "retyped": ", ".join(retyped) or "none"}
-
-
-def check_result(check_name: str, asset_key: Any, failures: list[dict[str, Any]], rows: int, partition: str | None,
-                 file: str | None) -> Any:
-    """An asset-check result a person can act on: every failed rule with column, counts, samples, file and partition.
-
-    It fails with ERROR severity (blocking) when an ``error`` rule failed, with WARN when only ``warn`` rules did."""
-    import dagster as dg
-
-    from kiln.contracts import describe, failure_table
-
-    errors = [f for f in failures if f.get("severity", "error") == "error"]
-    metadata: dict[str, Any] = {"rows": rows, "failed_rules": len(failures), "partition": partition or "none",
-                                "file": file or "none"}
-    if failures:
-        metadata["summary"] = describe(failures)
-        metadata["failures"] = dg.MetadataValue.json(failures)
-        metadata["failed_rule_table"] = dg.MetadataValue.md(failure_table(failures))
-    return dg.AssetCheckResult(asset_key=asset_key, check_name=check_name, passed=not failures, metadata=metadata,
-                               severity=dg.AssetCheckSeverity.ERROR if errors else dg.AssetCheckSeverity.WARN)
 
 
 def build(spec: PipelineSpec) -> dg.AssetsDefinition:
@@ -111,6 +64,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         ],
     )
     def raw(context):
+        from assets.metadata import check_result, column_schema, schema_change
         from kiln.contracts import schema_failures, unreadable_failure
         from kiln.source import SourceReadError, read_source_folder, read_source_with_report, source_file
         from resources.storage import check_reachable

@@ -19,7 +19,8 @@ def build(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
     """`<p>/validated` and `<p>/quarantine` with the blocking GX quality check and a schema-change check."""
     import dagster as dg
 
-    from assets.raw import check_result, column_schema, partitions_def, schema_change
+    from assets.metadata import check_result, column_schema, schema_change
+    from assets.raw import partitions_def
     from kiln import steps
     from kiln.contracts import bad_row_limit
     from resources.storage import KilnStorage

@@ -9,12 +9,14 @@ little). ``dg scaffold defs platform_defs.component.KilnPipeline <name>`` writes
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.spec import NAME_PATTERN, PIPELINE_COMPONENT_TYPE, PipelineSpec, SpecError
+from kiln.trainers import DEFAULT_KIND, kinds, trainer_class
 
 if TYPE_CHECKING:
     import polars as pl
@@ -143,7 +145,7 @@ def infer_spec(name: str, frame: pl.DataFrame, fmt: str, source_path: str, targe
         "target": target,
         "task": task,
         "features": {"passthrough": passthrough, "categorical": categorical, "expressions": expressions},
-        "trainer": {"kind": "lightgbm", "params": {"num_boost_round": 200, "learning_rate": 0.05, "num_leaves": 31, "seed": 7}},
+        "trainer": {"kind": DEFAULT_KIND, "params": dict(trainer_class(DEFAULT_KIND).starter_params)},
         "evaluation": {"metric": metric, "min_improvement": 0.0, "holdout": 0.2},
     }
 
@@ -174,8 +176,8 @@ attributes:
     expressions:                 # SQL over the schema columns, evaluated by polars
       log_amount: "LN(amount + 1)"
   trainer:
-    kind: lightgbm               # lightgbm | torch
-    params: {{num_boost_round: 200, learning_rate: 0.05, num_leaves: 31, seed: 7}}
+    kind: {kind:<22} # {kinds}
+    params: {params}
   evaluation:
     metric: roc_auc              # a challenger must beat the champion on this metric
     min_improvement: 0.0
@@ -187,7 +189,8 @@ def skeleton_text(name: str) -> str:
     """A commented ``defs.yaml`` for a new pipeline that validates as it is (example columns to replace)."""
     if not NAME_PATTERN.fullmatch(name):
         raise SpecError(f"name: '{name}' must match {NAME_PATTERN.pattern}")
-    return SKELETON.format(name=name, type=PIPELINE_COMPONENT_TYPE)
+    params = json.dumps(trainer_class(DEFAULT_KIND).starter_params).replace('"', "")  # YAML flow style, as written by hand
+    return SKELETON.format(name=name, type=PIPELINE_COMPONENT_TYPE, kind=DEFAULT_KIND, kinds=" | ".join(kinds()), params=params)
 
 
 def component_text(data: dict[str, Any], note: str) -> str:

@@ -66,6 +66,7 @@ class Trainer(ABC):
 
     Params: ClassVar[type[Params]]
     flavor: ClassVar[str]  # the MLflow flavor its models are logged with (read back from the MLmodel file to load them)
+    starter_params: ClassVar[dict[str, Any]] = {}  # what `kiln new` and `dg scaffold defs` write for this kind
 
     def __init__(self, spec: PipelineSpec) -> None:
         from kiln.trainers import params_error

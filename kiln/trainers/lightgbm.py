@@ -115,6 +115,7 @@ class LightGBMTrainer(Trainer):
 
     Params: ClassVar[type[Params]] = LightGBMParams
     flavor: ClassVar[str] = "lightgbm"
+    starter_params: ClassVar[dict[str, Any]] = {"num_boost_round": 200, "learning_rate": 0.05, "num_leaves": 31, "seed": 7}
 
     def fit(self, train: pl.DataFrame, session: Session | None = None) -> Fitted:
         # Through the module-level function: tests stop a training mid-way by wrapping it.

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from datetime import date
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -231,18 +230,3 @@ def test_logged_model_loads_back_by_its_flavor_with_the_same_predictions(kind: s
     loaded = load_predictor(uri, spec, num_threads=None)
     assert loaded.flavor == fitted.predictor.flavor
     np.testing.assert_allclose(loaded.predict(holdout), fitted.predictor.predict(holdout), rtol=0, atol=1e-6)
-
-
-def test_serving_packages_come_from_the_trainer() -> None:
-    from serving.images import image_flavor, python_packages
-
-    sklearn = python_packages(_spec("sklearn"))
-    assert f"scikit-learn=={version('scikit-learn')}" in sklearn  # pickles load only in the version that wrote them
-    assert not any(p.startswith(("lightgbm", "torch")) for p in sklearn)
-    assert any(p.startswith("lightgbm") for p in python_packages(_spec("lightgbm")))
-    gpu_torch = _fraud_data(kind="torch", params={}, resources={"gpu": 1})
-    from kiln.spec import PipelineSpec
-
-    spec = PipelineSpec.model_validate(gpu_torch)
-    assert image_flavor(spec) == "gpu" and any(p.startswith("torch==") for p in python_packages(spec))
-    assert image_flavor(_spec("torch")) == "cpu"  # the shipped fraud spec asks for no GPU
