@@ -21,7 +21,7 @@ def build(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
 
     from assets.metadata import check_result, column_schema, schema_change
     from assets.raw import partitions_def
-    from kiln import steps
+    from assets.stage import op_args
     from kiln.contracts import bad_row_limit
     from resources.storage import KilnStorage
 
@@ -30,9 +30,7 @@ def build(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
 
     @dg.multi_asset(
         name=f"{spec.name}__validated",
-        group_name=spec.name,
-        op_tags=steps.op_tags(spec, "validated"),
-        pool=steps.pool(spec, "validated"),
+        **op_args(spec, "validated"),
         partitions_def=partitions_def(spec),
         ins={"raw": dg.AssetIn(dg.AssetKey(key(spec.name, "raw")))},
         outs={

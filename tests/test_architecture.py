@@ -172,3 +172,18 @@ def test_every_stage_of_the_asset_key_contract_has_its_module() -> None:
     from kiln.keys import STAGES
 
     assert all((ROOT / "assets" / f"{stage}.py").is_file() for stage in STAGES)
+
+
+def test_trainer_kinds_are_named_only_inside_kiln_trainers() -> None:
+    """A kind is a row of the registry table: no module outside kiln/trainers/ names one (e.g. ``kind == "torch"``)."""
+    from kiln.trainers import kinds
+
+    names = set(kinds())
+    wrong = []
+    for name, path in modules().items():
+        if name.startswith("kiln.trainers"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and node.value in names:
+                wrong.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
+    assert wrong == []
