@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from tests.conftest import FRAUD_SPEC, free_port
+from tests.results import check_evaluation, materialization
 
 PIPELINE = "fraud_sklearn"
 ESTIMATOR = "sklearn.ensemble.HistGradientBoostingClassifier"
@@ -26,15 +27,11 @@ ROWS = 2500
 
 
 def _materialization(result: dg.ExecuteInProcessResult, stage: str) -> Any:
-    events = [e for e in result.get_asset_materialization_events() if e.asset_key == dg.AssetKey([PIPELINE, stage])]
-    assert events, f"{PIPELINE}/{stage} was not materialized"
-    return events[-1].step_materialization_data.materialization
+    return materialization(result, PIPELINE, stage)
 
 
 def _check(result: dg.ExecuteInProcessResult, name: str) -> Any:
-    evaluations = [e for e in result.get_asset_check_evaluations() if e.check_name == name]
-    assert evaluations, f"check {name} did not run"
-    return evaluations[-1]
+    return check_evaluation(result, name)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, free_port
+from tests.results import check_evaluation, materialization
 
 SPEC_FILE = REPO / "platform_defs" / "pipelines" / "breast_cancer" / "defs.yaml"
 PIPELINE = "breast_cancer"
@@ -31,15 +32,11 @@ SUBPROCESS_TIMEOUT_S = 240.0
 
 
 def _materialization(result: dg.ExecuteInProcessResult, stage: str) -> Any:
-    events = [e for e in result.get_asset_materialization_events() if e.asset_key == dg.AssetKey([PIPELINE, stage])]
-    assert events, f"{PIPELINE}/{stage} was not materialized"
-    return events[-1].step_materialization_data.materialization
+    return materialization(result, PIPELINE, stage)
 
 
 def _check(result: dg.ExecuteInProcessResult, name: str) -> Any:
-    evaluations = [e for e in result.get_asset_check_evaluations() if e.check_name == name]
-    assert evaluations, f"check {name} did not run"
-    return evaluations[-1]
+    return check_evaluation(result, name)
 
 
 def _spec_data(**params: Any) -> dict[str, Any]:
