@@ -184,6 +184,8 @@ def test_gpu_endpoint_gets_gpu_limit_and_toleration(prod: None, gpu_pipelines: P
 
 
 def test_serving_images_follow_the_spec(gpu_pipelines: Path) -> None:
+    from importlib.metadata import version
+
     from serving.images import CUDA_BASE_IMAGE, image_flavor, image_for
 
     cpu_spec, gpu_spec = load_spec(FRAUD_SPEC), load_specs()[0]
@@ -192,7 +194,8 @@ def test_serving_images_follow_the_spec(gpu_pipelines: Path) -> None:
     assert cpu.base_image == "python:3.11-slim" and "torch" not in cpu.python_requirements
     assert gpu.base_image == CUDA_BASE_IMAGE and "torch==2.13.0" in gpu.python_requirements.splitlines()
     assert any("uv" in c for c in gpu.commands)  # CUDA images have no pip; BentoML's Dockerfile needs uv
-    assert "lightgbm>=4,<5" in cpu.python_requirements.splitlines()
+    # The LightGBM bento's model library, pinned to the version training used (requirements.lock).
+    assert f"lightgbm=={version('lightgbm')}" in cpu.python_requirements.splitlines()
 
 
 def _registered_tiny_model(tmp_path: Path) -> tuple[Any, str]:
