@@ -381,6 +381,13 @@ class TorchTrainer(Trainer):
     Params: ClassVar[type[Params]] = TorchParams
     flavor: ClassVar[str] = "pytorch"
 
+    def check(self) -> None:
+        """torch is an extra (`kiln[torch]`): say so before training rather than fail deep inside it."""
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            raise ValueError("kind: torch needs PyTorch, which is not installed: pip install 'kiln[torch]' (make install does)")
+
     def fit(self, train: pl.DataFrame, session: Session | None = None) -> Fitted:
         """Train (or resume from the session's checkpoint folder); epochs are logged to the session's MLflow run."""
         from kiln.features import feature_columns
