@@ -21,10 +21,19 @@ def _spec(name: str) -> PipelineSpec:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from kiln.preflight import check_specs
+    from kiln.spec import pipeline_name_of, spec_files
+
     try:
         specs = load_specs()
     except SpecError as exc:
         print(exc, file=sys.stderr)
+        return 1
+    files = {pipeline_name_of(p): p for p in spec_files(pipelines_dir())}  # load_specs checked: one file per name
+    errors = check_specs((s, files[s.name]) for s in specs)
+    if errors:
+        print("\n".join(errors), file=sys.stderr)
+        print(f"{len(errors)} problem(s) that would fail at materialization; fix them and run `kiln validate` again", file=sys.stderr)
         return 1
     for spec in specs:
         print(f"ok  {spec.name}  ({spec.task}, {spec.trainer.kind}, {len(spec.schema_)} columns)")
@@ -62,51 +71,69 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     import dagster as dg
 
-    from platform_defs.lifecycle import (
-        ingest,
-        ingest_keys,
-        prepare_local_env,
-        provision_tracking_store,
-        retrain,
-        simulate,
-        source_partitions,
-    )
+    from platform_defs.lifecycle import prepare_local_env, provision_tracking_store
 
     paths = prepare_local_env()
     provision_tracking_store()
     from platform_defs.definitions import build_definitions
 
-    spec = _spec(args.pipeline)
-    defs = build_definitions([spec])
+    specs = [_spec(args.pipeline)] if args.pipeline else load_specs()
+    if not specs:
+        print(f"kiln demo: no pipeline specs in {pipelines_dir()}", file=sys.stderr)
+        return 1
+    defs = build_definitions(specs)
+    instance = dg.DagsterInstance.get()
+    print(f"kiln demo: {', '.join(s.name for s in specs)} on the Dagster instance in {instance.root_directory}", flush=True)
+    failed = [spec.name for spec in specs if not _demo_pipeline(args, spec, defs, instance, paths)]
+    print()
+    print(f"UI: DAGSTER_HOME={paths['dagster_home']} KILN_HOME={paths['home']} .venv/bin/dagster dev -w workspace.yaml  (or: make ui)")
+    print("stop the endpoints: kiln stop")
+    if failed:
+        print(f"kiln demo: {', '.join(failed)} had failed steps (above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _demo_pipeline(args: argparse.Namespace, spec: PipelineSpec, defs: Any, instance: Any, paths: dict[str, Any]) -> bool:
+    """Simulate, ingest, retrain and serve one pipeline, one line per Dagster step; True when no step failed."""
+    from platform_defs.lifecycle import ingest, ingest_keys, retrain, simulate, source_partitions
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+
     folder = paths["sources"] / spec.source.path
     have = source_partitions(spec, folder)
     want = args.days if spec.source.partitions == "daily" else 1  # an unpartitioned source is one snapshot
+    print()
     if len(have) < want:
-        print(f"simulating {want - len(have)} file(s) of {spec.name} data into {folder}")
-        simulate(spec, folder, want - len(have), args.rows_per_day, seed=args.seed)
-    instance = dg.DagsterInstance.get()
-    print(f"materializing {spec.name} on {instance.root_directory}")
-    from platform_defs.progress import bar
-
+        written = simulate(spec, folder, want - len(have), args.rows_per_day, seed=args.seed)
+        say(f"{spec.name}: simulated {len(written)} source file(s) into {folder}")
     keys = ingest_keys(spec, folder)
-    with bar(f"ingest {spec.name}", len(keys)) as step:
-        results = ingest(defs, spec, keys, instance, progress=step)
-    if not any(r.success for r in results):
-        print("kiln demo: no partition passed validation", file=sys.stderr)
-        return 1
-    result = retrain(defs, spec, instance)
-    if not result.success:
-        print("kiln demo: the retrain run failed; see the Dagster UI for the failing step", file=sys.stderr)
-        return 1
+    say(f"{spec.name}: ingest and validate {len(keys)} partition(s)" if spec.source.partitions == "daily"
+        else f"{spec.name}: ingest and validate the snapshot")
+    results = ingest(defs, spec, keys, instance, progress=say, log_level=DEMO_LOG_LEVEL)
+    passed = sum(r.success for r in results)
+    if not passed:
+        say(f"{spec.name}: no partition passed validation; not training")
+        return False
+    if passed < len(results):
+        say(f"{spec.name}: {len(results) - passed} of {len(results)} partition(s) failed validation; training on the rest")
+    say(f"{spec.name}: train, gate, package and serve")
+    if not retrain(defs, spec, instance, progress=say, log_level=DEMO_LOG_LEVEL).success:
+        say(f"{spec.name}: the retrain run failed; the Dagster UI has the run's full logs")
+        return False
     endpoint = _endpoint_state(spec)
     url = endpoint["url"]
     sample = json.dumps({"rows": json.loads((paths["state"] / kiln_paths.sample_rows_file(spec.name)).read_text())[:1]})
-    print()
-    print(f"{spec.name} endpoint live at {url} serving model version {endpoint['model_version']}")
-    print(f"  curl -s -X POST {url}/predict -H 'Content-Type: application/json' -d '{sample}'")
-    print(f"  curl -s {url}/metadata")
-    print(f"UI: DAGSTER_HOME={paths['dagster_home']} KILN_HOME={paths['home']} .venv/bin/dagster dev -w workspace.yaml  (or: make ui)")
-    return 0
+    say(f"{spec.name}: endpoint live at {url} serving model version {endpoint['model_version']}")
+    say(f"  curl -s -X POST {url}/predict -H 'Content-Type: application/json' -d '{sample}'")
+    say(f"  curl -s {url}/metadata")
+    return passed == len(results)
+
+
+# The demo prints its own line per step (with failed rules); Dagster's console log would repeat it with DEBUG events
+# and stack traces. Every event is still in the run's log in the UI.
+DEMO_LOG_LEVEL = "CRITICAL"
 
 
 def _endpoint_state(spec: PipelineSpec) -> dict[str, Any]:
@@ -177,6 +204,7 @@ def status_rows() -> list[dict[str, Any]]:
         url = state.get("url")
         event = instance.get_latest_materialization_event(dg.AssetKey([spec.name, "model"]))
         drift_path = paths["state"] / kiln_paths.last_decision_file(spec.name)
+        issues_path = paths["state"] / kiln_paths.source_issues_file(spec.name)  # written by `<p>_new_data`
         rows.append(
             {
                 "pipeline": spec.name,
@@ -188,6 +216,8 @@ def status_rows() -> list[dict[str, Any]]:
                 "healthy": bool(url) and healthy(str(url)),
                 "last_drift": json.loads(drift_path.read_text()) if drift_path.exists() else None,
                 "last_retrain": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(event.timestamp)) if event else None,
+                # source files not ingested ([{file, reason}]): misnamed, impossible date, two files for one day...
+                "source_issues": json.loads(issues_path.read_text()).get("rejected", []) if issues_path.exists() else [],
             }
         )
     return rows
@@ -198,16 +228,64 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
+    import shutil
+
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("pipeline", "champion", "metric", "endpoint", "healthy", "last drift", "last retrain")
-    for r in rows:
-        metric = f"{r['metric']}={r['champion_metric']:.4f}" if r["champion_metric"] is not None else "-"
-        drift = r["last_drift"]["action"] if r["last_drift"] else "-"
-        table.add_row(r["pipeline"], r["champion_version"] or "-", metric, r["endpoint_url"] or "-",
-                      "yes" if r["healthy"] else "no", drift, r["last_retrain"] or "-")
-    Console().print(table)
+    cells = [_status_cells(r) for r in rows]
+    # rich alone falls back to 80 columns when stdout is not a terminal; COLUMNS or the terminal decide here
+    console = Console(width=shutil.get_terminal_size((120, 24)).columns, soft_wrap=False)
+    table = Table(*STATUS_FIELDS)
+    for row in cells:
+        table.add_row(*row)
+    if console.measure(table, options=console.options.update_width(10_000)).maximum <= console.width:  # unwrapped width
+        console.print(table)
+        return 0
+    # too narrow for one row per pipeline: one block per pipeline, a field per line, long values folded
+    for i, row in enumerate(cells):
+        if i:
+            console.print()
+        block = Table(show_header=False, box=None, padding=(0, 1), title=row[0], title_justify="left", title_style="bold")
+        block.add_column(no_wrap=True, style="dim")
+        block.add_column(overflow="fold")
+        for name, value in zip(STATUS_FIELDS[1:], row[1:], strict=True):
+            block.add_row(name, value)
+        console.print(block)
+    return 0
+
+
+STATUS_FIELDS = ("pipeline", "champion", "metric", "endpoint", "healthy", "last drift", "last retrain")
+
+
+def _status_cells(r: dict[str, Any]) -> list[str]:
+    metric = f"{r['metric']}={r['champion_metric']:.4f}" if r["champion_metric"] is not None else "-"
+    drift = r["last_drift"]["action"] if r["last_drift"] else "-"
+    return [r["pipeline"], r["champion_version"] or "-", metric, r["endpoint_url"] or "-", "yes" if r["healthy"] else "no", drift,
+            r["last_retrain"] or "-"]
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from platform_defs.lifecycle import prepare_local_env
+    from platform_defs.profiles import resources
+
+    prepare_local_env()
+    serving = resources("local")["serving"]
+    names = [args.pipeline] if args.pipeline else [s.name for s in load_specs()]
+    if args.pipeline and serving.state(args.pipeline) is None:
+        _spec(args.pipeline)  # an unknown name is an error; a known one without an endpoint is not
+    stopped = 0
+    for name in names:
+        record = serving.state(name)
+        if record is None:
+            continue
+        if serving.shutdown(name):
+            stopped += 1
+            print(f"stopped {name}: {record.get('url')} (model version {record.get('model_version')})")
+        else:
+            print(f"{name}: the endpoint recorded at {record.get('url')} was no longer running; removed its record")
+    if not stopped:
+        print(f"no endpoint running{' for ' + args.pipeline if args.pipeline else ''}")
     return 0
 
 
@@ -272,8 +350,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=42)
     s.add_argument("--start", help="first day (YYYY-MM-DD); default: the day after the last file")
     s.set_defaults(func=cmd_simulate)
-    d = sub.add_parser("demo", help="the whole lifecycle on embedded defaults, ending with a live endpoint")
-    d.add_argument("--pipeline", default="fraud")
+    d = sub.add_parser("demo", help="the whole lifecycle of every pipeline on embedded defaults, ending with live endpoints")
+    d.add_argument("--pipeline", help="only this pipeline (default: every pipeline in the pipelines folder)")
     d.add_argument("--days", type=int, default=10)
     d.add_argument("--rows-per-day", type=int, default=5000)
     d.add_argument("--seed", type=int, default=42)
@@ -302,6 +380,9 @@ def parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="champion, endpoint health, drift and retrain per pipeline")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
+    sp = sub.add_parser("stop", help="stop the local endpoint of one pipeline (default: of every pipeline)")
+    sp.add_argument("pipeline", nargs="?")
+    sp.set_defaults(func=cmd_stop)
     sl = sub.add_parser("slo", help="SLIs: availability, p95 latency, freshness, drift trend, training, CPU per 1k predictions")
     sl.add_argument("pipeline")
     sl.add_argument("--json", action="store_true", help="one line of JSON")

@@ -103,6 +103,8 @@ def test_new_from_csv_with_nulls_and_categoricals(pipelines: Path, tmp_path: Pat
     assert schema["tenure_months"].dtype == "int" and not schema["tenure_months"].nullable
     assert schema["tenure_months"].min is not None and schema["tenure_months"].min <= 1 and schema["tenure_months"].max >= 119
     assert schema["autopay"].dtype == "bool"
+    assert (schema["churned"].min, schema["churned"].max) == (0, 1)  # the observed labels, not widened to 2
+    assert spec.evaluation.min_improvement > 0  # a retrain that ties the champion is not promoted
     assert main(["validate"]) == 0
     assert main(["new", "churn", "--from", str(sample)]) == 1  # refuses to overwrite
 
@@ -150,3 +152,90 @@ def test_new_replaces_a_bare_spec_only_with_force(pipelines: Path, tmp_path: Pat
     assert main(["new", "churn", "--from", str(sample), "--force"]) == 0
     assert not (pipelines / "churn.yaml").exists()
     assert [s.name for s in load_specs()].count("churn") == 1
+
+
+def odd_columns_parquet(path: Path, rows: int = 400) -> Path:
+    """Public-dataset habits: dictionary-encoded text (Categorical, Enum), a constant column, a row number and a reference."""
+    rng = np.random.default_rng(3)
+    pl.DataFrame({
+        "order_ref": [f"R{i * 7:07d}" for i in range(rows)],
+        "row_number": np.arange(rows) * 3 + 5,
+        "store_id": rng.integers(1, 9, rows),
+        "country": pl.Series(rng.choice(["de", "fr", "us"], rows)).cast(pl.Categorical),
+        "tier": pl.Series(rng.choice(["gold", "silver"], rows)).cast(pl.Enum(["bronze", "gold", "silver"])),
+        "site": [2015] * rows,
+        "amount": np.round(rng.gamma(2.0, 30.0, rows), 2),
+        "label": (rng.random(rows) < 0.3).astype(int),
+    }).write_parquet(path)
+    return path
+
+
+def test_new_leaves_out_constant_and_id_like_columns_and_says_why(pipelines: Path, tmp_path: Path, kiln_home: Path) -> None:
+    from kiln.spec import load_spec
+
+    sample = odd_columns_parquet(tmp_path / "orders.parquet")
+    assert main(["new", "orders", "--from", str(sample)]) == 0
+    written = pipelines / "orders" / "defs.yaml"
+    spec = load_spec(written)
+    assert spec.schema_["country"].dtype == "str" and spec.schema_["country"].allowed == ["de", "fr", "us"]
+    assert spec.schema_["tier"].dtype == "str" and spec.schema_["tier"].allowed == ["bronze", "gold", "silver"]  # the Enum's own
+    assert spec.features.categorical == ["country", "tier"] and spec.features.passthrough == ["amount"]
+    assert set(spec.schema_) == {"order_ref", "row_number", "store_id", "country", "tier", "site", "amount", "label"}  # all checked
+    comments = [line.strip() for line in written.read_text().splitlines() if line.strip().startswith("#   ")]
+    assert comments == [
+        "#   order_ref: id-like (a different value in each of 400 rows): it would memorize records, not learn",
+        "#   row_number: id-like (a different value in each of 400 rows): it would memorize records, not learn",
+        "#   store_id: id-like (named like an identifier): it would memorize records, not learn",
+        "#   site: constant in the sample (every value is 2015): it cannot inform a model",
+    ]
+    assert main(["validate"]) == 0
+    result = _ingest_sample("orders", sample, kiln_home)  # the dictionary-encoded file onboards with no hand edits
+    assert result.success
+    validated = [e for e in result.get_asset_materialization_events() if e.asset_key == dg.AssetKey(["orders", "validated"])]
+    assert validated[-1].step_materialization_data.materialization.metadata["dagster/row_count"].value == 400
+
+
+def test_new_picks_a_serving_port_no_other_pipeline_or_process_uses(pipelines: Path, tmp_path: Path) -> None:
+    import socket
+
+    from kiln.spec import load_specs
+
+    taken = {s.serving.port for s in load_specs()}
+    with socket.socket() as busy:  # a port something on this machine listens on is not handed out either
+        busy.bind(("127.0.0.1", next(p for p in range(3100, 4000) if p not in taken)))
+        busy.listen()
+        listening = busy.getsockname()[1]
+        assert main(["new", "churn", "--from", str(churn_csv(tmp_path / "churn.csv", rows=300))]) == 0
+        assert main(["new", "orders", "--from", str(odd_columns_parquet(tmp_path / "orders.parquet"))]) == 0
+    ports = {s.name: s.serving.port for s in load_specs()}
+    assert len(set(ports.values())) == len(ports)  # fraud, breast_cancer, churn, orders: four endpoints, four ports
+    assert ports["churn"] not in (*taken, listening) and 3100 <= ports["churn"] < 4000
+    assert main(["validate"]) == 0
+
+
+def test_validate_refuses_what_would_fail_at_materialization(pipelines: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from kiln.spec import spec_data
+
+    assert main(["new", "churn", "--from", str(churn_csv(tmp_path / "churn.csv", rows=300))]) == 0
+    written = pipelines / "churn" / "defs.yaml"
+    data = spec_data(written)
+    data["features"]["expressions"] = {"spend_per_month": "monthly_spend / tenure_monts"}  # a typo
+    data["serving"] = {"port": spec_data(pipelines / "fraud" / "defs.yaml")["serving"]["port"]}
+    written.write_text(yaml.safe_dump({"type": "platform_defs.component.KilnPipeline", "attributes": data}))
+    capsys.readouterr()
+    assert main(["validate"]) == 1
+    err = capsys.readouterr().err
+    assert f"{written}: features.expressions.spend_per_month: 'monthly_spend / tenure_monts' does not compute" in err
+    assert 'unable to find column "tenure_monts"' in err
+    assert f"{written}: serving.port: 3100 is used by 2 pipelines" in err
+    assert f"{pipelines / 'fraud' / 'defs.yaml'}: serving.port: 3100" in err  # both files of the clash are named
+    assert "3 problem(s) that would fail at materialization" in err
+
+
+def test_the_scaffold_skeleton_gates_on_a_positive_improvement() -> None:
+    from kiln.spec import PipelineSpec
+    from platform_defs.infer import skeleton_text
+
+    spec = PipelineSpec.model_validate(yaml.safe_load(skeleton_text("orders"))["attributes"])
+    assert spec.evaluation.min_improvement > 0
