@@ -102,3 +102,8 @@ RETRAIN_RUN_TAG = "kiln/retrain"  # deploy/dagster.yaml: one retrain per pipelin
 TRIGGER_RUN_TAG = "kiln/trigger"
 TRAINER_OP_TAG = "kiln/trainer"
 SOURCE_FILE_TAG = "kiln/source_file"
+
+
+def source_issues_file(pipeline: str) -> str:
+    """Source files the `<p>_new_data` sensor does not ingest (misnamed, impossible date, ...) with why, for `kiln status`."""
+    return state_key(pipeline, "sources", "issues.json")

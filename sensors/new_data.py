@@ -1,67 +1,137 @@
-"""`<p>_new_data`: a new or changed source file launches ingestion of its day."""
+"""`<p>_new_data`: a new or changed source file launches ingestion of its day.
+
+Which files are partitions and whether a file changed is decided in `kiln.partitions`: a file whose name is not a day
+(``20260210.parquet``, ``2026-02-30.parquet``, ``latest.parquet``) is reported, never ingested and never blocks the
+others; a change is a change of content (a same-mtime replacement is re-ingested, a touch is not). The rejected files
+are logged, recorded as an observation of `<p>/raw` (a ``rejected_files`` table, when the set changes) and written to
+the state store for `kiln status`.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
-from datetime import date, timedelta
+import time
+from datetime import date
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kiln import partitions as parts
+from kiln import paths
 from kiln.spec import PipelineSpec
 
 if TYPE_CHECKING:
     import dagster as dg
+    from upath import UPath
+
+SKIP_LISTED = 5  # rejected files named in a skip reason; the rest are in the observation and `kiln status`
 
 
-def pending_files(listing: dict[str, float], cursor: dict[str, float], start: date, today: date) -> list[tuple[str, float]]:
-    """Files (``YYYY-MM-DD.<ext>``, mtime) that are new or changed since the cursor and name an existing partition."""
-    out = []
-    for name, mtime in sorted(listing.items()):
-        stem = name.split(".", 1)[0]
-        try:
-            day = date.fromisoformat(stem)
-        except ValueError:
-            continue
-        if day < start or day > today - timedelta(days=1):
-            continue  # no daily partition for it (yet)
-        if cursor.get(name) != mtime:
-            out.append((name, mtime))
-    return out
+def list_files(folder: UPath) -> dict[str, dict[str, Any]]:
+    """``{file name: fsspec info}`` of the files directly in a source folder, listed afresh (no cached listing)."""
+    entries = folder.fs.ls(folder.path, detail=True, refresh=True)
+    return {str(e["name"]).rstrip("/").rsplit("/", 1)[-1]: e for e in entries if e.get("type") == "file"}
+
+
+def sort_out(spec: PipelineSpec, names: list[str], today: date | None = None) -> tuple[dict[str, str], list[parts.Rejected]]:
+    """``({file: partition key or "" when unpartitioned}, rejected)`` for a source folder's file names."""
+    if spec.source.partitions == "none":
+        files = [n for n in names if not parts.ignored(n)]
+        allowed = ", ".join(f".{e}" for e in parts.extensions(spec.source.format))
+        return ({n: "" for n in files if parts.has_source_extension(n, spec.source.format)},
+                [parts.Rejected(n, f"unknown extension: this {spec.source.format} source reads {allowed}")
+                 for n in files if not parts.has_source_extension(n, spec.source.format)])
+    listing = parts.classify(names, spec.source.format, date.fromisoformat(spec.source.start_date), today)
+    return {f: day for day, f in listing.valid.items()}, listing.rejected
+
+
+def write_issues(state_root: str, spec: PipelineSpec, folder: UPath, rows: list[dict[str, str]]) -> Path:
+    """The rejected files of a pipeline's source, for `kiln status` (``kiln.paths.source_issues_file``)."""
+    path = Path(state_root) / paths.source_issues_file(spec.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"folder": str(folder), "checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                               "rejected": rows}, indent=2))
+    tmp.rename(path)  # `kiln status` never reads half a file
+    return path
+
+
+def _rejected_observation(raw_key: Any, rows: list[dict[str, str]], folder: UPath) -> dg.AssetObservation:
+    import dagster as dg
+
+    schema = dg.TableSchema(columns=[dg.TableColumn("file", "string"), dg.TableColumn("reason", "string")])
+    return dg.AssetObservation(
+        asset_key=raw_key,
+        description=(f"{len(rows)} source file(s) in {folder} are not ingested" if rows else f"every file in {folder} is ingested"),
+        metadata={"rejected_files": dg.MetadataValue.table([dg.TableRecord(r) for r in rows], schema=schema),
+                  "rejected_count": len(rows), "source": str(folder)})
+
+
+def _short(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _skip_reason(rows: list[dict[str, str]]) -> str:
+    if not rows:
+        return "no new source files"
+    named = "; ".join(f"{r['file']} ({r['reason']})" for r in rows[:SKIP_LISTED])
+    more = f"; and {len(rows) - SKIP_LISTED} more" if len(rows) > SKIP_LISTED else ""
+    return f"no new source files; {len(rows)} file(s) not ingested (see the rejected_files of the raw asset): {named}{more}"
 
 
 def build(spec: PipelineSpec, ingest_job: Any) -> dg.SensorDefinition:
     """The `<p>_new_data` sensor."""
     import dagster as dg
 
+    from kiln.keys import key
+
+    raw_key = dg.AssetKey(key(spec.name, "raw"))
+
     @dg.sensor(
         name=f"{spec.name}_new_data",
         job=ingest_job,
         minimum_interval_seconds=30,
         default_status=dg.DefaultSensorStatus.RUNNING,
-        description=f"Ingests each new or changed {spec.source.format} file under {spec.source.path}.",
+        description=f"Ingests each new or changed {spec.source.format} file under {spec.source.path}; reports misnamed files.",
         required_resource_keys={"storage"},
     )
     def new_data(context) -> Any:
-        folder = context.resources.storage.source_dir(spec.source.path)
+        storage = context.resources.storage
+        folder = storage.source_dir(spec.source.path)
         if not folder.exists():
             return dg.SkipReason(f"source folder {folder} does not exist yet")
-        listing = {p.name: p.stat().st_mtime for p in folder.glob(f"*.{spec.source.format}")}
+        infos = list_files(folder)
         cursor = json.loads(context.cursor) if context.cursor else {}
+        accepted, rejected = sort_out(spec, sorted(infos))
+        seen = parts.migrate_cursor(cursor, infos)
+        current = parts.fingerprints({n: infos[n] for n in accepted}, seen, lambda n: (folder / n).open("rb"))
+        changed = parts.changed_files(current, seen)
+        rows = parts.rejected_rows(rejected)
+        events: list[Any] = []
+        if rows != cursor.get("rejected"):
+            write_issues(storage.state_root, spec, folder, rows)
+            if rows or cursor.get("rejected"):  # a first tick with nothing wrong records nothing
+                events.append(_rejected_observation(raw_key, rows, folder))
+            for r in rows:
+                context.log.warning(f"{spec.name}: source file {folder / r['file']} is not ingested: {r['reason']}")
+        for name, replaces in changed.items():
+            if replaces and accepted[name]:
+                context.log.warning(f"{spec.name}: {name} replaces an ingested day ({accepted[name]}, content changed): raw and "
+                                    "validated re-run together; if the new file fails a blocking check both keep the previous data")
+                events.append(dg.AssetObservation(asset_key=raw_key, partition=accepted[name], metadata={
+                    "source_file": name, "replaces": "an ingested day", "fingerprint": current[name]["fp"]}))
+        new_cursor = json.dumps({"files": current, "rejected": rows})
+        if not changed:
+            return dg.SensorResult(skip_reason=_skip_reason(rows), cursor=new_cursor, asset_events=events)
         if spec.source.partitions == "none":
             # An unpartitioned source is read whole: any new or changed file means one run over all of them.
-            changed = {n: m for n, m in sorted(listing.items()) if cursor.get(n) != m}
-            if not changed:
-                return dg.SkipReason("no new source files")
-            context.update_cursor(json.dumps(cursor | changed))
-            run_key = "|".join(f"{n}:{m}" for n, m in changed.items())
-            return [dg.RunRequest(run_key=run_key, tags={"kiln/source_file": ",".join(changed)[:200]})]
-        todo = pending_files(listing, cursor, date.fromisoformat(spec.source.start_date), date.today())
-        if not todo:
-            return dg.SkipReason("no new source files")
-        requests = [
-            dg.RunRequest(run_key=f"{name}:{mtime}", partition_key=name.split(".", 1)[0], tags={"kiln/source_file": name})
-            for name, mtime in todo
-        ]
-        context.update_cursor(json.dumps(cursor | dict(todo)))
-        return requests
+            digest = hashlib.sha256("|".join(f"{n}:{current[n]['fp']}:{current[n]['stat']}" for n in changed).encode()).hexdigest()
+            requests = [dg.RunRequest(run_key=f"all:{digest[:32]}", tags={paths.SOURCE_FILE_TAG: ",".join(changed)[:200]})]
+        else:
+            # The stat in the key: content that comes back (A, B, then A again) is a new run, not a duplicate key.
+            requests = [dg.RunRequest(run_key=f"{name}:{current[name]['fp']}:{_short(current[name]['stat'])}",
+                                      partition_key=accepted[name], tags={paths.SOURCE_FILE_TAG: name})
+                        for name in changed]
+        return dg.SensorResult(run_requests=requests, cursor=new_cursor, asset_events=events)
 
     return new_data
