@@ -75,7 +75,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         path = source_file(folder, spec, partition) if partition else folder
         check_reachable(path)  # an unreachable object store is not "file does not exist"
         try:
-            frame, unparsed = read_source_with_report(path, spec) if partition else read_source_folder(folder, spec)
+            frame, unparsed, widened = read_source_with_report(path, spec) if partition else read_source_folder(folder, spec)
         except SourceReadError as exc:
             yield check_result("schema_contract", raw_key, [unreadable_failure(spec, str(exc))], 0, partition, str(path))
             yield dg.AssetCheckResult(asset_key=raw_key, check_name="schema_change", passed=True, metadata={"skipped": "unreadable"})
@@ -85,7 +85,10 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         yield dg.Output(frame, metadata={"dagster/row_count": frame.height, "dagster/column_schema": schema,
                                          "source_file": str(path), "partition": partition or "none"})
         failures = schema_failures(frame, spec, unparsed)
-        yield check_result("schema_contract", raw_key, failures, frame.height, partition, str(path))
+        contract = check_result("schema_contract", raw_key, failures, frame.height, partition, str(path))
+        # Widenings applied on reading (kiln.source.conform_dtypes), so a person sees what was changed to pass.
+        yield dg.AssetCheckResult(asset_key=raw_key, check_name="schema_contract", passed=contract.passed, severity=contract.severity,
+                                  metadata={**contract.metadata, "widened": dg.MetadataValue.json(widened)})
         yield dg.AssetCheckResult(asset_key=raw_key, check_name="schema_change", passed=unchanged,
                                   severity=dg.AssetCheckSeverity.WARN, metadata=change)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kiln.gx import SAMPLES, Rule, run_rules
-from kiln.source import POLARS_DTYPES
+from kiln.source import POLARS_DTYPES, timezone_problems
 from kiln.spec import PipelineSpec
 
 if TYPE_CHECKING:
@@ -157,6 +157,15 @@ def schema_failures(frame: pl.DataFrame, spec: PipelineSpec, unparsed: dict[str,
     for f in failures:
         if f["rule"] == "dtype" and unparsed and f["column"] in unparsed and not f["sample_values"]:
             f["sample_values"] = unparsed[f["column"]]
+    # GX's type check takes any timestamp for a datetime; whether aware values may pass is the spec's `timezone`.
+    dtype_failed = {f["column"]: f for f in failures if f["rule"] == "dtype"}
+    for name, problem in timezone_problems(frame, spec, unparsed).items():
+        if name in dtype_failed:
+            dtype_failed[name]["observed"] = f"{dtype_failed[name]['observed']}: {problem}"
+        else:
+            failures.append({"rule": "dtype", "column": name, "severity": spec.validation.severity_of("dtype", name),
+                             "expectation": "ExpectColumnValuesToBeOfType", "unexpected_count": None, "unexpected_percent": 0.0,
+                             "sample_values": [], "observed": f"{frame.schema[name]}: {problem}", "error": None})
     return failures
 
 

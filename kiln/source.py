@@ -215,7 +215,7 @@ def conform_dtypes(frame: pl.DataFrame, spec: PipelineSpec) -> tuple[pl.DataFram
         return frame, {}, refused
     conformed = frame.with_columns(casts)
     for name in widened:
-        widened[name] += _dtype_name(conformed.schema[name]) + _notes(frame.schema[name], conformed.schema[name], spec, name)
+        widened[name] += _dtype_name(conformed.schema[name]) + _notes(frame.schema[name], conformed.schema[name])
     return conformed, widened, refused
 
 
@@ -230,7 +230,7 @@ def _dtype_name(dtype: Any) -> str:
     return str(dtype)
 
 
-def _notes(found: Any, now: Any, spec: PipelineSpec, name: str) -> str:
+def _notes(found: Any, now: Any) -> str:
     """What a widening did beyond the dtype: a timezone conversion, a coercion."""
     import polars as pl
 

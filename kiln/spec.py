@@ -36,9 +36,17 @@ class ColumnSpec(_Strict):
     allowed: list[str] | None = None
     key: bool = False
     max_null_fraction: float | None = Field(default=None, ge=0, le=1, description="nullable columns: most nulls allowed")
+    coerce: bool = Field(default=False, description="bool: read 0/1 integers as false/true; int: read floats that are all whole numbers")
+    timezone: Literal["UTC"] | None = Field(
+        default=None, description="datetime: aware values are converted to UTC and naive ones taken as UTC; unset: aware values fail"
+    )
 
     @model_validator(mode="after")
     def _check_bounds(self) -> ColumnSpec:
+        if self.coerce and self.dtype not in ("bool", "int"):
+            raise ValueError(f"coerce applies to dtype bool (0/1) or int (whole floats), not {self.dtype}")
+        if self.timezone is not None and self.dtype != "datetime":
+            raise ValueError(f"timezone needs dtype datetime, not {self.dtype}")
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError(f"min ({self.min}) is greater than max ({self.max})")
         if (self.min is not None or self.max is not None) and self.dtype not in ("float", "int"):

@@ -258,3 +258,21 @@ def test_null_fraction_and_row_count_bounds_are_quality_rules(world: dict[str, A
     failures = {(f["column"], f["rule"]): f for f in run_rules(frame, quality_rules(spec), "bounds", spec, arrow=False)}
     assert set(failures) == {(None, "row_count"), ("customer_age", "null_fraction")}
     assert failures[("customer_age", "null_fraction")]["unexpected_count"] >= 100
+
+
+def test_real_world_parquet_dtypes_are_widened_and_reported(world: dict[str, Any]) -> None:
+    """Dictionary-encoded text, nanosecond timestamps (pandas' default) and whole-number amounts pass the schema
+    contract of a parquet pipeline, reach `validated` typed as the spec says, and the check says what was widened."""
+    frame = _good_frame(world, "cardspq", seed=17)
+    real_world = frame.with_columns(pl.col("country").cast(pl.Categorical), pl.col("ts").cast(pl.Datetime("ns")),
+                                    pl.col("amount").round(0).cast(pl.Int64))
+    day, result = _feed(world, "cardspq", _parquet(real_world))
+    assert result.success, day
+    contract = _evaluation(result, "raw", "schema_contract")
+    assert contract.passed
+    assert contract.metadata["widened"].value == {"ts": "Datetime(ns) -> Datetime(us)", "amount": "Int64 -> Float64",
+                                                   "country": "Categorical -> String"}
+    validated = pl.read_parquet(world["storage"] / "cardspq" / "validated" / f"{day}.parquet")
+    assert validated.height == frame.height
+    assert (validated.schema["country"], validated.schema["ts"], validated.schema["amount"]) == (pl.String, pl.Datetime("us"), pl.Float64)
+    assert validated["amount"].to_list() == real_world["amount"].cast(pl.Float64).to_list()
