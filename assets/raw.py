@@ -82,10 +82,14 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
             return
         schema = column_schema(frame)
         unchanged, change = schema_change(context, raw_key, schema)
-        yield dg.Output(frame, metadata={"dagster/row_count": frame.height, "dagster/column_schema": schema,
-                                         "source_file": str(path), "partition": partition or "none"})
         failures = schema_failures(frame, spec, unparsed)
         contract = check_result("schema_contract", raw_key, failures, frame.height, partition, str(path))
+        if contract.passed or contract.severity != dg.AssetCheckSeverity.ERROR:
+            yield dg.Output(frame, metadata={"dagster/row_count": frame.height, "dagster/column_schema": schema,
+                                             "source_file": str(path), "partition": partition or "none"})
+        else:
+            # A file that breaks the contract is not stored: raw and validated both keep the last good file, never a mix.
+            context.log.warning(f"{spec.name}/raw {partition or ''}: {path} breaks the schema contract; not stored")
         # Widenings applied on reading (kiln.source.conform_dtypes), so a person sees what was changed to pass.
         yield dg.AssetCheckResult(asset_key=raw_key, check_name="schema_contract", passed=contract.passed, severity=contract.severity,
                                   metadata={**contract.metadata, "widened": dg.MetadataValue.json(widened)})

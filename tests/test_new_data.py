@@ -165,8 +165,6 @@ def _stored_rows(world: dict[str, Any], stage: str) -> int:
     return pl.read_parquet(world["stored"] / stage / f"{GOOD_DAY}.parquet").height
 
 
-@pytest.mark.xfail(strict=True, reason="assets/raw.py stores the file before its blocking schema check fails: raw gets the "
-                                       "bad file while validated keeps the old one (issue #22 item 2, fix in raw.py)")
 def test_a_replacement_that_fails_the_schema_check_leaves_both_raw_and_validated_old(ingested: dict[str, Any]) -> None:
     from platform_defs.lifecycle import ingest
 
