@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from kiln.partitions import partition_file
+from kiln.partitions import has_source_extension, ignored, partition_file
 from kiln.spec import PipelineSpec
 
 if TYPE_CHECKING:
@@ -52,7 +52,9 @@ def read_source_folder(folder: UPath, spec: PipelineSpec) -> tuple[pl.DataFrame,
     values that did not convert and the widenings applied (as :func:`read_source_with_report`)."""
     import polars as pl
 
-    files = sorted(folder.glob(f"*.{spec.source.format}"))
+    # The same files the new-data sensor accepts: any case of the extension, `.pq` for parquet; hidden/temp files skipped.
+    names = folder.iterdir() if folder.exists() else []
+    files = sorted(p for p in names if has_source_extension(p.name, spec.source.format) and not ignored(p.name))
     if not files:
         raise SourceReadError(f"{spec.name}: no *.{spec.source.format} files in {folder}")
     reads = [read_source_with_report(f, spec) for f in files]

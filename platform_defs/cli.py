@@ -255,14 +255,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-STATUS_FIELDS = ("pipeline", "champion", "metric", "endpoint", "healthy", "last drift", "last retrain")
+STATUS_FIELDS = ("pipeline", "champion", "metric", "endpoint", "healthy", "last drift", "last retrain", "source issues")
 
 
 def _status_cells(r: dict[str, Any]) -> list[str]:
     metric = f"{r['metric']}={r['champion_metric']:.4f}" if r["champion_metric"] is not None else "-"
     drift = r["last_drift"]["action"] if r["last_drift"] else "-"
+    issues = r.get("source_issues") or []
+    files = f"{len(issues)} file(s) not ingested: " + ", ".join(i["file"] for i in issues[:3]) if issues else "-"
     return [r["pipeline"], r["champion_version"] or "-", metric, r["endpoint_url"] or "-", "yes" if r["healthy"] else "no", drift,
-            r["last_retrain"] or "-"]
+            r["last_retrain"] or "-", files]
 
 
 def cmd_stop(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ SNAPSHOT_STEM = "snapshot"  # the one file `simulate` writes for an unpartitione
 
 
 def prepare_local_env() -> dict[str, Path]:
-    """Create the local profile's folders and point DAGSTER_HOME at its own (unless already set)."""
+    """Create the local profile's folders, point DAGSTER_HOME at its own (unless already set) and give it a dagster.yaml."""
     from platform_defs.profiles import local_paths
 
     paths = local_paths()
@@ -26,7 +26,42 @@ def prepare_local_env() -> dict[str, Path]:
     os.environ.setdefault("KILN_HOME", str(paths["home"]))
     os.environ.setdefault("DAGSTER_HOME", str(paths["dagster_home"]))
     os.environ.setdefault("BENTOML_HOME", str(paths["bentoml"]))
+    # MLflow's download bars and INFO lines would interleave with the CLI's own lines (read before mlflow is imported)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    write_instance_config(Path(os.environ["DAGSTER_HOME"]))
     return paths
+
+
+LOCAL_INSTANCE_CONFIG = """\
+# Written by Kiln on first use (never overwritten: edit freely). The local Dagster instance: SQLite storage in this
+# folder (Dagster's default); see deploy/dagster.yaml for the prod instance.
+telemetry:
+  enabled: false
+
+concurrency:
+  runs:
+    max_concurrent_runs: 4
+    tag_concurrency_limits:
+      # one retrain at a time per pipeline (the <p>_retrain job carries kiln/retrain: <p>), as in prod
+      - key: kiln/retrain
+        value: {applyLimitPerUniqueValue: true}
+        limit: 1
+"""
+
+
+def write_instance_config(dagster_home: Path) -> bool:
+    """Write a local ``dagster.yaml`` into DAGSTER_HOME unless one exists; True if written.
+
+    Without it Dagster warns on every command that it found no instance configuration."""
+    path = dagster_home / "dagster.yaml"
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    try:
+        with path.open("x", encoding="utf-8") as out:  # "x": a file that appeared meanwhile is not replaced
+            out.write(LOCAL_INSTANCE_CONFIG)
+    except FileExistsError:
+        return False
+    return True
 
 
 def provision_tracking_store() -> float:
@@ -93,38 +128,58 @@ def _all(defs: Any) -> list[Any]:
     return [*defs.assets, *defs.asset_checks]
 
 
+def run_config(log_level: str) -> dict[str, Any]:
+    """Run config that sets the level of Dagster's console log (the CLI keeps it above DEBUG and prints its own lines)."""
+    return {"loggers": {"console": {"config": {"log_level": log_level}}}}
+
+
 def ingest(defs: Any, spec: PipelineSpec, partitions: list[str] | list[str | None], instance: Any,
-           progress: Progress = print) -> list[Any]:
-    """Materialize raw + validated (and their blocking checks) for each partition (None: unpartitioned); returns the run results."""
+           progress: Progress = print, log_level: str = "DEBUG") -> list[Any]:
+    """Materialize raw + validated (and their blocking checks) for each partition (None: unpartitioned); returns the run results.
+
+    ``progress`` gets one line per step (see :func:`platform_defs.progress.step_lines`), failed checks' rules under it."""
     import dagster as dg
 
     selection = dg.AssetSelection.assets([spec.name, "raw"], [spec.name, "validated"]).required_multi_asset_neighbors()
     results = []
     for partition in partitions:
-        started = time.perf_counter()
         result = dg.materialize(_all(defs), selection=selection, partition_key=partition, instance=instance,
-                                resources=defs.resources, raise_on_error=False, tags={"kiln/pipeline": spec.name})
-        label = partition or "all files"
-        progress(f"  {spec.name}/raw,validated [{label}] {'ok' if result.success else 'FAILED'} ({time.perf_counter() - started:.1f}s)")
+                                resources=defs.resources, raise_on_error=False, tags={"kiln/pipeline": spec.name},
+                                run_config=run_config(log_level))
+        report(result, instance, progress, (f"{spec.name}/raw", f"{spec.name}/validated"))
         results.append(result)
     return results
 
 
-def retrain(defs: Any, spec: PipelineSpec, instance: Any, progress: Progress = print, stages: tuple[str, ...] = RETRAIN_STAGES) -> Any:
+def retrain(defs: Any, spec: PipelineSpec, instance: Any, progress: Progress = print, stages: tuple[str, ...] = RETRAIN_STAGES,
+            log_level: str = "DEBUG") -> Any:
     """Materialize features -> model -> champion -> bento -> endpoint (with their checks) in one run."""
     import dagster as dg
 
-    started = time.perf_counter()
     selection = dg.AssetSelection.assets(*[[spec.name, s] for s in stages])
     result = dg.materialize(_all(defs), selection=selection, instance=instance, resources=defs.resources,
-                            raise_on_error=False, tags={"kiln/pipeline": spec.name})
-    progress(f"  {spec.name}/{','.join(stages)} {'ok' if result.success else 'FAILED'} ({time.perf_counter() - started:.1f}s)")
+                            raise_on_error=False, tags={"kiln/pipeline": spec.name}, run_config=run_config(log_level))
+    report(result, instance, progress, tuple(f"{spec.name}/{s}" for s in stages))
     return result
 
 
+def report(result: Any, instance: Any, progress: Progress, planned: tuple[str, ...] = ()) -> None:
+    """Pass a finished run's step lines to ``progress`` (``planned`` assets it never reached are listed as skipped)."""
+    from platform_defs.progress import partition_label, step_lines, step_outcomes
+
+    outcomes = step_outcomes(instance, result.run_id)
+    for line in step_lines(outcomes, partition_label(dict(result.dagster_run.tags)), planned):
+        progress(line)
+
+
 def source_partitions(spec: PipelineSpec, folder: Path) -> list[str]:
-    """Partition keys that have a source file."""
-    return sorted(p.stem for p in folder.glob(f"*.{spec.source.format}"))
+    """Partition keys that have a valid source file (the files the new-data sensor would ingest)."""
+    from datetime import date
+
+    from kiln.partitions import classify
+
+    names = [p.name for p in folder.iterdir()] if folder.exists() else []
+    return sorted(classify(names, spec.source.format, date.fromisoformat(spec.source.start_date)).valid)
 
 
 def ingest_keys(spec: PipelineSpec, folder: Path) -> list[str | None]:
