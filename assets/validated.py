@@ -50,14 +50,25 @@ def build(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
         can_subset=False,
     )
     def validated(context, raw: Any):
-        from kiln.contracts import check_quality, rejected_by_column
+        from kiln.contracts import check_quality, rejected_by_column, rejected_by_rule
+        from kiln.keyindex import repeated_keys, write_key_index
+        from kiln.paths import key_index_dir
         from kiln.source import source_file
+        from resources.storage import storage_path
 
         storage: KilnStorage = context.resources.storage
         partition = context.partition_key if context.has_partition_key else None
         file = str(source_file(storage.source_dir(spec.source.path), spec, partition)) if partition else spec.source.path
-        report = check_quality(raw, spec)
-        result = check_result("quality_contract", validated_key, report.failures, report.rows, partition, file)
+        index = storage_path(storage.state_root) / key_index_dir(spec.name)
+        keys = spec.key_columns if partition else []
+        report = check_quality(raw, spec, partition,
+                               (lambda typed: repeated_keys(index, partition, typed, keys)) if keys and partition else None)
+        checked = check_result("quality_contract", validated_key, report.failures, report.rows, partition, file)
+        # The check says how many rows went to `<p>/quarantine`: the per-rule counts add up to it.
+        counts: dict[str, Any] = {"rows_quarantined": report.bad.height,
+                                  "quarantined_by_rule": dg.MetadataValue.json(rejected_by_rule(report.bad))}
+        result = dg.AssetCheckResult(asset_key=validated_key, check_name="quality_contract", passed=checked.passed,
+                                     severity=checked.severity, metadata={**checked.metadata, **counts})
         rejected = dg.MetadataValue.json(rejected_by_column(report.bad))
         yield dg.Output(report.bad, output_name="quarantine",
                         metadata={"dagster/row_count": report.bad.height, "partition": partition or "none", "file": file,
@@ -73,6 +84,8 @@ def build(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
         yield dg.Output(report.good, output_name="validated", metadata={
             "dagster/row_count": report.good.height, "dagster/column_schema": schema, "rows_in": raw.height,
             "rows_quarantined": report.bad.height, "quarantined_by_column": rejected, "partition": partition or "none"})
+        if keys and partition:  # `<p>/validated` is stored: its keys now count against every other partition
+            write_key_index(index, partition, report.good, keys)
         yield result
         yield dg.AssetCheckResult(asset_key=validated_key, check_name="schema_change", passed=unchanged,
                                   severity=dg.AssetCheckSeverity.WARN, metadata=change)

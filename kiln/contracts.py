@@ -7,7 +7,9 @@ asset modules turn these results into asset-check results.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from kiln.gx import SAMPLES, Rule, run_rules
@@ -17,12 +19,16 @@ from kiln.spec import PipelineSpec
 if TYPE_CHECKING:
     import polars as pl
 
-__all__ = ["AFTER_QUARANTINE", "ROW_RULES", "SAMPLES", "QualityReport", "Rule", "bad_row_limit", "cast_to_spec",
-           "check_quality", "conform", "describe", "failure_table", "quality_rules", "rejected_by_column", "run_rules",
-           "schema_failures", "schema_rules", "split_rows", "unreadable_failure", "violations"]
+__all__ = ["AFTER_QUARANTINE", "KeyLookup", "QualityReport", "ROW_RULES", "Rule", "SAMPLES", "bad_row_limit", "calendar_violations",
+           "cast_to_spec", "check_quality", "conform", "describe", "failure_table", "quality_rules", "rejected_by_column",
+           "rejected_by_rule", "run_rules", "schema_failures", "schema_rules", "split_rows", "target_rate_failure",
+           "unreadable_failure", "violations"]
 
 AFTER_QUARANTINE = ("row_count", "null_fraction")  # judged on the rows that stay, not on the rows that arrived
-ROW_RULES = ("not_null", "range", "allowed_values", "unique_key")  # rules whose breaking rows `<p>/validated` sets aside
+# rules whose breaking rows `<p>/validated` sets aside
+ROW_RULES = ("not_null", "range", "allowed_values", "unique_key", "partition_day", "key_in_other_partition")
+# Per key column, True where a row's key is stored for another partition (see kiln.keyindex.repeated_keys).
+KeyLookup = Callable[["pl.DataFrame"], dict[str, "pl.Series"]]
 
 
 def _row_count_rule(spec: PipelineSpec) -> Rule:
@@ -108,10 +114,11 @@ def conform(frame: pl.DataFrame, spec: PipelineSpec) -> tuple[pl.DataFrame, dict
     return good, rejected_by_column(bad)
 
 
-def split_rows(typed: pl.DataFrame, spec: PipelineSpec) -> tuple[pl.DataFrame, pl.DataFrame]:
+def split_rows(typed: pl.DataFrame, spec: PipelineSpec, extra: dict[str, pl.Series] | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Good rows, and bad rows with a ``_reasons`` column ("amount.range; country.allowed_values") for `<p>/quarantine`.
 
-    Only rules of severity ``error`` reject rows; ``warn`` rules are reported by the checks and rows stay."""
+    ``extra`` adds row rules judged outside the frame ("ts.partition_day": a boolean per row). Only rules of severity
+    ``error`` reject rows; ``warn`` rules are reported by the checks and rows stay."""
     import polars as pl
 
     flags = violations(typed, spec, keys=True)
@@ -130,6 +137,10 @@ def split_rows(typed: pl.DataFrame, spec: PipelineSpec) -> tuple[pl.DataFrame, p
         for condition, rule, applies in labelled:
             if applies and spec.validation.severity_of(rule, name) == "error":
                 reasons.append(pl.when(condition).then(pl.lit(f"{name}.{rule}")))
+    for label, mask in (extra or {}).items():
+        name, rule = label.rsplit(".", 1)
+        if spec.validation.severity_of(rule, name) == "error":
+            reasons.append(pl.when(pl.lit(mask)).then(pl.lit(label)))
     if not reasons:
         return typed, typed.clear().with_columns(pl.lit("").alias("_reasons"))
     labelled_frame = typed.with_columns(pl.concat_str(reasons, separator="; ", ignore_nulls=True).alias("_reasons"))
@@ -137,6 +148,16 @@ def split_rows(typed: pl.DataFrame, spec: PipelineSpec) -> tuple[pl.DataFrame, p
     good = labelled_frame.filter(~bad_mask.fill_null(False)).drop("_reasons")
     bad = labelled_frame.filter(bad_mask.fill_null(False))
     return good, bad
+
+
+def rejected_by_rule(bad: pl.DataFrame) -> dict[str, int]:
+    """Rejected rows per reason ("amount.range"); a row breaking two rules counts for both."""
+    if bad.height == 0:
+        return {}
+    import polars as pl
+
+    counts = bad.select(pl.col("_reasons").str.split("; ")).explode("_reasons").group_by("_reasons").len()
+    return {r["_reasons"]: int(r["len"]) for r in counts.to_dicts()}
 
 
 def rejected_by_column(bad: pl.DataFrame) -> dict[str, int]:
@@ -196,19 +217,96 @@ class QualityReport:
         return any(f.get("severity", "error") == "error" for f in self.failures)
 
 
-def check_quality(raw: pl.DataFrame, spec: PipelineSpec) -> QualityReport:
+def calendar_violations(typed: pl.DataFrame, spec: PipelineSpec, partition: str | None) -> pl.Series | None:
+    """Rule ``partition_day``: True where a row's ``source.timestamp_column`` falls outside the daily partition's day
+    widened by ``validation.partition_tolerance_hours`` on both sides; None when the rule does not apply."""
+    import polars as pl
+
+    ts = spec.source.timestamp_column
+    if spec.source.partitions != "daily" or not ts or ts not in typed.columns or not partition:
+        return None
+    try:
+        day = datetime.strptime(partition, "%Y-%m-%d")
+    except ValueError:
+        return None
+    tolerance = timedelta(hours=spec.validation.partition_tolerance_hours)
+    c = pl.col(ts)
+    if getattr(typed.schema[ts], "time_zone", None):
+        c = c.dt.convert_time_zone("UTC").dt.replace_time_zone(None)
+    outside = (c < day - tolerance) | (c >= day + timedelta(days=1) + tolerance)
+    return typed.select(outside.fill_null(False).alias(ts)).to_series()
+
+
+def _row_failure(rule: str, column: str, mask: pl.Series, values: pl.Series, spec: PipelineSpec, expectation: str) -> dict[str, Any]:
+    """A failed row rule judged in polars, in the shape of a GX failure."""
+    count = int(mask.sum())
+    return {"rule": rule, "column": column, "severity": spec.validation.severity_of(rule, column), "expectation": expectation,
+            "unexpected_count": count, "unexpected_percent": round(100 * count / len(mask), 3) if len(mask) else 0.0,
+            "sample_values": [str(v) for v in values.filter(mask).head(SAMPLES).to_list()], "observed": "", "error": None}
+
+
+def target_rate_failure(good: pl.DataFrame, spec: PipelineSpec) -> dict[str, Any] | None:
+    """Rule ``target_rate``: the share of rows labelled 1 (true) must lie within ``validation.target``'s bounds.
+    Judged on the rows that stay; a partition-level rule (it fails the partition, it sets no row aside)."""
+    import polars as pl
+
+    bounds = spec.validation.target
+    if bounds is None or spec.target not in good.columns or good.height == 0:
+        return None
+    positives = int(good.select((pl.col(spec.target).cast(pl.Int64) == 1).fill_null(False).sum()).item())
+    rate = positives / good.height
+    low, high = bounds.min_positive_rate, bounds.max_positive_rate
+    if (low is None or rate >= low) and (high is None or rate <= high):
+        return None
+    wanted = " and ".join(p for p in (f">= {low:.2%}" if low is not None else "", f"<= {high:.2%}" if high is not None else "") if p)
+    return {"rule": "target_rate", "column": spec.target, "severity": spec.validation.severity_of("target_rate", spec.target),
+            "expectation": f"positive rate of '{spec.target}' {wanted} (validation.target)", "unexpected_count": None,
+            "unexpected_percent": round(100 * rate, 3), "sample_values": [],
+            "observed": f"positive rate {rate:.2%} ({positives} of {good.height} rows), wanted {wanted}", "error": None}
+
+
+def check_quality(raw: pl.DataFrame, spec: PipelineSpec, partition: str | None = None,
+                  repeated_keys: KeyLookup | None = None) -> QualityReport:
     """Type raw rows, run the quality suite, and split off the rows that break a row rule.
 
-    Row rules are judged on the rows that arrived; row count and null fractions on the rows that stay. Bad rows within
-    the spec's quarantine limit only demote the row rules they broke to ``warn``; beyond it a ``bad_row_share``
-    failure blocks."""
+    Row rules are judged on the rows that arrived; row count, null fractions and the target rate on the rows that
+    stay. With a daily ``partition`` the timestamps must fall in its day (``partition_day``); ``repeated_keys`` marks
+    keys already stored for another partition (``key_in_other_partition``). Every row rule reports the rows it set
+    aside, so the counts add up to `<p>/quarantine`. Bad rows within the spec's quarantine limit only demote the row
+    rules they broke to ``warn``; beyond it a ``bad_row_share`` failure blocks."""
     typed = cast_to_spec(raw, spec)
     rules = quality_rules(spec)
     failures = run_rules(typed, [r for r in rules if r.name not in AFTER_QUARANTINE], f"{spec.name}_validated_quality", spec,
                          arrow=False)
-    good, bad = split_rows(typed, spec)
+    flags: dict[str, pl.Series] = {}
+    for name, col in spec.schema_.items():  # nulls in a required column: the raw check tolerates a few, they go here
+        if not col.nullable and name in typed.columns and typed[name].null_count():
+            mask = typed[name].is_null()
+            failures.append(_row_failure("not_null", name, mask, typed[name], spec, "ExpectColumnValuesToNotBeNull"))
+    outside = calendar_violations(typed, spec, partition)
+    if outside is not None and outside.any():
+        ts = outside.name
+        flags[f"{ts}.partition_day"] = outside
+        tolerance = spec.validation.partition_tolerance_hours
+        failures.append(_row_failure("partition_day", ts, outside, typed[ts], spec,
+                                     f"within partition {partition} (+/- {tolerance:g} h, validation.partition_tolerance_hours)"))
+    for name, mask in (repeated_keys(typed) if repeated_keys is not None else {}).items():
+        if mask.any():
+            flags[f"{name}.key_in_other_partition"] = mask
+            failures.append(_row_failure("key_in_other_partition", name, mask, typed[name], spec,
+                                         "a key not already stored for another partition"))
+    good, bad = split_rows(typed, spec, flags)
+    quarantined = rejected_by_rule(bad)
+    for f in failures:  # report the rows set aside (GX counts every copy of a repeated key; the first one stays)
+        label = f"{f['column']}.{f['rule']}"
+        if f["rule"] in ROW_RULES and label in quarantined:
+            f["unexpected_count"] = quarantined[label]
+            f["unexpected_percent"] = round(100 * quarantined[label] / typed.height, 3)
     failures += run_rules(good, [r for r in rules if r.name in AFTER_QUARANTINE], f"{spec.name}_validated_table", spec,
                           arrow=False)
+    target = target_rate_failure(good, spec)
+    if target is not None:
+        failures.append(target)
     limit = bad_row_limit(spec)
     share = bad.height / typed.height if typed.height else 0.0
     if bad.height and share > limit:

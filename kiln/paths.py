@@ -107,3 +107,11 @@ SOURCE_FILE_TAG = "kiln/source_file"
 def source_issues_file(pipeline: str) -> str:
     """Source files the `<p>_new_data` sensor does not ingest (misnamed, impossible date, ...) with why, for `kiln status`."""
     return state_key(pipeline, "sources", "issues.json")
+
+
+KEYS = "keys"  # per partition, the key hashes of the rows that reached `<p>/validated`
+
+
+def key_index_dir(pipeline: str) -> str:
+    """The key index of a pipeline: one parquet file per validated partition (`<partition>.parquet`)."""
+    return state_key(pipeline, KEYS)

@@ -77,7 +77,22 @@ class SourceSpec(_Strict):
 
 
 RULES = ("readable", "columns_match", "row_count", "dtype", "not_null", "null_fraction", "range", "allowed_values", "unique_key",
-         "bad_row_share")
+         "bad_row_share", "partition_day", "key_in_other_partition", "target_rate")
+
+
+class TargetRuleSpec(_Strict):
+    """Rule ``target_rate``: the share of rows of one partition whose classification target is 1 (true) stays in bounds."""
+
+    min_positive_rate: float | None = Field(default=None, ge=0, le=1)
+    max_positive_rate: float | None = Field(default=None, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _check_rates(self) -> TargetRuleSpec:
+        if self.min_positive_rate is None and self.max_positive_rate is None:
+            raise ValueError("set min_positive_rate, max_positive_rate or both")
+        if self.min_positive_rate is not None and self.max_positive_rate is not None and self.min_positive_rate > self.max_positive_rate:
+            raise ValueError(f"min_positive_rate ({self.min_positive_rate}) is greater than max_positive_rate ({self.max_positive_rate})")
+        return self
 
 
 class ValidationSpec(_Strict):
@@ -92,6 +107,12 @@ class ValidationSpec(_Strict):
     max_rows: int | None = Field(default=None, ge=1)
     severity: dict[str, Literal["error", "warn"]] = Field(
         default_factory=dict, description="per rule ('range') or column rule ('amount.range'): error blocks, warn reports"
+    )
+    partition_tolerance_hours: float = Field(
+        default=2, ge=0, description="daily partitions: how far source.timestamp_column may fall outside its day (rule partition_day)"
+    )
+    target: TargetRuleSpec | None = Field(
+        default=None, description="bounds on the share of positive labels per partition (rule target_rate)"
     )
 
     @field_validator("severity")
@@ -261,6 +282,8 @@ class PipelineSpec(_Strict):
             raise ValueError(f"source.timestamp_column: '{ts}' is not a datetime schema column")
         if self.task == "classification" and columns[self.target].dtype not in ("int", "bool"):
             raise ValueError("target: classification needs an int or bool target column")
+        if self.validation.target is not None and self.task != "classification":
+            raise ValueError("validation.target: positive-rate bounds need task classification")
         if self.task == "classification" and self.evaluation.metric in ("rmse", "mae", "r2"):
             raise ValueError(f"evaluation.metric: '{self.evaluation.metric}' is a regression metric")
         return self

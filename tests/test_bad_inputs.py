@@ -48,7 +48,8 @@ def world(kiln_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
     spec_dir = tmp_path_factory.mktemp("bad-input-pipelines")
     specs = {
-        "cards": load_spec(_spec_file(spec_dir, "cards", "csv", {"on_bad_rows": "quarantine", "max_bad_row_share": 0.05})),
+        "cards": load_spec(_spec_file(spec_dir, "cards", "csv", {"on_bad_rows": "quarantine", "max_bad_row_share": 0.05,
+                                                                   "target": {"max_positive_rate": 0.5}})),
         "cardspq": load_spec(_spec_file(spec_dir, "cardspq", "parquet", {"on_bad_rows": "fail"})),
     }
     os.environ["KILN_PIPELINES_DIR"] = str(spec_dir)
@@ -70,22 +71,28 @@ def world(kiln_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         os.environ.pop("KILN_PIPELINES_DIR", None)
 
 
-def _good_frame(world: dict[str, Any], name: str, seed: int = 11, rows: int = 400) -> pl.DataFrame:
+def _next_day(world: dict[str, Any]) -> date:
+    """A day no earlier case has used: each bad file lands as its own new partition."""
+    return START + timedelta(days=TRAIN_DAYS + 1 + next(world["days"]))
+
+
+def _good_frame(world: dict[str, Any], name: str, seed: int = 11, rows: int = 400, day: date = START) -> pl.DataFrame:
+    """Clean rows of ``day`` (timestamps in that day, keys of that day)."""
     from platform_defs.simulators.fraud import generate_day
 
-    return generate_day(START, rows, seed, 0.0)
+    return generate_day(day, rows, seed, 0.0)
 
 
 def _write_csv(frame: pl.DataFrame) -> bytes:
     return frame.write_csv().encode()
 
 
-def _feed(world: dict[str, Any], name: str, content: bytes) -> tuple[str, dg.ExecuteInProcessResult]:
-    """Write the bytes as a new day's source file of the pipeline and ingest that partition."""
+def _feed(world: dict[str, Any], name: str, content: bytes, on: date | None = None) -> tuple[str, dg.ExecuteInProcessResult]:
+    """Write the bytes as the source file of day ``on`` (default: a new day) of the pipeline and ingest that partition."""
     from platform_defs.lifecycle import ingest
 
     spec = world["specs"][name]
-    day = (START + timedelta(days=TRAIN_DAYS + 1 + next(world["days"]))).isoformat()
+    day = (on or _next_day(world)).isoformat()
     (world["folders"][name] / f"{day}.{spec.source.format}").write_bytes(content)
     result = ingest(world["defs"], spec, [day], world["instance"], progress=lambda _: None)[0]
     return day, result
@@ -161,6 +168,10 @@ CASES: list[Case] = [
      ["(file)", "readable", "UTF-8"]),
     ("mixed_types_in_one_column", "cards", lambda f: _write_csv(_with(f, "txns_last_24h", "n/a", rows=5)), ("raw", "schema_contract"),
      ["txns_last_24h", "dtype", "n/a"]),
+    ("every_row_labelled_fraud", "cards", lambda f: _write_csv(f.with_columns(pl.lit(1).alias("is_fraud"))),
+     ("validated", "quality_contract"), ["is_fraud", "target_rate", "positive rate 100.00%"]),
+    ("timestamps_of_another_day", "cardspq", lambda f: _parquet(f.with_columns(pl.col("ts").dt.offset_by("30y"))),
+     ("validated", "quality_contract"), ["ts", "partition_day", "2056-"]),
 ]
 
 
@@ -169,7 +180,8 @@ def test_bad_file_is_stopped_and_the_champion_keeps_serving(world: dict[str, Any
                                                             build: Callable[[pl.DataFrame], bytes], check: tuple[str, str],
                                                             words: list[str]) -> None:
     champion = _champion(world, pipeline)
-    day, result = _feed(world, pipeline, build(_good_frame(world, pipeline)))
+    on = _next_day(world)
+    day, result = _feed(world, pipeline, build(_good_frame(world, pipeline, day=on)), on)
     assert not result.success, f"{case}: the bad partition {day} passed"
     evaluation = _evaluation(result, *check)
     assert not evaluation.passed
@@ -188,9 +200,9 @@ def test_bad_file_is_stopped_and_the_champion_keeps_serving(world: dict[str, Any
 
 
 def test_few_bad_rows_are_quarantined_with_reasons_within_the_limit(world: dict[str, Any], kiln_home: Path) -> None:
-    frame = _good_frame(world, "cards", seed=12)
+    frame = _good_frame(world, "cards", seed=12, day=(on := _next_day(world)))
     bad = frame.with_columns(pl.when(pl.int_range(pl.len()) < 6).then(99999.0).otherwise(pl.col("amount")).alias("amount"))
-    day, result = _feed(world, "cards", _write_csv(bad))
+    day, result = _feed(world, "cards", _write_csv(bad), on)
     assert result.success
     evaluation = _evaluation(result, "validated", "quality_contract")
     assert not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.WARN  # reported, not blocking
@@ -207,8 +219,8 @@ def test_a_clean_partition_still_flows_end_to_end(world: dict[str, Any], kiln_ho
 
     for pipeline in ("cards", "cardspq"):
         spec = world["specs"][pipeline]
-        frame = _good_frame(world, pipeline, seed=13)
-        day, result = _feed(world, pipeline, _write_csv(frame) if spec.source.format == "csv" else _parquet(frame))
+        frame = _good_frame(world, pipeline, seed=13, day=(on := _next_day(world)))
+        day, result = _feed(world, pipeline, _write_csv(frame) if spec.source.format == "csv" else _parquet(frame), on)
         assert result.success, pipeline
         assert _evaluation(result, "raw", "schema_contract").passed
         assert (world["storage"] / pipeline / "validated" / f"{day}.parquet").exists()
@@ -223,8 +235,8 @@ def test_a_clean_partition_still_flows_end_to_end(world: dict[str, Any], kiln_ho
 
 
 def test_schema_change_is_flagged_between_materializations(world: dict[str, Any]) -> None:
-    frame = _good_frame(world, "cards", seed=14)
-    _, result = _feed(world, "cards", _write_csv(frame.with_columns(pl.lit("none").alias("coupon"))))
+    frame = _good_frame(world, "cards", seed=14, day=(on := _next_day(world)))
+    _, result = _feed(world, "cards", _write_csv(frame.with_columns(pl.lit("none").alias("coupon"))), on)
     change = _evaluation(result, "raw", "schema_change")
     assert not change.passed and change.severity == dg.AssetCheckSeverity.WARN
     assert "coupon" in change.metadata["added"].value
@@ -263,10 +275,10 @@ def test_null_fraction_and_row_count_bounds_are_quality_rules(world: dict[str, A
 def test_real_world_parquet_dtypes_are_widened_and_reported(world: dict[str, Any]) -> None:
     """Dictionary-encoded text, nanosecond timestamps (pandas' default) and whole-number amounts pass the schema
     contract of a parquet pipeline, reach `validated` typed as the spec says, and the check says what was widened."""
-    frame = _good_frame(world, "cardspq", seed=17)
+    frame = _good_frame(world, "cardspq", seed=17, day=(on := _next_day(world)))
     real_world = frame.with_columns(pl.col("country").cast(pl.Categorical), pl.col("ts").cast(pl.Datetime("ns")),
                                     pl.col("amount").round(0).cast(pl.Int64))
-    day, result = _feed(world, "cardspq", _parquet(real_world))
+    day, result = _feed(world, "cardspq", _parquet(real_world), on)
     assert result.success, day
     contract = _evaluation(result, "raw", "schema_contract")
     assert contract.passed
@@ -276,3 +288,97 @@ def test_real_world_parquet_dtypes_are_widened_and_reported(world: dict[str, Any
     assert validated.height == frame.height
     assert (validated.schema["country"], validated.schema["ts"], validated.schema["amount"]) == (pl.String, pl.Datetime("us"), pl.Float64)
     assert validated["amount"].to_list() == real_world["amount"].cast(pl.Float64).to_list()
+
+
+def _quarantined(world: dict[str, Any], name: str, day: str) -> pl.DataFrame:
+    return pl.read_parquet(world["storage"] / name / "quarantine" / f"{day}.parquet")
+
+
+def _assert_counts_add_up(world: dict[str, Any], name: str, day: str, evaluation: Any) -> pl.DataFrame:
+    """The check's counts are the rows in `<p>/quarantine`: in total, and per column rule."""
+    quarantine = _quarantined(world, name, day)
+    assert evaluation.metadata["rows_quarantined"].value == quarantine.height
+    by_rule = quarantine.select(pl.col("_reasons").str.split("; ")).explode("_reasons")["_reasons"].value_counts()
+    expected = {r["_reasons"]: r["count"] for r in by_rule.to_dicts()}
+    assert evaluation.metadata["quarantined_by_rule"].value == expected
+    reported = {f"{f['column']}.{f['rule']}": f["unexpected_count"] for f in evaluation.metadata["failures"].value
+                if f["rule"] not in ("bad_row_share", "target_rate", "row_count", "null_fraction")}
+    assert reported == expected
+    return quarantine
+
+
+def test_yesterdays_file_under_a_new_date_is_refused(world: dict[str, Any], kiln_home: Path) -> None:
+    champion = _champion(world, "cards")
+    yesterday = _next_day(world)
+    first, result = _feed(world, "cards", _write_csv(_good_frame(world, "cards", seed=18, day=yesterday)), yesterday)
+    assert result.success
+    copied = (world["folders"]["cards"] / f"{first}.csv").read_bytes()
+    day, result = _feed(world, "cards", copied, yesterday + timedelta(days=1))
+    assert not result.success
+    evaluation = _evaluation(result, "validated", "quality_contract")
+    assert not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.ERROR
+    summary = evaluation.metadata["summary"].value
+    for word in ("txn_id", "key_in_other_partition", "ts", "partition_day", "bad_row_share", "400 rows"):
+        assert word in summary, f"{word!r} not in {summary!r}"
+    assert not (world["storage"] / "cards" / "validated" / f"{day}.parquet").exists()
+    _assert_counts_add_up(world, "cards", day, evaluation)
+    assert _champion(world, "cards") == champion
+
+
+def test_a_few_keys_of_an_earlier_day_are_quarantined_and_never_reach_validated(world: dict[str, Any]) -> None:
+    earlier = _next_day(world)
+    _, result = _feed(world, "cards", _write_csv(_good_frame(world, "cards", seed=19, day=earlier)), earlier)
+    assert result.success
+    on = _next_day(world)
+    fresh = _good_frame(world, "cards", seed=20, day=on)
+    # 10 of the earlier day's transactions again, re-dated into this day (only their keys give them away)
+    replayed = _good_frame(world, "cards", seed=19, day=earlier).head(10).with_columns(pl.col("ts") + timedelta(days=(on - earlier).days))
+    day, result = _feed(world, "cards", _write_csv(pl.concat([fresh.head(390), replayed])), on)
+    assert result.success
+    evaluation = _evaluation(result, "validated", "quality_contract")
+    assert not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.WARN
+    quarantine = _assert_counts_add_up(world, "cards", day, evaluation)
+    assert set(quarantine["_reasons"]) == {"txn_id.key_in_other_partition"} and quarantine.height == 10
+    validated = pl.read_parquet(world["storage"] / "cards" / "validated" / f"{day}.parquet")
+    stored_before = pl.read_parquet(world["storage"] / "cards" / "validated" / f"{earlier.isoformat()}.parquet")
+    assert validated.height == 390 and not validated["txn_id"].is_in(stored_before["txn_id"].implode()).any()
+    # feeding the same day again replaces its own keys: nothing is a duplicate of itself
+    again = _feed(world, "cards", _write_csv(pl.concat([fresh.head(390), replayed])), on)[1]
+    assert _quarantined(world, "cards", day).height == 10 and again.success
+
+
+def test_timestamps_thirty_years_off_are_quarantined_as_partition_day(world: dict[str, Any]) -> None:
+    on = _next_day(world)
+    frame = _good_frame(world, "cards", seed=21, day=on)
+    shifted = frame.with_columns(pl.when(pl.int_range(pl.len()) < 8).then(pl.col("ts").dt.offset_by("30y")).otherwise(pl.col("ts")))
+    day, result = _feed(world, "cards", _write_csv(shifted), on)
+    assert result.success
+    evaluation = _evaluation(result, "validated", "quality_contract")
+    assert "ts" in evaluation.metadata["summary"].value and "partition_day" in evaluation.metadata["summary"].value
+    quarantine = _assert_counts_add_up(world, "cards", day, evaluation)
+    assert set(quarantine["_reasons"]) == {"ts.partition_day"} and quarantine.height == 8
+    assert pl.read_parquet(world["storage"] / "cards" / "validated" / f"{day}.parquet")["ts"].dt.year().unique().to_list() == [on.year]
+
+
+def test_two_percent_nulls_in_a_required_column_are_reported_as_quarantined(world: dict[str, Any]) -> None:
+    on = _next_day(world)
+    day, result = _feed(world, "cards", _write_csv(_with(_good_frame(world, "cards", seed=22, day=on), "country", None, rows=8)), on)
+    assert result.success
+    assert _evaluation(result, "raw", "schema_contract").passed  # within the quarantine limit: not the raw check's to stop
+    evaluation = _evaluation(result, "validated", "quality_contract")
+    assert not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.WARN
+    assert "column 'country': rule not_null failed [warn] (8 rows, 2.0%)" in evaluation.metadata["summary"].value
+    assert _assert_counts_add_up(world, "cards", day, evaluation).height == 8
+
+
+def test_nan_and_infinite_amounts_are_counted_as_quarantined(world: dict[str, Any]) -> None:
+    on = _next_day(world)
+    frame = _good_frame(world, "cards", seed=23, day=on)
+    odd = [float("nan")] * 4 + [float("inf")] * 4 + [float("-inf")] * 4
+    amounts = pl.Series("amount", odd + frame["amount"].to_list()[len(odd):])
+    day, result = _feed(world, "cards", _write_csv(frame.with_columns(amounts)), on)
+    assert result.success
+    evaluation = _evaluation(result, "validated", "quality_contract")
+    quarantine = _assert_counts_add_up(world, "cards", day, evaluation)
+    assert quarantine.height == 12
+    assert evaluation.metadata["quarantined_by_rule"].value == {"amount.not_null": 4, "amount.range": 8}

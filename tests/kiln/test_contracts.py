@@ -163,3 +163,105 @@ def test_importing_the_contract_core_loads_neither_dagster_nor_gx_nor_dataframes
             "print(sorted(m for m in ('dagster', 'great_expectations', 'polars', 'pandas', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def timed_spec(**validation: Any) -> PipelineSpec:
+    """The orders spec with a timestamp column and daily partitions."""
+    data = make_spec(**validation).model_dump(by_alias=True, exclude_none=True)
+    data["schema"]["ts"] = {"dtype": "datetime"}
+    data["source"].update(partitions="daily", timestamp_column="ts")
+    return PipelineSpec.model_validate(data)
+
+
+def timed_orders(day: str, rows: int = 100) -> pl.DataFrame:
+    from datetime import datetime, timedelta
+
+    start = datetime.fromisoformat(day)
+    return orders(rows).with_columns(pl.Series("ts", [start + timedelta(minutes=14 * i) for i in range(rows)]))
+
+
+def test_timestamps_outside_the_partition_day_are_quarantined_as_partition_day() -> None:
+    from datetime import timedelta
+
+    spec = timed_spec(on_bad_rows="quarantine", max_bad_row_share=0.1, partition_tolerance_hours=2)
+    frame = timed_orders("2026-01-05")
+    shifted = frame.with_columns(  # 3 rows 30 years off, 1 row 1 h before midnight (within the tolerance), 1 row 3 h after the day
+        pl.when(pl.int_range(pl.len()) < 3).then(pl.col("ts").dt.offset_by("30y"))
+        .when(pl.int_range(pl.len()) == 3).then(pl.col("ts") - timedelta(hours=1))
+        .when(pl.int_range(pl.len()) == 99).then(pl.col("ts") + timedelta(hours=8)).otherwise(pl.col("ts")).alias("ts"))
+    report = check_quality(shifted, spec, "2026-01-05")
+    assert (report.good.height, report.bad.height, report.blocking) == (96, 4, False)
+    assert set(report.bad["_reasons"]) == {"ts.partition_day"}
+    [failure] = report.failures
+    assert (failure["rule"], failure["column"], failure["unexpected_count"], failure["severity"]) == ("partition_day", "ts", 4, "warn")
+    assert failure["sample_values"][0].startswith("2056-01-05")
+    # no partition (or a spec without daily partitions): the rule does not apply
+    assert check_quality(shifted, spec).bad.height == 0
+    # the same file under its own day passes; beyond the quarantine limit the partition fails
+    assert check_quality(frame, spec, "2026-01-05").failures == []
+    moved = check_quality(frame, spec, "2026-01-09")
+    assert moved.blocking and moved.bad.height == 100
+    assert {f["rule"] for f in moved.failures} == {"partition_day", "bad_row_share", "row_count"}  # no row stays
+
+
+def test_keys_stored_for_another_partition_are_quarantined_and_counted(tmp_path: Path) -> None:
+    from kiln.keyindex import HASH_META, key_hashes, repeated_keys, write_key_index
+
+    spec = make_spec(on_bad_rows="quarantine", max_bad_row_share=0.5)
+    index = tmp_path / "keys"
+    yesterday = cast_to_spec(orders(100), spec)
+    write_key_index(index, "2026-01-01", yesterday, ["order_id"])
+    today = orders(100).with_columns(pl.Series("order_id", [f"o{i}" for i in range(70, 170)]))  # o70..o99 were stored yesterday
+
+    def lookup(partition: str) -> Any:
+        return lambda typed: repeated_keys(index, partition, typed, ["order_id"])
+
+    report = check_quality(today, spec, None, lookup("2026-01-02"))
+    assert (report.good.height, report.bad.height) == (70, 30)
+    assert set(report.bad["_reasons"]) == {"order_id.key_in_other_partition"}
+    [failure] = report.failures
+    assert (failure["rule"], failure["unexpected_count"], failure["sample_values"][0]) == ("key_in_other_partition", 30, "o70")
+    # re-validating yesterday itself replaces its own index: no duplicates
+    assert check_quality(orders(100), spec, None, lookup("2026-01-01")).bad.height == 0
+    # a stored hash equal to a new key's hash but for another key is a collision, not a duplicate
+    fake = key_hashes(pl.DataFrame({"order_id": ["o150"]}), ["order_id"]).with_columns(pl.lit("zz").alias("order_id"))
+    scheme = pl.read_parquet_metadata(index / "2026-01-01.parquet")[HASH_META]  # the hashes of this polars version
+    fake.write_parquet(index / "2026-01-03.parquet", metadata={HASH_META: scheme})
+    found = repeated_keys(index, "2026-01-02", pl.DataFrame({"order_id": ["o150", "o80"]}), ["order_id"])
+    assert found["order_id"].to_list() == [False, True]
+    # an index hashed by another polars version (no or other scheme) is hashed again from its keys
+    stale = pl.DataFrame({"order_id": ["o160"], "_hash_order_id": pl.Series([12345], dtype=pl.UInt64)})
+    stale.write_parquet(index / "2026-01-04.parquet", metadata={"kiln.key_hash": "polars-0.0.0"})
+    assert repeated_keys(index, "2026-01-02", pl.DataFrame({"order_id": ["o160"]}), ["order_id"])["order_id"].to_list() == [True]
+
+
+def test_target_rate_bounds_fail_the_partition_without_quarantining_rows() -> None:
+    spec = make_spec(target={"max_positive_rate": 0.6})
+    report = check_quality(orders(label=[1] * 100), spec)
+    assert report.blocking and report.bad.height == 0 and report.good.height == 100
+    [failure] = report.failures
+    assert (failure["rule"], failure["column"], failure["severity"]) == ("target_rate", "label", "error")
+    assert "positive rate 100.00% (100 of 100 rows)" in describe(report.failures)
+    assert check_quality(orders(), spec).failures == []  # 50% positive
+    low = make_spec(target={"min_positive_rate": 0.6}, severity={"target_rate": "warn"})
+    warned = check_quality(orders(), low)
+    assert not warned.blocking and [f["severity"] for f in warned.failures] == ["warn"]
+    with pytest.raises(ValueError, match="min_positive_rate"):
+        make_spec(target={"min_positive_rate": 0.7, "max_positive_rate": 0.2})
+
+
+def test_quarantined_rows_and_the_reported_counts_add_up() -> None:
+    spec = make_spec(on_bad_rows="quarantine", max_bad_row_share=0.2)
+    # 2% nulls in a required column: set aside, and the check says so (not "all checks passed")
+    nulls = check_quality(orders(amount=[None, None] + [1.0] * 98), spec)
+    assert nulls.bad.height == 2 and not nulls.blocking
+    assert [(f["rule"], f["column"], f["unexpected_count"], f["severity"]) for f in nulls.failures] == [("not_null", "amount", 2, "warn")]
+    # NaN and +-inf amounts: NaN is missing (not_null), +-inf out of range; 15 rows set aside, 15 reported
+    odd = [float("nan")] * 5 + [float("inf")] * 5 + [float("-inf")] * 5 + [1.0] * 85
+    report = check_quality(orders(amount=odd), spec)
+    counts = {f["rule"]: f["unexpected_count"] for f in report.failures}
+    assert report.bad.height == 15 and counts == {"not_null": 5, "range": 10}
+    assert sum(counts.values()) == report.bad.height
+    # a repeated key: GX counts every copy, the quarantine holds the repeats; the check reports the repeats
+    dup = check_quality(orders(order_id=["a", "a", "a", "b", "b"] + [f"o{i}" for i in range(95)]), spec)
+    assert dup.bad.height == 3 and [(f["rule"], f["unexpected_count"]) for f in dup.failures] == [("unique_key", 3)]
