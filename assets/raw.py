@@ -72,8 +72,9 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         storage: KilnStorage = context.resources.storage
         folder = storage.source_dir(spec.source.path)
         partition = context.partition_key if context.has_partition_key else None
+        # Before listing the folder: an unreachable object store is not "file does not exist", and the error names the key.
+        check_reachable(folder / f"{partition}.{spec.source.format}" if partition else folder)
         path = source_file(folder, spec, partition) if partition else folder
-        check_reachable(path)  # an unreachable object store is not "file does not exist"
         try:
             frame, unparsed, widened = read_source_with_report(path, spec) if partition else read_source_folder(folder, spec)
         except SourceReadError as exc:
