@@ -56,7 +56,8 @@ def drift_report_metadata(context: Any, spec: PipelineSpec, window: dict[str, An
     from assets.metadata import inline_png
     from kiln import paths
     from kiln.drift_report import log_report, psi_markdown, write_report
-    from kiln.reference import load_reference, state_path
+    from kiln.reference import load_reference
+    from kiln.state import state_path
     from kiln.windows import evaluate_windows
 
     reference = load_reference(state_root, spec.name) or {}

@@ -15,7 +15,11 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from typing import IO, Any
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kiln.spec import PipelineSpec
 
 EXTENSIONS: dict[str, tuple[str, ...]] = {"parquet": ("parquet", "pq"), "csv": ("csv",)}
 DAY_NAME = re.compile(r"\d{4}-\d{2}-\d{2}")
@@ -193,3 +197,29 @@ def changed_files(current: Mapping[str, Mapping[str, str]], seen: Mapping[str, M
 def rejected_rows(rejected: Iterable[Rejected]) -> list[dict[str, str]]:
     """Rejected files as JSON rows (state store, `kiln status`, sensor metadata)."""
     return [{"file": r.name, "reason": r.reason} for r in rejected]
+
+
+def sort_source(spec: PipelineSpec, names: list[str], today: date | None = None) -> tuple[dict[str, str], list[Rejected]]:
+    """``({file: partition key or "" when unpartitioned}, rejected)`` for a source folder's file names."""
+    if spec.source.partitions == "none":
+        files = [n for n in names if not ignored(n)]
+        allowed = ", ".join(f".{e}" for e in extensions(spec.source.format))
+        return ({n: "" for n in files if has_source_extension(n, spec.source.format)},
+                [Rejected(n, f"unknown extension: this {spec.source.format} source reads {allowed}")
+                 for n in files if not has_source_extension(n, spec.source.format)])
+    listing = classify(names, spec.source.format, date.fromisoformat(spec.source.start_date), today)
+    return {f: day for day, f in listing.valid.items()}, listing.rejected
+
+
+def write_source_issues(state_root: str, pipeline: str, folder: str, rows: list[dict[str, str]]) -> Path:
+    """The rejected files of a pipeline's source, for `kiln status` (``kiln.paths.source_issues_file``)."""
+    import json
+    import time
+
+    from kiln import paths
+    from kiln.state import state_path, write_atomic
+
+    path = state_path(state_root, paths.source_issues_file(pipeline))
+    write_atomic(path, json.dumps({"folder": folder, "checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                   "rejected": rows}, indent=2))  # `kiln status` never reads half a file
+    return path

@@ -15,25 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 from kiln import paths
 from kiln.spec import PipelineSpec
+from kiln.state import state_path, write_atomic
 
 if TYPE_CHECKING:
     import numpy as np
     import polars as pl
 
 PREDICTION = "_prediction"  # the prediction-score column, named as in the endpoint's prediction log
-
-
-def state_path(state_root: str, relative: str) -> Path:
-    """A file of the state store (a local folder here; see kiln/paths.py for the names)."""
-    return Path(state_root) / relative
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a whole file so that readers never see half of it (write a sibling, then rename over)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.rename(path)
 
 
 def reference_id(reference: Mapping[str, Any]) -> str:

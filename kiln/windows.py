@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln import paths
-from kiln.reference import PREDICTION, load_reference, reference_id, state_path
+from kiln.reference import PREDICTION, load_reference, reference_id
 from kiln.spec import PipelineSpec
+from kiln.state import state_path
 
 if TYPE_CHECKING:
     import polars as pl

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
-from datetime import date
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln import partitions as parts
@@ -31,29 +28,6 @@ def list_files(folder: UPath) -> dict[str, dict[str, Any]]:
     """``{file name: fsspec info}`` of the files directly in a source folder, listed afresh (no cached listing)."""
     entries = folder.fs.ls(folder.path, detail=True, refresh=True)
     return {str(e["name"]).rstrip("/").rsplit("/", 1)[-1]: e for e in entries if e.get("type") == "file"}
-
-
-def sort_out(spec: PipelineSpec, names: list[str], today: date | None = None) -> tuple[dict[str, str], list[parts.Rejected]]:
-    """``({file: partition key or "" when unpartitioned}, rejected)`` for a source folder's file names."""
-    if spec.source.partitions == "none":
-        files = [n for n in names if not parts.ignored(n)]
-        allowed = ", ".join(f".{e}" for e in parts.extensions(spec.source.format))
-        return ({n: "" for n in files if parts.has_source_extension(n, spec.source.format)},
-                [parts.Rejected(n, f"unknown extension: this {spec.source.format} source reads {allowed}")
-                 for n in files if not parts.has_source_extension(n, spec.source.format)])
-    listing = parts.classify(names, spec.source.format, date.fromisoformat(spec.source.start_date), today)
-    return {f: day for day, f in listing.valid.items()}, listing.rejected
-
-
-def write_issues(state_root: str, spec: PipelineSpec, folder: UPath, rows: list[dict[str, str]]) -> Path:
-    """The rejected files of a pipeline's source, for `kiln status` (``kiln.paths.source_issues_file``)."""
-    path = Path(state_root) / paths.source_issues_file(spec.name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"folder": str(folder), "checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                               "rejected": rows}, indent=2))
-    tmp.rename(path)  # `kiln status` never reads half a file
-    return path
 
 
 def _rejected_observation(raw_key: Any, rows: list[dict[str, str]], folder: UPath) -> dg.AssetObservation:
@@ -102,14 +76,14 @@ def build(spec: PipelineSpec, ingest_job: Any) -> dg.SensorDefinition:
             return dg.SkipReason(f"source folder {folder} does not exist yet")
         infos = list_files(folder)
         cursor = json.loads(context.cursor) if context.cursor else {}
-        accepted, rejected = sort_out(spec, sorted(infos))
+        accepted, rejected = parts.sort_source(spec, sorted(infos))
         seen = parts.migrate_cursor(cursor, infos)
         current = parts.fingerprints({n: infos[n] for n in accepted}, seen, lambda n: (folder / n).open("rb"))
         changed = parts.changed_files(current, seen)
         rows = parts.rejected_rows(rejected)
         events: list[Any] = []
         if rows != cursor.get("rejected"):
-            write_issues(storage.state_root, spec, folder, rows)
+            parts.write_source_issues(storage.state_root, spec.name, str(folder), rows)
             if rows or cursor.get("rejected"):  # a first tick with nothing wrong records nothing
                 events.append(_rejected_observation(raw_key, rows, folder))
             for r in rows:

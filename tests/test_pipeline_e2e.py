@@ -25,14 +25,6 @@ DAYS = 4
 ROWS = 2500
 
 
-def _materialization(result: dg.ExecuteInProcessResult, stage: str) -> Any:
-    return materialization(result, "fraud", stage)
-
-
-def _check(result: dg.ExecuteInProcessResult, name: str) -> Any:
-    return check_evaluation(result, name)
-
-
 @pytest.fixture(scope="module")
 def world(kiln_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     from kiln.spec import load_spec
@@ -76,20 +68,20 @@ def test_ingest_row_counts_and_checks(world: dict[str, Any]) -> None:
 
     assert len(world["ingested"]) == DAYS and all(r.success for r in world["ingested"])
     for partition, result in zip(world["partitions"], world["ingested"], strict=True):
-        raw = _materialization(result, "raw")
+        raw = materialization(result, "fraud", "raw")
         assert raw.partition == partition
         assert raw.metadata["dagster/row_count"].value == ROWS
         frame = read_source(world["folder"] / f"{partition}.parquet", world["spec"])
         expected, _ = conform(frame, world["spec"])
-        assert _materialization(result, "validated").metadata["dagster/row_count"].value == expected.height
-        assert _check(result, "schema_contract").passed and _check(result, "quality_contract").passed
+        assert materialization(result, "fraud", "validated").metadata["dagster/row_count"].value == expected.height
+        assert check_evaluation(result, "schema_contract").passed and check_evaluation(result, "quality_contract").passed
 
 
 def test_model_registered_and_promoted(world: dict[str, Any]) -> None:
     result = world["trained"]
     assert result.success
-    features = _materialization(result, "features")
-    validated_rows = sum(_materialization(r, "validated").metadata["dagster/row_count"].value for r in world["ingested"])
+    features = materialization(result, "fraud", "features")
+    validated_rows = sum(materialization(r, "fraud", "validated").metadata["dagster/row_count"].value for r in world["ingested"])
     assert features.metadata["dagster/row_count"].value == validated_rows
     lineage = features.metadata["dagster/column_lineage"].value.deps_by_column
     assert {d.column_name for d in lineage["amount_per_txn"]} == {"amount", "txns_last_24h"}
@@ -103,7 +95,7 @@ def test_model_registered_and_promoted(world: dict[str, Any]) -> None:
     assert run.data.tags["dagster_run_id"] == result.run_id
     assert 0.5 < run.data.metrics["roc_auc"] <= 1.0
     assert str(client.get_model_version_by_alias("fraud", "champion").version) == model["version"]
-    assert _check(result, "champion_gate").passed
+    assert check_evaluation(result, "champion_gate").passed
 
 
 def test_bento_labels_tie_it_to_the_model(world: dict[str, Any]) -> None:
@@ -132,7 +124,7 @@ def test_http_prediction_equals_offline(world: dict[str, Any], kiln_home: Path) 
     booster = load_booster(f"models:/fraud/{champion['version']}")
     offline = booster.predict(matrix(compute_features(parse_rows(rows, world["spec"], 1000), world["spec"]), world["spec"]))
     np.testing.assert_allclose(body["predictions"], offline, rtol=0, atol=1e-12)
-    assert _check(world["trained"], "live_smoke_test").passed
+    assert check_evaluation(world["trained"], "live_smoke_test").passed
     meta = httpx.get(f"{state['url']}/metadata", timeout=10).json()
     assert meta["pipeline"] == "fraud" and meta["model_version"] == champion["version"]
     assert meta["mlflow_run_id"] == champion["run_id"]
@@ -174,7 +166,7 @@ def _predictions_rows(world: dict[str, Any]) -> int:
     result = dg.materialize([*defs.assets, *defs.asset_checks], selection=dg.AssetSelection.assets(["fraud", "predictions"]),
                             instance=world["instance"], resources=defs.resources)
     global _last_predictions_metadata
-    _last_predictions_metadata = _materialization(result, "predictions").metadata
+    _last_predictions_metadata = materialization(result, "fraud", "predictions").metadata
     return _last_predictions_metadata["dagster/row_count"].value
 
 
@@ -193,7 +185,7 @@ def test_bad_file_is_blocked_and_champion_keeps_serving(world: dict[str, Any], k
     pl.read_parquet(good).drop("amount").write_parquet(good)  # a file missing a required column
     result = ingest(world["defs"], spec, [day.isoformat()], world["instance"], progress=lambda _: None)[0]
     assert not result.success
-    check = _check(result, "schema_contract")
+    check = check_evaluation(result, "schema_contract")
     assert not check.passed
     assert "amount" in check.metadata["summary"].value and "columns_match" in check.metadata["summary"].value
     assert not [e for e in result.get_asset_materialization_events() if e.asset_key == dg.AssetKey(["fraud", "validated"])]

@@ -26,14 +26,6 @@ DAYS = 3
 ROWS = 2500
 
 
-def _materialization(result: dg.ExecuteInProcessResult, stage: str) -> Any:
-    return materialization(result, PIPELINE, stage)
-
-
-def _check(result: dg.ExecuteInProcessResult, name: str) -> Any:
-    return check_evaluation(result, name)
-
-
 @pytest.fixture(scope="module")
 def world(kiln_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     from kiln.spec import load_spec, spec_data
@@ -84,14 +76,14 @@ def test_sklearn_model_trained_registered_and_promoted(world: dict[str, Any]) ->
     client = world["mlflow"].client()
     version_ = client.get_model_version(PIPELINE, model["version"])
     assert version_.tags["dagster_run_id"] == result.run_id
-    assert version_.tags["features_data_version"] == _materialization(result, "features").metadata["data_version"].value
+    assert version_.tags["features_data_version"] == materialization(result, PIPELINE, "features").metadata["data_version"].value
     run = client.get_run(model["run_id"])
     assert run.data.params["estimator"] == ESTIMATOR and run.data.params["max_iter"] == "50"
     assert 0.5 < run.data.metrics["roc_auc"] <= 1.0 and run.data.metrics["average_precision"] == model["score"]
     assert flavor_of(model_dir(model["model_uri"])) == "sklearn"
     assert str(client.get_model_version_by_alias(PIPELINE, "champion").version) == model["version"]
-    assert _check(result, "champion_gate").passed
-    metadata = _materialization(result, "model").metadata
+    assert check_evaluation(result, "champion_gate").passed
+    metadata = materialization(result, PIPELINE, "model").metadata
     assert "plot/roc" in metadata and "model_card" in metadata and "drift_reference" in metadata
 
 
@@ -121,7 +113,7 @@ def test_http_predictions_are_the_offline_positive_class_probabilities(world: di
     offline = predictor.predict(compute_features(parse_rows(rows, spec, 1000), spec))
     np.testing.assert_allclose(body["predictions"], offline, rtol=0, atol=1e-12)
     assert ((offline > 0) & (offline < 1)).all() and offline.std() > 0.001  # probabilities, not 0/1 labels
-    assert _check(world["trained"], "live_smoke_test").passed
+    assert check_evaluation(world["trained"], "live_smoke_test").passed
     bad = dict(rows[0]) | {"amount": -5.0}
     response = httpx.post(f"{state['url']}/predict", json={"rows": [bad]}, timeout=30)
     assert response.status_code == 400 and "amount" in response.text

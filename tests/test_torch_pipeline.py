@@ -31,14 +31,6 @@ KILL_AFTER_EPOCH = 3
 SUBPROCESS_TIMEOUT_S = 240.0
 
 
-def _materialization(result: dg.ExecuteInProcessResult, stage: str) -> Any:
-    return materialization(result, PIPELINE, stage)
-
-
-def _check(result: dg.ExecuteInProcessResult, name: str) -> Any:
-    return check_evaluation(result, name)
-
-
 def _spec_data(**params: Any) -> dict[str, Any]:
     from kiln.spec import spec_data
 
@@ -80,11 +72,11 @@ def test_unpartitioned_source_ingests_every_real_row(world: dict[str, Any]) -> N
     assert world["keys"] == [None] and [p.name for p in world["written"]] == ["snapshot.csv"]
     (result,) = world["ingested"]
     assert result.success
-    raw = _materialization(result, "raw")
+    raw = materialization(result, PIPELINE, "raw")
     assert raw.partition is None
     assert raw.metadata["dagster/row_count"].value == 569  # every biopsy in scikit-learn's copy of the data
-    assert _materialization(result, "validated").metadata["dagster/row_count"].value == 569
-    assert _check(result, "schema_contract").passed and _check(result, "quality_contract").passed
+    assert materialization(result, PIPELINE, "validated").metadata["dagster/row_count"].value == 569
+    assert check_evaluation(result, "schema_contract").passed and check_evaluation(result, "quality_contract").passed
 
 
 def test_torch_model_trained_logged_registered_and_promoted(world: dict[str, Any]) -> None:
@@ -94,7 +86,7 @@ def test_torch_model_trained_logged_registered_and_promoted(world: dict[str, Any
     assert model["training"] == model["training"] | {"start_epoch": 0, "epochs_run": EPOCHS, "device": "cpu", "mixed_precision": False}
     client = world["mlflow"].client()
     version = client.get_model_version(PIPELINE, model["version"])
-    features = _materialization(result, "features")
+    features = materialization(result, PIPELINE, "features")
     assert version.tags["dagster_run_id"] == result.run_id
     assert version.tags["features_data_version"] == features.metadata["data_version"].value == model["features_data_version"]
     run = client.get_run(model["run_id"])
@@ -122,7 +114,7 @@ def test_torch_model_trained_logged_registered_and_promoted(world: dict[str, Any
     np.testing.assert_allclose(np.asarray(pyfunc, dtype=float), load_predictor(model["model_uri"], world["spec"]).predict(holdout),
                                rtol=0, atol=1e-6)
     assert str(client.get_model_version_by_alias(PIPELINE, "champion").version) == model["version"]
-    assert _check(result, "champion_gate").passed
+    assert check_evaluation(result, "champion_gate").passed
     checkpoints = world["storage"].state_dir(PIPELINE, "checkpoints")
     assert not list(checkpoints.glob("*.pt")), "a registered model leaves no checkpoint behind"
 
@@ -148,7 +140,7 @@ def test_http_prediction_equals_offline(world: dict[str, Any], kiln_home: Path) 
     offline = predictor.predict(compute_features(parse_rows(rows, spec, 1000), spec))
     np.testing.assert_allclose(body["predictions"], offline, rtol=0, atol=1e-12)
     assert ((offline > 0) & (offline < 1)).all() and offline.std() > 0.05  # probabilities, not a constant
-    assert _check(world["trained"], "live_smoke_test").passed
+    assert check_evaluation(world["trained"], "live_smoke_test").passed
     meta = httpx.get(f"{state['url']}/metadata", timeout=10).json()
     assert meta["pipeline"] == PIPELINE and meta["mlflow_run_id"] == champion["run_id"]
     bad = dict(rows[0]) | {"mean_radius": -1.0}
@@ -228,7 +220,7 @@ def test_sigkill_mid_training_resumes_from_the_checkpoint(world: dict[str, Any],
     assert run.data.tags["kiln.resumed_from_epoch"] == str(killed_at) and run.data.tags["kiln.start_epoch"] == str(killed_at + 1)
     assert client.get_run(run.data.tags["kiln.resumed_from_run"]).info.status == "FAILED"
     assert sorted(m.step for m in client.get_metric_history(record["run_id"], "val_loss")) == list(range(CRASH_EPOCHS))
-    assert _materialization(resumed, "model").metadata["training/start_epoch"].value == killed_at + 1
+    assert materialization(resumed, PIPELINE, "model").metadata["training/start_epoch"].value == killed_at + 1
 
     # The same training without a crash: every epoch runs, and the result matches the resumed one.
     assert not list(checkpoints.glob("*.pt"))

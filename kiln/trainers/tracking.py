@@ -54,7 +54,8 @@ def train_and_log(spec: PipelineSpec, features: pl.DataFrame, experiment_id: str
     from kiln.evaluation import metrics as all_metrics
     from kiln.evaluation import split_holdout
     from kiln.features import data_version
-    from kiln.reference import state_path, training_reference
+    from kiln.reference import training_reference
+    from kiln.state import state_path
     from kiln.trainers import trainer_for
     from kiln.trainers.base import Session
 

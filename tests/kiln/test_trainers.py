@@ -187,7 +187,7 @@ def test_sklearn_regressor_predicts_values() -> None:
     from platform_defs.simulators.fraud import generate_day
 
     spec = _spec("sklearn", {"estimator": "sklearn.ensemble.RandomForestRegressor", "params": {"n_estimators": 10}},
-                 {"task": "regression", "target": "amount", "evaluation": {"metric": "rmse"},
+                 {"task": "regression", "target": "amount", "evaluation": {"metric": "rmse"}, "validation": {},
                   "features": {"passthrough": ["txns_last_24h", "customer_age"], "categorical": ["merchant_category"]}})
     _, features = feature_table([generate_day(date(2026, 1, 1), 1000, 7)], spec)
     train, holdout = split_holdout(features, spec)
