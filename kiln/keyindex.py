@@ -39,17 +39,13 @@ def key_hashes(frame: pl.DataFrame, columns: list[str]) -> pl.DataFrame:
 
 def write_key_index(folder: Any, partition: str, frame: pl.DataFrame, columns: list[str]) -> None:
     """Store the keys of the rows of ``partition`` that reached `<p>/validated` (replacing that partition's index)."""
-    path = folder / f"{partition}.parquet"
-    index = key_hashes(frame, columns)
-    if getattr(path, "protocol", "") in ("s3", "s3a"):  # one PUT: readers never see half an object
-        with path.open("wb") as fh:
-            index.write_parquet(fh, metadata={HASH_META: _scheme()})
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as fh:
-        index.write_parquet(fh, metadata={HASH_META: _scheme()})
-    tmp.rename(path)
+    import io
+
+    from kiln.state import write_atomic
+
+    buffer = io.BytesIO()
+    key_hashes(frame, columns).write_parquet(buffer, metadata={HASH_META: _scheme()})
+    write_atomic(folder / f"{partition}.parquet", buffer.getvalue())  # readers never see half an index
 
 
 def _read(path: Any, columns: list[str]) -> tuple[pl.DataFrame, str | None]:

@@ -6,6 +6,7 @@ A local folder today; writes replace whole files so a reader never sees half of 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 
 def state_path(state_root: str, relative: str) -> Path:
@@ -13,9 +14,13 @@ def state_path(state_root: str, relative: str) -> Path:
     return Path(state_root) / relative
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a whole file so that readers never see half of it (write a sibling, then rename over)."""
+def write_atomic(path: Any, data: str | bytes) -> None:
+    """Write a whole file so that readers never see half of it: a sibling renamed over it locally, one PUT on S3."""
+    payload = data.encode() if isinstance(data, str) else data
+    if getattr(path, "protocol", "") in ("s3", "s3a"):  # an object store has no rename; a single PUT is atomic
+        path.write_bytes(payload)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    tmp.write_bytes(payload)
     tmp.rename(path)
