@@ -19,3 +19,22 @@ def check_evaluation(result: Any, name: str) -> Any:
     evaluations = [e for e in result.get_asset_check_evaluations() if e.check_name == name]
     assert evaluations, f"check {name} did not run"
     return evaluations[-1]
+
+
+def served_matches_offline(url: str, rows: list[dict[str, Any]], spec: Any, version: str) -> Any:
+    """POST rows to a live endpoint; assert it answers 200 from ``version`` with the registered model's offline
+    predictions of the same rows (features computed as in training); returns those predictions."""
+    import httpx
+    import numpy as np
+
+    from kiln.features import compute_features
+    from kiln.trainers import load_predictor
+    from serving.requests import parse_rows
+
+    response = httpx.post(f"{url}/predict", json={"rows": rows}, timeout=30)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model_version"] == version
+    offline = load_predictor(f"models:/{spec.name}/{version}", spec).predict(compute_features(parse_rows(rows, spec, 1000), spec))
+    np.testing.assert_allclose(body["predictions"], offline, rtol=0, atol=1e-12)
+    return offline

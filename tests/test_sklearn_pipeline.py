@@ -13,12 +13,11 @@ from typing import Any
 
 import dagster as dg
 import httpx
-import numpy as np
 import pytest
 import yaml
 
 from tests.conftest import FRAUD_SPEC, free_port
-from tests.results import check_evaluation, materialization
+from tests.results import check_evaluation, materialization, served_matches_offline
 
 PIPELINE = "fraud_sklearn"
 ESTIMATOR = "sklearn.ensemble.HistGradientBoostingClassifier"
@@ -96,22 +95,12 @@ def test_bento_carries_scikit_learn_not_lightgbm(world: dict[str, Any]) -> None:
 
 
 def test_http_predictions_are_the_offline_positive_class_probabilities(world: dict[str, Any], kiln_home: Path) -> None:
-    from kiln.features import compute_features
-    from kiln.trainers import load_predictor
-    from serving.requests import parse_rows
-
     spec = world["spec"]
     state = world["serving"].state(PIPELINE)
     champion = world["trained"].output_for_node(f"{PIPELINE}__champion")
     assert state["model_version"] == champion["version"]
     rows = _rows(kiln_home)
-    response = httpx.post(f"{state['url']}/predict", json={"rows": rows}, timeout=30)
-    assert response.status_code == 200
-    body = response.json()
-    assert body["model_version"] == champion["version"]
-    predictor = load_predictor(f"models:/{PIPELINE}/{champion['version']}", spec)
-    offline = predictor.predict(compute_features(parse_rows(rows, spec, 1000), spec))
-    np.testing.assert_allclose(body["predictions"], offline, rtol=0, atol=1e-12)
+    offline = served_matches_offline(state["url"], rows, spec, champion["version"])
     assert ((offline > 0) & (offline < 1)).all() and offline.std() > 0.001  # probabilities, not 0/1 labels
     assert check_evaluation(world["trained"], "live_smoke_test").passed
     bad = dict(rows[0]) | {"amount": -5.0}

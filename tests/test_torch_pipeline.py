@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, free_port
-from tests.results import check_evaluation, materialization
+from tests.results import check_evaluation, materialization, served_matches_offline
 
 SPEC_FILE = REPO / "platform_defs" / "pipelines" / "breast_cancer" / "defs.yaml"
 PIPELINE = "breast_cancer"
@@ -120,10 +120,6 @@ def test_torch_model_trained_logged_registered_and_promoted(world: dict[str, Any
 
 
 def test_http_prediction_equals_offline(world: dict[str, Any], kiln_home: Path) -> None:
-    from kiln.features import compute_features
-    from kiln.trainers import load_predictor
-    from serving.requests import parse_rows
-
     spec = world["spec"]
     state = world["serving"].state(PIPELINE)
     champion = world["trained"].output_for_node(f"{PIPELINE}__champion")
@@ -132,13 +128,7 @@ def test_http_prediction_equals_offline(world: dict[str, Any], kiln_home: Path) 
     # A GPU pipeline's bento is built on the CUDA image with torch (serving/images.py), not the CPU one.
     assert bento.info.docker.cuda_version and any(p.startswith("torch==") for p in bento.info.python.packages or [])
     rows = json.loads((kiln_home / "state" / "reference" / PIPELINE / "sample_rows.json").read_text())
-    response = httpx.post(f"{state['url']}/predict", json={"rows": rows}, timeout=30)
-    assert response.status_code == 200
-    body = response.json()
-    assert body["model_version"] == champion["version"]
-    predictor = load_predictor(f"models:/{PIPELINE}/{champion['version']}", spec)
-    offline = predictor.predict(compute_features(parse_rows(rows, spec, 1000), spec))
-    np.testing.assert_allclose(body["predictions"], offline, rtol=0, atol=1e-12)
+    offline = served_matches_offline(state["url"], rows, spec, champion["version"])
     assert ((offline > 0) & (offline < 1)).all() and offline.std() > 0.05  # probabilities, not a constant
     assert check_evaluation(world["trained"], "live_smoke_test").passed
     meta = httpx.get(f"{state['url']}/metadata", timeout=10).json()
