@@ -73,3 +73,33 @@ def check_result(check_name: str, asset_key: Any, failures: list[dict[str, Any]]
         metadata["failed_rule_table"] = dg.MetadataValue.md(failure_table(failures))
     return dg.AssetCheckResult(asset_key=asset_key, check_name=check_name, passed=not failures, metadata=metadata,
                                severity=dg.AssetCheckSeverity.ERROR if errors else dg.AssetCheckSeverity.WARN)
+
+
+def batch_check_result(check_name: str, asset_key: Any, per_partition: Mapping[str, tuple[list[dict[str, Any]], int, str]]) -> Any:
+    """One check result for a run over several partitions (a single-run backfill): every failed rule tagged with its
+    partition and file, the failing partitions listed, rows summed. It blocks when any partition failed an error rule."""
+    import dagster as dg
+
+    from kiln.contracts import describe, failure_table
+
+    failures = [f | {"partition": p, "file": file} for p, (fs, _, file) in per_partition.items() for f in fs]
+    failing = [p for p, (fs, _, _) in per_partition.items() if fs]
+    errors = [f for f in failures if f.get("severity", "error") == "error"]
+    keys = sorted(per_partition)
+    metadata: dict[str, Any] = {"rows": sum(rows for _, rows, _ in per_partition.values()), "failed_rules": len(failures),
+                                "partition": f"{keys[0]}..{keys[-1]} ({len(keys)} partitions)" if keys else "none",
+                                "failing_partitions": ", ".join(failing) or "none"}
+    if failures:
+        metadata["summary"] = "; ".join(f"[{p}] {describe(per_partition[p][0])}" for p in failing)
+        metadata["failures"] = dg.MetadataValue.json(failures)
+        metadata["failed_rule_table"] = dg.MetadataValue.md(
+            "\n\n".join(f"**{p}** ({per_partition[p][2]})\n\n{failure_table(per_partition[p][0])}" for p in failing))
+    return dg.AssetCheckResult(asset_key=asset_key, check_name=check_name, passed=not failures, metadata=metadata,
+                               severity=dg.AssetCheckSeverity.ERROR if errors else dg.AssetCheckSeverity.WARN)
+
+
+def run_partitions(context: Any) -> list[str | None]:
+    """The partitions a step covers: one key, every key of a single-run backfill's range, or ``[None]`` unpartitioned."""
+    if context.has_partition_key or context.has_partition_key_range:
+        return list(context.partition_keys)
+    return [None]

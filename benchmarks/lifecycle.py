@@ -4,15 +4,19 @@ In a throwaway KILN_HOME (its own DAGSTER_HOME, MLflow SQLite, BentoML store and
 ``fraud.yaml`` on a free port) this script times, with ``platform_defs.lifecycle``:
 
 1. simulate: write ``--days`` daily parquet files of ``--rows`` rows (reported, not compared);
-2. ingest: one run per partition materializing ``fraud/raw`` + ``fraud/validated`` (+ ``fraud/quarantine``)
-   with their blocking great-expectations checks, which run inside those two steps;
-3. retrain: one run of features -> model -> champion -> bento -> endpoint (+ live smoke test).
+2. load: import Dagster and build the definitions (what every Dagster process pays once);
+3. ingest: ``platform_defs.lifecycle.ingest`` over all days, as a single-run backfill does: one run over the partition
+   range materializing ``fraud/raw`` + ``fraud/validated`` (+ ``fraud/quarantine``) with their blocking
+   great-expectations checks, which run inside those two steps (``ingest_runs`` counts the runs);
+4. retrain: one run of features -> model -> champion -> bento -> endpoint (+ live smoke test).
 
 Setting up the embedded services (``prepare_local_env``, ``provision_tracking_store``: the MLflow SQLite schema) is
-reported and excluded, like ``simulate``. It stops the endpoint, then times the bare compute on the same files: polars
-read, the same GX schema and quality suites per file (``run_rules``; GX is already imported, so its one-off import
-counts against the lifecycle only), ``cast_to_spec`` + ``split_rows``, concat + time sort + ``compute_features``,
-``train_lightgbm`` on the ``split_holdout`` train rows, ``predict`` on the holdout. ``overhead_ratio = (ingest + retrain) / bare``.
+reported and excluded, like ``simulate``. It stops the endpoint, then times the bare compute on the same files in a
+fresh Python process that pays the same one-off costs: the same imports (polars, great-expectations, LightGBM), polars
+read, the same GX schema and quality suites per file (``run_rules``), ``cast_to_spec`` + ``split_rows``, concat + time
+sort + ``compute_features``, ``train_lightgbm`` on the ``split_holdout`` train rows, ``predict`` on the holdout, and a
+plain ``bentoml serve`` of the same bento started until ``/readyz`` answers. Its wall time, from process start to
+the server's ready, is the baseline. ``overhead_ratio = (load + ingest + retrain) / bare``.
 
 Run: ``.venv/bin/python benchmarks/lifecycle.py`` (1,000,000 rows) or ``--days 2 --rows 5000`` for a
 quick run. Goals are reported, never enforced; exit 1 only when a lifecycle run fails.
@@ -45,7 +49,8 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 REPO = Path(__file__).resolve().parent.parent
 FRAUD_SPEC = REPO / "platform_defs" / "pipelines" / "fraud" / "defs.yaml"  # copied, with serving.port changed
-GOAL_OVERHEAD = 1.5
+GOAL_OVERHEAD = 2.0
+GOAL_INGEST_RUNS = 1
 PIPELINE = "fraud"
 UPSTREAM_OF_ENDPOINT = ("features", "model", "champion", "bento")
 
@@ -122,20 +127,20 @@ def timed(into: dict[str, float], name: str) -> Iterator[None]:
     into[name] = time.perf_counter() - started
 
 
-def bare_compute(files: list[Path], spec: Any) -> tuple[dict[str, float], dict[str, Any]]:
-    """The lifecycle's data work without Dagster, MLflow or BentoML; seconds per stage and a few facts."""
-    import polars as pl
+def bare_compute(files: list[Path], spec: Any, bento_tag: str, model_tag: str, t: dict[str, float]) -> dict[str, Any]:
+    """The lifecycle's data work without Dagster or MLflow, in this (fresh) process; fills ``t`` with seconds per stage."""
+    with timed(t, "imports (polars, great-expectations, LightGBM)"):
+        import great_expectations  # noqa: F401  (the one-off import the contract steps pay too)
+        import polars as pl
 
-    from kiln.contracts import AFTER_QUARANTINE, cast_to_spec, quality_rules, run_rules, schema_rules, split_rows
-    from kiln.evaluation import score, split_holdout
-    from kiln.features import feature_table
-    from kiln.trainers.lightgbm import predict, train_lightgbm
+        from kiln.contracts import AFTER_QUARANTINE, cast_to_spec, quality_rules, run_rules, schema_rules, split_rows
+        from kiln.evaluation import score, split_holdout
+        from kiln.features import feature_table
+        from kiln.trainers.lightgbm import predict, train_lightgbm
 
-    t: dict[str, float] = {}
     with timed(t, "read parquet (polars)"):
         raw = [pl.read_parquet(f) for f in files]
     with timed(t, "validate (GX schema + quality suites, conform, split)"):
-        # The same data contract the raw and validated steps run (GX was imported by the lifecycle already).
         validated = []
         rules = quality_rules(spec)
         for frame in raw:
@@ -152,7 +157,9 @@ def bare_compute(files: list[Path], spec: Any) -> tuple[dict[str, float], dict[s
         booster = train_lightgbm(train, spec)
     with timed(t, "predict holdout (predict)"):
         y_pred = predict(booster, holdout, spec)
-    facts = {
+    with timed(t, "bentoml serve of the same bento, to /readyz"):
+        serve_until_ready(bento_tag, model_tag)
+    return {
         "rows_in": sum(f.height for f in raw),
         "rows_validated": features.height,
         "train_rows": train.height,
@@ -160,7 +167,68 @@ def bare_compute(files: list[Path], spec: Any) -> tuple[dict[str, float], dict[s
         "metric": spec.evaluation.metric,
         "score": score(spec.evaluation.metric, holdout[spec.target].to_numpy(), y_pred),
     }
-    return t, facts
+
+
+def serve_until_ready(bento_tag: str, model_tag: str) -> None:
+    """Start a plain `bentoml serve` of the bento, wait for 200 on /readyz, stop it (the endpoint step's one-off cost)."""
+    import subprocess
+    import urllib.request
+
+    port = free_port()
+    scratch = Path(tempfile.mkdtemp(prefix="kiln-bare-serve-", dir="/tmp"))
+    env = os.environ | {"KILN_MODEL_TAG": model_tag, "KILN_PREDICTION_LOG": str(scratch / "log"),
+                        "KILN_LANE_PORT": str(free_port()), "KILN_LANE_HOST": "127.0.0.1", "KILN_HANDOFF_DIR": str(scratch),
+                        "KILN_WORKERS": str(os.cpu_count() or 1), "BENTOML_DO_NOT_TRACK": "True"}
+    cmd = [sys.executable, "-m", "bentoml", "serve", bento_tag, "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"bentoml serve {bento_tag} exited with {proc.returncode}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"bentoml serve {bento_tag}: /readyz not ready after 180 s")
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=60)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def bare_child(args: argparse.Namespace) -> int:
+    """``--bare-child``: run :func:`bare_compute` and print its timings as JSON (the parent times the whole process)."""
+    import json
+
+    t: dict[str, float] = {}
+    from kiln.spec import load_spec
+
+    spec = load_spec(Path(args.spec))
+    facts = bare_compute([Path(f) for f in args.files], spec, args.bento, args.model_tag, t)
+    print(json.dumps({"stages": t, "facts": facts}))
+    return 0
+
+
+def run_bare(files: list[Path], spec_file: Path, bento_tag: str, model_tag: str) -> tuple[float, dict[str, float], dict[str, Any]]:
+    """Run the bare compute in a fresh Python process; (its wall seconds, seconds per stage, facts)."""
+    import json
+    import subprocess
+
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--bare-child", "--spec", str(spec_file), "--bento", bento_tag,
+           "--model-tag", model_tag, "--files", *map(str, files)]
+    started = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"PYTHONPATH": str(REPO)}, timeout=1800)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"bare compute failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    stages = dict(out["stages"])
+    stages["interpreter start + exit (fresh process)"] = max(wall - sum(stages.values()), 0.0)
+    return wall, stages, out["facts"]
 
 
 def stop_endpoint(pipeline: str) -> str:
@@ -203,6 +271,7 @@ def report(
     args: argparse.Namespace,
     sim: float,
     provision: float,
+    load: float,
     ingest_runs: list[tuple[str, RunTiming]],
     retrain_run: RunTiming,
     bare: dict[str, float],
@@ -211,7 +280,7 @@ def report(
 ) -> tuple[float, float]:
     """Print the tables; return (lifecycle seconds excluding simulate, overhead ratio)."""
     ingest_wall = sum(r.wall for _, r in ingest_runs)
-    lifecycle = ingest_wall + retrain_run.wall
+    lifecycle = load + ingest_wall + retrain_run.wall
     bare_total = sum(bare.values())
     ratio = lifecycle / bare_total if bare_total else float("inf")
 
@@ -222,22 +291,25 @@ def report(
     stages.add_column("share", justify="right")
     stages.add_row("simulate (excluded)", fmt(sim), "")
     stages.add_row("provision MLflow SQLite store (excluded)", fmt(provision), "")
-    ingest_label = f"ingest: {len(ingest_runs)} runs raw+validated+checks"
+    stages.add_row("load: import dagster, build definitions", fmt(load), share(load, lifecycle))
+    ingest_label = f"ingest: {len(ingest_runs)} run(s) raw+validated+checks"
     stages.add_row(ingest_label, fmt(ingest_wall), share(ingest_wall, lifecycle))
     stages.add_row("retrain: features..endpoint (+checks)", fmt(retrain_run.wall), share(retrain_run.wall, lifecycle))
-    stages.add_row("[bold]lifecycle (ingest + retrain)[/bold]", f"[bold]{fmt(lifecycle)}[/bold]", "100%")
+    stages.add_row("[bold]lifecycle (load + ingest + retrain)[/bold]", f"[bold]{fmt(lifecycle)}[/bold]", "100%")
     stages.add_section()
     for name, seconds in bare.items():
         stages.add_row(f"bare: {name}", fmt(seconds), share(seconds, bare_total))
-    stages.add_row("[bold]bare compute total[/bold]", f"[bold]{fmt(bare_total)}[/bold]", "100%")
+    stages.add_row("[bold]bare compute total (fresh process, wall)[/bold]", f"[bold]{fmt(bare_total)}[/bold]", "100%")
     stages.add_section()
     verdict = "[green]PASS[/green]" if ratio <= GOAL_OVERHEAD else "[red]MISS[/red]"
     stages.add_row(f"overhead_ratio (goal <= {GOAL_OVERHEAD})", f"{ratio:.2f}", verdict)
+    runs_verdict = "[green]PASS[/green]" if len(ingest_runs) <= GOAL_INGEST_RUNS else "[red]MISS[/red]"
+    stages.add_row(f"ingest_runs for {args.days} days (goal {GOAL_INGEST_RUNS})", str(len(ingest_runs)), runs_verdict)
     console.print(stages)
 
     steps = sorted({s for _, r in ingest_runs for s in r.steps})
     per_partition = Table(title="ingest runs: seconds per step (STEP_START -> STEP_SUCCESS)")
-    per_partition.add_column("partition")
+    per_partition.add_column("partitions")
     per_partition.add_column("run wall", justify="right")
     for s in steps:
         per_partition.add_column(s, justify="right")
@@ -274,6 +346,9 @@ def report(
     ingest_only = [r for _, r in ingest_runs]
     rs = retrain_run.steps
     rows = [
+        ("load: import dagster, build definitions", load, 0.0),
+        ("one-off imports (bare: polars, GX, LightGBM)", 0.0, bare["imports (polars, great-expectations, LightGBM)"]
+         + bare["interpreter start + exit (fresh process)"]),
         ("ingest raw + validated steps (GX checks run in-step)", step_sum(ingest_only, lambda s: s in ("raw", "validated")),
          bare["read parquet (polars)"] + bare["validate (GX schema + quality suites, conform, split)"]),
         ("ingest other steps", step_sum(ingest_only, lambda s: s not in ("raw", "validated")), 0.0),
@@ -283,7 +358,8 @@ def report(
          bare["train (train_lightgbm)"] + bare["predict holdout (predict)"]),
         ("champion step (reload, re-predict, gate)", rs.get("champion", 0.0), 0.0),
         ("bento step (import model, build bento)", rs.get("bento", 0.0), 0.0),
-        ("endpoint step + smoke test", step_sum([retrain_run], lambda s: s not in UPSTREAM_OF_ENDPOINT), 0.0),
+        ("endpoint step + smoke test", step_sum([retrain_run], lambda s: s not in UPSTREAM_OF_ENDPOINT),
+         bare["bentoml serve of the same bento, to /readyz"]),
         ("retrain outside steps", retrain_run.outside_steps, 0.0),
     ]
     attribution = Table(title="where the lifecycle time goes vs bare compute")
@@ -313,22 +389,31 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=100_000, help="rows per day (default 100,000)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--keep", action="store_true", help="keep the temporary KILN_HOME and print its path")
+    parser.add_argument("--bare-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    parser.add_argument("--bento", help=argparse.SUPPRESS)
+    parser.add_argument("--model-tag", help=argparse.SUPPRESS)
+    parser.add_argument("--files", nargs="*", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.bare_child:
+        return bare_child(args)
 
     console = Console(width=140)
     say: Callable[[str], None] = lambda line: console.print(line, highlight=False)  # noqa: E731
     home = Path(tempfile.mkdtemp(prefix="kiln-bench-lifecycle-"))
     try:
-        isolate(home)
+        spec_dir = isolate(home)
+        started = time.perf_counter()
         import dagster as dg
 
         from kiln.spec import load_specs
         from platform_defs.definitions import build_definitions
         from platform_defs.lifecycle import ingest, prepare_local_env, provision_tracking_store, retrain, simulate, source_partitions
 
-        paths = prepare_local_env()
         (spec,) = load_specs()
         defs = build_definitions([spec])
+        load = time.perf_counter() - started
+        paths = prepare_local_env()
         folder = paths["sources"] / spec.source.path
         instance = dg.DagsterInstance.get()
         console.print(f"KILN_HOME={home}  port={spec.serving.port}  dagster instance={instance.root_directory}")
@@ -343,10 +428,14 @@ def main() -> int:
 
         partitions = source_partitions(spec, folder)
         ingest_runs: list[tuple[str, RunTiming]] = []
-        for partition in partitions:
-            started = time.perf_counter()
-            (result,) = ingest(defs, spec, [partition], instance, progress=say)
-            ingest_runs.append((partition, run_timing(instance, result, time.perf_counter() - started, spec.name)))
+        started = time.perf_counter()
+        results = ingest(defs, spec, partitions, instance, progress=say)
+        wall = time.perf_counter() - started
+        for result in results:  # the wall time of several runs is shared in proportion to their own step times
+            tags = result.dagster_run.tags
+            label = (f"{tags['dagster/asset_partition_range_start']}..{tags['dagster/asset_partition_range_end']}"
+                     if "dagster/asset_partition_range_start" in tags else tags.get("dagster/partition", "-"))
+            ingest_runs.append((label, run_timing(instance, result, wall / len(results), spec.name)))
         failed = [(p, r) for p, r in ingest_runs if not r.success]
         if failed:
             for p, r in failed:
@@ -361,12 +450,14 @@ def main() -> int:
             return 1
         model_record = result.output_for_node(f"{spec.name}__model")
         model_score = f"{model_record['score']:.4f} (v{model_record['version']})"
+        bento = result.output_for_node(f"{spec.name}__bento")
         del result
         # The endpoint is idle from here on, but stop it anyway so the bare compute has the CPUs to itself.
         say(f"endpoint: {stop_endpoint(spec.name)}")
 
-        bare, facts = bare_compute(files, spec)
-        lifecycle, ratio = report(console, args, sim, provision, ingest_runs, retrain_run, bare, facts, model_score)
+        bare_wall, bare, facts = run_bare(files, spec_dir / "fraud.yaml", bento["tag"], bento["model_tag"])
+        say(f"bare compute in a fresh process: {bare_wall:.1f}s")
+        lifecycle, ratio = report(console, args, sim, provision, load, ingest_runs, retrain_run, bare, facts, model_score)
     finally:
         stop_endpoint(PIPELINE)
         if args.keep:
@@ -374,7 +465,7 @@ def main() -> int:
         else:
             shutil.rmtree(home, ignore_errors=True)
 
-    print(f"BENCH lifecycle seconds={lifecycle:.1f} overhead_ratio={ratio:.2f}")
+    print(f"BENCH lifecycle seconds={lifecycle:.1f} overhead_ratio={ratio:.2f} ingest_runs={len(ingest_runs)}")
     return 0
 
 

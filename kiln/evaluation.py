@@ -51,13 +51,15 @@ def metrics(spec: PipelineSpec, y_true: np.ndarray, y_pred: np.ndarray) -> dict[
 
 
 def gate(challenger: float, champion: float | None, evaluation: EvaluationSpec) -> tuple[bool, str]:
-    """Promote the first model, or a challenger that beats the champion by at least ``min_improvement``."""
+    """Promote the first model, or a challenger that beats the champion by strictly more than ``min_improvement``.
+
+    A tie is never a promotion: a retrain on the same rows gives the same model, and rolling it changes nothing."""
     if champion is None:
         return True, "no champion yet: the first model is promoted"
     gain = challenger - champion if evaluation.higher_is_better else champion - challenger
-    if gain >= evaluation.min_improvement:
-        return True, f"challenger beats champion by {gain:.5f} >= {evaluation.min_improvement} on {evaluation.metric}"
-    return False, f"challenger gains {gain:.5f} < {evaluation.min_improvement} on {evaluation.metric}: champion kept"
+    if gain > evaluation.min_improvement:
+        return True, f"challenger beats champion by {gain:.5f} > {evaluation.min_improvement} on {evaluation.metric}"
+    return False, f"challenger gains {gain:.5f}, not more than {evaluation.min_improvement} on {evaluation.metric}: champion kept"
 
 
 def decide(evaluation: EvaluationSpec, challenger_version: str, challenger_score: float, champion_version: str | None,

@@ -12,6 +12,7 @@ version that hashed it, and a file from another version is re-hashed from its ke
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -57,15 +58,25 @@ def _read(path: Any, columns: list[str]) -> tuple[pl.DataFrame, str | None]:
         return pl.read_parquet(fh, columns=columns), scheme
 
 
-def repeated_keys(folder: Any, partition: str, frame: pl.DataFrame, columns: list[str]) -> dict[str, pl.Series]:
+def repeated_keys(folder: Any, partition: str, frame: pl.DataFrame, columns: list[str],
+                  pending: Mapping[str, pl.DataFrame] | None = None) -> dict[str, pl.Series]:
     """Per key column, a boolean per row of ``frame``: True where its key is stored for another partition than
-    ``partition`` (its own index is what re-validating it replaces)."""
+    ``partition`` (its own index is what re-validating it replaces).
+
+    ``pending``: rows of other partitions validated earlier in the same run and not stored yet (a single-run backfill);
+    they count instead of those partitions' stored index."""
     import polars as pl
 
     found = {c: pl.Series(c, [False] * frame.height, dtype=pl.Boolean) for c in columns}
-    if not columns or frame.height == 0 or not folder.exists():
+    if not columns or frame.height == 0:
         return found
-    others = sorted(p for p in folder.glob("*.parquet") if p.stem != partition)
+    pending = {p: rows for p, rows in (pending or {}).items() if p != partition}
+    for rows in pending.values():
+        for c in columns:
+            found[c] = found[c] | frame[c].is_in(rows[c].implode()).fill_null(False)
+    if not folder.exists():
+        return found
+    others = sorted(p for p in folder.glob("*.parquet") if p.stem != partition and p.stem not in pending)
     if not others:
         return found
     new = key_hashes(frame, columns)

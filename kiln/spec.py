@@ -178,7 +178,8 @@ class TrainerSpec(_Strict):
 
 class EvaluationSpec(_Strict):
     metric: Literal["roc_auc", "average_precision", "log_loss", "rmse", "mae", "r2"] = "roc_auc"
-    min_improvement: float = 0.0
+    # A challenger is promoted only when it beats the champion by strictly more than this: a tie never rolls.
+    min_improvement: float = Field(default=0.001, ge=0.0)
     holdout: float = Field(default=0.2, gt=0.0, lt=0.9)
 
     @property
@@ -222,6 +223,40 @@ class DriftSpec(_Strict):
     sensor_interval_seconds: int = Field(default=30, ge=1, le=86400)
 
 
+class LabelsSpec(_Strict):
+    """Ground truth that arrives after the prediction: files of (key, label, event time) joined to the prediction log."""
+
+    path: str = Field(description="folder of label files, relative to the profile's source root")
+    format: Literal["parquet", "csv"] = "parquet"
+    key: str = Field(description="the column that matches a logged prediction's key (a schema key column)")
+    label: str = Field(description="the realized target")
+    event_time: str = Field(description="when the label became known (datetime)")
+
+
+RetrainSignal = Literal["drift", "estimated_performance", "realized_performance", "schedule"]
+PerformanceMetric = Literal["roc_auc", "accuracy", "precision", "recall", "f1"]
+
+
+class RetrainSpec(_Strict):
+    """Which signals may launch `<p>_retrain`, and what must hold before it is launched."""
+
+    # None: drift, plus estimated performance for classification, plus realized performance when labels arrive
+    # (PipelineSpec.retrain_signals). A list names exactly the signals that may launch a retrain.
+    signals: list[RetrainSignal] | None = None
+    metric: PerformanceMetric = "roc_auc"
+    estimated_drop: float = Field(default=0.02, gt=0, description="estimated metric below the reference by more than this")
+    realized_drop: float = Field(default=0.02, gt=0, description="realized metric (from labels) below the reference by more than this")
+    consecutive_windows: int = Field(default=2, ge=1, description="windows in a row a performance drop must last")
+    schedule_days: float | None = Field(default=None, gt=0, description="schedule signal: retrain when the champion is older")
+    min_new_rows: int = Field(default=1000, ge=0, description="new labeled training rows needed since the champion's training window")
+
+    @model_validator(mode="after")
+    def _schedule(self) -> RetrainSpec:
+        if self.signals is not None and "schedule" in self.signals and self.schedule_days is None:
+            raise ValueError("retrain.schedule_days: the schedule signal needs a period in days")
+        return self
+
+
 class PipelineSpec(_Strict):
     """One ML pipeline, from source files to a served model."""
 
@@ -238,6 +273,8 @@ class PipelineSpec(_Strict):
     serving: ServingSpec = Field(default_factory=ServingSpec)
     drift: DriftSpec = Field(default_factory=DriftSpec)
     validation: ValidationSpec = Field(default_factory=ValidationSpec)
+    labels: LabelsSpec | None = None
+    retrain: RetrainSpec = Field(default_factory=RetrainSpec)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -284,6 +321,13 @@ class PipelineSpec(_Strict):
             raise ValueError("target: classification needs an int or bool target column")
         if self.validation.target is not None and self.task != "classification":
             raise ValueError("validation.target: positive-rate bounds need task classification")
+        if self.labels is not None and self.labels.key not in self.key_columns:
+            raise ValueError(f"labels.key: '{self.labels.key}' is not a schema key column (key: true)")
+        named = set(self.retrain.signals or ())
+        if "estimated_performance" in named and self.task != "classification":
+            raise ValueError("retrain.signals: estimated_performance is estimated for classification only")
+        if "realized_performance" in named and self.labels is None:
+            raise ValueError("retrain.signals: realized_performance needs a labels: section")
         if self.task == "classification" and self.evaluation.metric in ("rmse", "mae", "r2"):
             raise ValueError(f"evaluation.metric: '{self.evaluation.metric}' is a regression metric")
         return self
@@ -292,6 +336,14 @@ class PipelineSpec(_Strict):
     def input_columns(self) -> list[str]:
         """The columns a client sends: the schema minus the target."""
         return [c for c in self.schema_ if c != self.target]
+
+    @property
+    def retrain_signals(self) -> list[str]:
+        """The signals that may launch `<p>_retrain`: the spec's list, or what this pipeline can measure."""
+        if self.retrain.signals is not None:
+            return list(self.retrain.signals)
+        return ["drift"] + (["estimated_performance"] if self.task == "classification" else []) + (
+            ["realized_performance"] if self.labels is not None else [])
 
     @property
     def key_columns(self) -> list[str]:

@@ -133,21 +133,58 @@ def run_config(log_level: str) -> dict[str, Any]:
     return {"loggers": {"console": {"config": {"log_level": log_level}}}}
 
 
+# Dagster's run tags for a run over a partition range (what a single-run backfill launches).
+RANGE_START_TAG = "dagster/asset_partition_range_start"
+RANGE_END_TAG = "dagster/asset_partition_range_end"
+
+
+def day_ranges(partitions: list[str]) -> list[list[str]]:
+    """Daily partition keys grouped into runs of consecutive days (a range run covers every day between its ends)."""
+    ranges: list[list[str]] = []
+    for key in sorted(partitions):
+        if ranges and date.fromisoformat(key) == date.fromisoformat(ranges[-1][-1]) + timedelta(days=1):
+            ranges[-1].append(key)
+        else:
+            ranges.append([key])
+    return ranges
+
+
 def ingest(defs: Any, spec: PipelineSpec, partitions: list[str] | list[str | None], instance: Any,
            progress: Progress = print, log_level: str = "DEBUG") -> list[Any]:
-    """Materialize raw + validated (and their blocking checks) for each partition (None: unpartitioned); returns the run results.
+    """Materialize raw + validated (and their blocking checks) for the partitions (None: unpartitioned); returns the runs
+    that decided what is stored.
 
+    Consecutive days go in one run over the partition range, as a single-run backfill does (one process, one GX
+    context, one event-log write per step instead of one per day). When a blocking check fails in such a run nothing of
+    it is stored, and each of its days is run alone, so the good days land and the bad ones are reported one by one.
     ``progress`` gets one line per step (see :func:`platform_defs.progress.step_lines`), failed checks' rules under it."""
     import dagster as dg
 
     selection = dg.AssetSelection.assets([spec.name, "raw"], [spec.name, "validated"]).required_multi_asset_neighbors()
-    results = []
-    for partition in partitions:
+    planned = (f"{spec.name}/raw", f"{spec.name}/validated")
+
+    def run(partition: str | None, tags: dict[str, str]) -> Any:
         result = dg.materialize(_all(defs), selection=selection, partition_key=partition, instance=instance,
-                                resources=defs.resources, raise_on_error=False, tags={"kiln/pipeline": spec.name},
+                                resources=defs.resources, raise_on_error=False, tags={"kiln/pipeline": spec.name, **tags},
                                 run_config=run_config(log_level))
-        report(result, instance, progress, (f"{spec.name}/raw", f"{spec.name}/validated"))
-        results.append(result)
+        report(result, instance, progress, planned)
+        return result
+
+    keys = [p for p in partitions if p is not None]
+    if len(keys) < len(partitions):  # unpartitioned
+        return [run(None, {})]
+    results = []
+    for days in day_ranges(keys):
+        if len(days) == 1:
+            results.append(run(days[0], {}))
+            continue
+        batch = run(None, {RANGE_START_TAG: days[0], RANGE_END_TAG: days[-1]})
+        if batch.success:
+            results.append(batch)
+            continue
+        # The failed range run stays in the instance's history; its days' own runs replace it in what is returned.
+        progress(f"  {spec.name}: the run over {days[0]}..{days[-1]} stored nothing; ingesting its {len(days)} days one by one")
+        results.extend(run(day, {}) for day in days)
     return results
 
 

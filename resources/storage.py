@@ -46,9 +46,34 @@ def _failed(action: str, path: UPath, exc: Exception) -> StorageError:
 
 
 class ParquetIOManager(dg.UPathIOManager):
-    """polars DataFrames as one parquet file per asset (and per partition)."""
+    """polars DataFrames as one parquet file per asset (and per partition).
+
+    A step over several partitions (a single-run backfill) outputs a dict ``{partition: frame}``: one file each."""
 
     extension = ".parquet"
+
+    def __init__(self, base_path: UPath) -> None:
+        super().__init__(base_path=base_path)
+        self.root = base_path
+
+    def partition_paths(self, context: dg.InputContext | dg.OutputContext) -> dict[str, UPath]:
+        """The file of each partition in the context (the layout UPathIOManager uses for one partition)."""
+        asset = self.root / self.get_asset_relative_path(context)
+        paths = {key: self.get_path_for_partition(context, asset, key) for key in context.asset_partition_keys}
+        return {key: path.with_name(path.name + self.extension) for key, path in paths.items()}
+
+    def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
+        keys = context.asset_partition_keys if context.has_asset_partitions else []
+        if len(keys) <= 1:
+            return super().handle_output(context, obj)
+        if not isinstance(obj, dict) or set(obj) != set(keys):
+            got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+            raise TypeError(f"{context.asset_key.to_user_string()}: a step over {len(keys)} partitions must output "
+                            f"{{partition: frame}} for exactly those partitions; got {got}")
+        for key, path in self.partition_paths(context).items():
+            self.dump_to_path(context, obj[key], path)
+        context.add_output_metadata({"path": dg.MetadataValue.path(str(self.root / self.get_asset_relative_path(context)))})
+        return None
 
     def dump_to_path(self, context: dg.OutputContext, obj: pl.DataFrame, path: UPath) -> None:
         if path.protocol in ("s3", "s3a"):  # an S3 PUT is atomic: readers never see half an object
@@ -70,7 +95,7 @@ class ParquetIOManager(dg.UPathIOManager):
         """Load many partitions; with ``allow_missing_partitions`` only those that exist (daily sources have gaps)."""
         if len(context.asset_partition_keys) <= 1 or not (context.definition_metadata or {}).get("allow_missing_partitions"):
             return super().load_partitions(context)
-        paths = self._get_paths_for_partitions(context)
+        paths = self.partition_paths(context)
         return {k: self.load_from_path(context, p) for k, p in sorted(paths.items()) if p.exists()}
 
     def load_from_path(self, context: dg.InputContext, path: UPath) -> pl.DataFrame:

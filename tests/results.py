@@ -14,6 +14,19 @@ def materialization(result: Any, pipeline: str, stage: str) -> Any:
     return events[-1].step_materialization_data.materialization
 
 
+def partition_materializations(results: list[Any], pipeline: str, stage: str) -> dict[str, Any]:
+    """The last materialization of each partition of `<pipeline>/<stage>` over runs (a range run has one per day)."""
+    import dagster as dg
+
+    found: dict[str, Any] = {}
+    for result in results:
+        for e in result.get_asset_materialization_events():
+            if e.asset_key == dg.AssetKey([pipeline, stage]):
+                m = e.step_materialization_data.materialization
+                found[m.partition] = m
+    return found
+
+
 def check_evaluation(result: Any, name: str) -> Any:
     """The last evaluation of the asset check ``name`` (fails the test if it did not run)."""
     evaluations = [e for e in result.get_asset_check_evaluations() if e.check_name == name]

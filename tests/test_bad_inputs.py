@@ -382,3 +382,83 @@ def test_nan_and_infinite_amounts_are_counted_as_quarantined(world: dict[str, An
     quarantine = _assert_counts_add_up(world, "cards", day, evaluation)
     assert quarantine.height == 12
     assert evaluation.metadata["quarantined_by_rule"].value == {"amount.not_null": 4, "amount.range": 8}
+
+
+def _feed_days(world: dict[str, Any], name: str, frames: dict[date, pl.DataFrame]) -> list[Any]:
+    """Write several days' files and ingest them together (consecutive days: one run over their range)."""
+    from platform_defs.lifecycle import ingest
+
+    spec = world["specs"][name]
+    for day, frame in frames.items():
+        content = _write_csv(frame) if spec.source.format == "csv" else _parquet(frame)
+        (world["folders"][name] / f"{day.isoformat()}.{spec.source.format}").write_bytes(content)
+    return ingest(world["defs"], spec, [d.isoformat() for d in frames], world["instance"], progress=lambda _: None)
+
+
+def _range_runs(world: dict[str, Any], first: date, last: date) -> list[Any]:
+    """The instance's runs over exactly the range ``first..last``."""
+    runs = world["instance"].get_runs(filters=dg.RunsFilter(tags={"dagster/asset_partition_range_start": first.isoformat(),
+                                                                  "dagster/asset_partition_range_end": last.isoformat()}))
+    return list(runs)
+
+
+def test_a_range_run_with_one_bad_day_stores_nothing_then_lands_the_good_days_one_by_one(world: dict[str, Any]) -> None:
+    days = [_next_day(world) for _ in range(3)]
+    assert days[2] - days[0] == timedelta(days=2)  # consecutive: ingested as one run over their range first
+    frames = {d: _good_frame(world, "cardspq", seed=30 + i, day=d) for i, d in enumerate(days)}
+    frames[days[1]] = frames[days[1]].drop("amount")  # the middle day breaks the schema contract
+    results = _feed_days(world, "cardspq", frames)
+    (batch,) = _range_runs(world, days[0], days[-1])
+    assert batch.status == dg.DagsterRunStatus.FAILURE
+    # then one run per day: the good days are stored, the bad one is reported on its own
+    assert [r.success for r in results] == [True, False, True]
+    assert [r.dagster_run.tags.get("dagster/partition") for r in results] == [d.isoformat() for d in days]
+    bad = _evaluation(results[1], "raw", "schema_contract")
+    assert "amount" in bad.metadata["summary"].value and bad.metadata["partition"].value == days[1].isoformat()
+    stored = {p.stem for p in (world["storage"] / "cardspq" / "validated").glob("*.parquet")}
+    assert {days[0].isoformat(), days[2].isoformat()} <= stored and days[1].isoformat() not in stored
+    assert days[1].isoformat() not in {p.stem for p in (world["storage"] / "cardspq" / "raw").glob("*.parquet")}
+
+
+def test_a_key_repeated_across_two_days_of_one_range_run_is_quarantined(world: dict[str, Any]) -> None:
+    first, second = _next_day(world), _next_day(world)
+    one = _good_frame(world, "cards", seed=40, day=first)
+    replayed = one.head(5).with_columns(pl.col("ts") + timedelta(days=1))  # 5 of the first day's transactions, re-dated
+    two = pl.concat([_good_frame(world, "cards", seed=41, day=second).head(395), replayed])
+    (result,) = _feed_days(world, "cards", {first: one, second: two})
+    assert result.success and result.dagster_run.tags["dagster/asset_partition_range_start"] == first.isoformat()
+    quarantine = _quarantined(world, "cards", second.isoformat())
+    assert quarantine.height == 5 and set(quarantine["_reasons"]) == {"txn_id.key_in_other_partition"}
+    assert _quarantined(world, "cards", first.isoformat()).height == 0
+    evaluation = _evaluation(result, "validated", "quality_contract")
+    assert evaluation.metadata["rows_quarantined"].value == 5
+    assert evaluation.metadata["failing_partitions"].value == second.isoformat()
+    validated = pl.read_parquet(world["storage"] / "cards" / "validated" / f"{second.isoformat()}.parquet")
+    assert validated.height == 395 and not validated["txn_id"].is_in(one["txn_id"].implode()).any()
+
+
+def test_replacing_a_validated_day_with_a_file_that_fails_quality_keeps_both_old(world: dict[str, Any], kiln_home: Path) -> None:
+    """A day already in `validated`, replaced by a file that passes the schema but fails the quality contract: raw and
+    validated both keep the old file (never raw new and validated old), and the raw check says why."""
+    champion = _champion(world, "cardspq")
+    on = _next_day(world)
+    good = _good_frame(world, "cardspq", seed=50, day=on)
+    day, result = _feed(world, "cardspq", _parquet(good), on)
+    assert result.success
+    raw_before = pl.read_parquet(world["storage"] / "cardspq" / "raw" / f"{day}.parquet")
+    bad = good.with_columns(pl.when(pl.int_range(pl.len()) < 3).then(-5.0).otherwise(pl.col("amount")).alias("amount"))
+    _, replaced = _feed(world, "cardspq", _parquet(bad), on)
+    assert not replaced.success
+    evaluation = _evaluation(replaced, "raw", "replacement_contract")
+    assert not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.ERROR
+    assert "amount" in evaluation.metadata["summary"].value and "range" in evaluation.metadata["summary"].value
+    assert evaluation.metadata["replaced_partitions"].value == day
+    assert not _materialized(replaced, "raw") and not _materialized(replaced, "validated")
+    assert pl.read_parquet(world["storage"] / "cardspq" / "raw" / f"{day}.parquet").equals(raw_before)
+    assert pl.read_parquet(world["storage"] / "cardspq" / "validated" / f"{day}.parquet")["amount"].min() >= 0
+    assert _champion(world, "cardspq") == champion
+    # a good replacement of the same day passes the replacement check and moves both
+    fixed = good.with_columns((pl.col("amount") + 1.0).alias("amount"))
+    _, again = _feed(world, "cardspq", _parquet(fixed), on)
+    assert again.success and _evaluation(again, "raw", "replacement_contract").passed
+    assert pl.read_parquet(world["storage"] / "cardspq" / "validated" / f"{day}.parquet")["amount"].to_list() == fixed["amount"].to_list()

@@ -30,7 +30,8 @@ MOCK_PATCHES = {"patch", "object", "dict", "multiple"}  # unittest.mock.patch(..
 
 def python_files() -> list[Path]:
     """Every .py file of Kiln's packages, tests and benchmarks."""
-    return sorted(p for folder in FIRST_PARTY for p in (REPO / folder).rglob("*.py") if "__pycache__" not in p.parts)
+    return sorted(p for folder in FIRST_PARTY for p in (REPO / folder).rglob("*.py") if "__pycache__" not in p.parts
+                  and not any(part.startswith(".venv") for part in p.relative_to(REPO).parts))  # benchmark-only venvs
 
 
 def _private(segment: str) -> bool:
