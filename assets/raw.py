@@ -81,13 +81,13 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         first = partitions[0]
         check_reachable(folder / f"{first}.{spec.source.format}" if first else folder)
 
-        def read(partition: str | None) -> tuple[Any, list[dict[str, Any]], str, list[Any]]:
+        def read(partition: str | None) -> tuple[Any, list[dict[str, Any]], str, dict[str, str]]:
             """(frame or None when unreadable, schema failures, file, widenings) of one partition's source file."""
             path = source_file(folder, spec, partition) if partition else folder
             try:
                 frame, unparsed, widened = read_source_with_report(path, spec) if partition else read_source_folder(folder, spec)
             except SourceReadError as exc:
-                return None, [unreadable_failure(spec, str(exc))], str(path), []
+                return None, [unreadable_failure(spec, str(exc))], str(path), {}
             return frame, schema_failures(frame, spec, unparsed), str(path), widened
 
         if len(partitions) > 1:  # a single-run backfill: every file passes the contract, or none is stored

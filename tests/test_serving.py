@@ -40,8 +40,7 @@ def world(kiln_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     data = spec_data(FRAUD_SPEC)
     data["name"] = NAME
     data["source"]["path"] = NAME
-    data["trainer"]["params"]["num_boost_round"] = 30
-    data["evaluation"]["min_improvement"] = 0.0  # a retrain on the same data ties, so it is promoted: a real roll
+    data["trainer"]["params"]["num_boost_round"] = 3  # a weak first champion: the roll test's retrain (60 rounds) beats it
     data["serving"].update(port=free_port(), workers=1, max_batch_rows=50)
     (spec_dir / f"{NAME}.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     os.environ["KILN_PIPELINES_DIR"] = str(spec_dir)
@@ -298,8 +297,13 @@ def test_roll_to_a_new_version_under_load_has_no_failed_request(world: dict[str,
     threads = [threading.Thread(target=client) for _ in range(2)]
     for t in threads:
         t.start()
+    # A retrain on the same rows only rolls when it is strictly better: the same pipeline with more boosting rounds.
+    from platform_defs.definitions import build_definitions
+
+    params = world["spec"].trainer.params | {"num_boost_round": 60}
+    stronger = world["spec"].model_copy(update={"trainer": world["spec"].trainer.model_copy(update={"params": params})})
     try:
-        result = retrain(world["defs"], world["spec"], world["instance"], progress=lambda _: None)
+        result = retrain(build_definitions([stronger]), stronger, world["instance"], progress=lambda _: None)
         time.sleep(1.0)
     finally:
         stop.set()

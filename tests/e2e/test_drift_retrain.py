@@ -253,7 +253,7 @@ def test_new_champion_only_if_better_and_served(loop: dict[str, Any]) -> None:
     gate = loop["gate"]
     if gate["promoted"]:
         gain = gate["challenger_score"] - gate["previous_score"]
-        assert gain >= loop["spec"].evaluation.min_improvement
+        assert gain > loop["spec"].evaluation.min_improvement  # strictly: a tie never rolls
         assert gate["version"] == gate["challenger_version"] != loop["first_version"]
     else:
         assert gate["version"] == loop["first_version"]
