@@ -145,6 +145,8 @@ def build(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
         yield dg.Output(good, output_name="validated", metadata={
             "dagster/row_count": sum(f.height for f in good.values()), "dagster/column_schema": schema,
             "rows_in": sum(f.height for f in raw.values()), "rows_quarantined": quarantined, "partitions": len(partitions),
+            # every day's materialization carries the run's metadata: each day's own row count is here
+            "rows_by_partition": dg.MetadataValue.json({p: f.height for p, f in good.items()}),
             "quarantined_by_column": dg.MetadataValue.json(
                 {p: rejected_by_column(r.bad) for p, r in reports.items() if r.bad.height})})
         if spec.key_columns:  # stored: the run's keys now count against every other partition

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 STAGES = ("raw", "validated", "features", "model", "champion", "bento", "endpoint", "predictions")
-EXTRA_STAGES = ("quarantine",)  # beyond the contract: rejected rows with their reasons (issue: data contracts)
+EXTRA_STAGES = ("quarantine", "labels")  # beyond the contract: rejected rows with their reasons; delayed labels (spec labels:)
 
 
 def key(pipeline: str, stage: str) -> list[str]:

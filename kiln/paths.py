@@ -51,6 +51,16 @@ def last_decision_file(pipeline: str) -> str:
     return state_key(pipeline, DRIFT, "last_decision.json")
 
 
+def realized_file(pipeline: str) -> str:
+    """Realized performance per window from delayed labels, and the label counts (`<p>/labels`)."""
+    return state_key(pipeline, DRIFT, "realized.json")
+
+
+def retrain_decisions_file(pipeline: str) -> str:
+    """Retrain decisions (which signal fired, why, launched or skipped), one JSON line each."""
+    return state_key(pipeline, DRIFT, "retrain_decisions.jsonl")
+
+
 def drift_reports_dir(pipeline: str) -> str:
     """Per-window drift reports (histograms, PSI tables)."""
     return state_key(pipeline, DRIFT, "reports")

@@ -75,6 +75,20 @@ def window_counts(spec: PipelineSpec, rows: pl.DataFrame, reference: dict[str, A
     return bin_counts(profile_input, reference)
 
 
+def window_performance(reference: dict[str, Any], rows: pl.DataFrame) -> dict[str, Any]:
+    """The window's score histogram (in the reference calibration's fine bins) and the label-free performance estimate
+    from it (:mod:`kiln.performance`); empty for a model without calibration (regression, or an old reference)."""
+    import polars as pl
+
+    from kiln.performance import estimate_performance, score_histogram
+
+    calibration = reference.get("performance")
+    if not calibration or PREDICTION not in rows.columns or rows.height == 0:
+        return {}
+    histogram = score_histogram(calibration, rows.get_column(PREDICTION).cast(pl.Float64).to_numpy())
+    return {"scores": histogram.tolist(), "estimated": estimate_performance(calibration, histogram)}
+
+
 def append_window(spec: PipelineSpec, log: pl.DataFrame, state_root: str) -> dict[str, Any] | None:
     """Store the bin counts of rows logged since the last window; the drift sensor reads only these records."""
     import polars as pl
@@ -97,6 +111,7 @@ def append_window(spec: PipelineSpec, log: pl.DataFrame, state_root: str) -> dic
         "model_versions": sorted(new["_model_version"].cast(pl.String).unique().to_list()),
         "reference_id": reference_id(reference),
         "counts": window_counts(spec, new, reference),
+        **window_performance(reference, new),
     }
     with path.open("a") as fh:
         fh.write(json.dumps(record) + "\n")
@@ -198,3 +213,52 @@ def drift_tick(spec: PipelineSpec, state_root: str, cursor: dict[str, Any], now:
     summary |= {"decided_at": now, "decide_ms": round(elapsed_ms, 3), "stale_windows": stale, "reference_id": current_ref}
     record_decisions(state_root, spec.name, decisions, summary)
     return DriftTick({"offset": offset, "state": state, "last": summary}, None, decisions, comparable, elapsed_ms)
+
+
+# ------------------------------------------------------------------------------------------- retrain decisions
+
+PERFORMANCE_HISTORY = 20  # windows of estimates the drift sensor keeps in its cursor (more than any consecutive_windows)
+
+
+def load_realized(state_root: str, pipeline: str) -> dict[str, Any]:
+    """Realized performance per window and label counts from `<p>/labels` ({} before labels arrived)."""
+    path = state_path(state_root, paths.realized_file(pipeline))
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def performance_history(previous: list[dict[str, Any]], new_windows: list[dict[str, Any]],
+                        realized: dict[str, Any]) -> list[dict[str, Any]]:
+    """The newest windows (oldest first) with their estimate and, where labels arrived, their realized performance."""
+    merged = [*previous, *({"window_id": w["window_id"], "estimated": w.get("estimated")} for w in new_windows)]
+    merged = merged[-PERFORMANCE_HISTORY:]
+    by_window = realized.get("windows", {})
+    return [{k: v for k, v in w.items() if k != "realized"} | ({"realized": by_window[w["window_id"]]} if w["window_id"] in by_window
+                                                                else {}) for w in merged]
+
+
+def drift_verdict(decisions: list[dict[str, Any]]) -> tuple[bool, str]:
+    """Whether the drift rule asked for a retrain in these decisions, and a sentence saying what drifted."""
+    fired = [d for d in decisions if d["action"] == "retrain"]
+    if not fired:
+        last = decisions[-1] if decisions else None
+        return False, (f"{last['action']}: share {last['share']:.2f}, max score {last['max_score']:.3f}" if last else "no new window")
+    d = fired[-1]
+    columns = ", ".join(d["drifted_columns"]) or "the prediction score"
+    return True, f"{len(d['drifted_columns'])} column(s) drifted ({columns}) for {d['streak']} window(s), share {d['share']:.2f}"
+
+
+def record_retrain_decision(state_root: str, pipeline: str, record: dict[str, Any]) -> None:
+    """Append a retrain decision (signal, reason, launched or skipped) for `kiln status` and `kiln slo`."""
+    path = state_path(state_root, paths.retrain_decisions_file(pipeline))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def last_retrain_decision(state_root: str, pipeline: str) -> dict[str, Any] | None:
+    """The newest recorded retrain decision, or None."""
+    path = state_path(state_root, paths.retrain_decisions_file(pipeline))
+    if not path.exists():
+        return None
+    lines = path.read_text().splitlines()
+    return json.loads(lines[-1]) if lines else None

@@ -102,13 +102,19 @@ def _demo_pipeline(args: argparse.Namespace, spec: PipelineSpec, defs: Any, inst
         print(line, flush=True)
 
     folder = paths["sources"] / spec.source.path
-    have = source_partitions(spec, folder)
-    want = args.days if spec.source.partitions == "daily" else 1  # an unpartitioned source is one snapshot
+    daily = spec.source.partitions == "daily"
+    have = source_partitions(spec, folder) if daily else ingest_keys(spec, folder)
+    want = args.days if daily else 1  # an unpartitioned source is one snapshot
     print()
-    if len(have) < want:
+    if len(have) < want and spec.source.simulator:
         written = simulate(spec, folder, want - len(have), args.rows_per_day, seed=args.seed)
         say(f"{spec.name}: simulated {len(written)} source file(s) into {folder}")
     keys = ingest_keys(spec, folder)
+    if not keys:  # no simulator (e.g. a spec from `kiln new`) and no file yet: nothing to run on
+        say(f"{spec.name}: no source files in {folder} and no source.simulator to write some; put the data there first")
+        return False
+    if len(have) < want and not spec.source.simulator:
+        say(f"{spec.name}: {len(keys)} source file(s) in {folder} (no simulator: the demo uses the files as they are)")
     say(f"{spec.name}: ingest and validate {len(keys)} partition(s)" if spec.source.partitions == "daily"
         else f"{spec.name}: ingest and validate the snapshot")
     results = ingest(defs, spec, keys, instance, progress=say, log_level=DEMO_LOG_LEVEL)
@@ -186,6 +192,7 @@ def status_rows() -> list[dict[str, Any]]:
     """Per pipeline: champion version and metric, endpoint URL and health, last drift decision, last retrain."""
     import dagster as dg
 
+    from kiln.windows import last_retrain_decision
     from platform_defs.lifecycle import prepare_local_env
     from platform_defs.profiles import initialized, resources
     from resources.serving import healthy
@@ -215,6 +222,8 @@ def status_rows() -> list[dict[str, Any]]:
                 "endpoint_model_version": state.get("model_version"),
                 "healthy": bool(url) and healthy(str(url)),
                 "last_drift": json.loads(drift_path.read_text()) if drift_path.exists() else None,
+                # which retrain signal fired last and why (launched, or skipped e.g. for want of new labeled rows)
+                "last_retrain_decision": last_retrain_decision(str(paths["state"]), spec.name),
                 "last_retrain": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(event.timestamp)) if event else None,
                 # source files not ingested ([{file, reason}]): misnamed, impossible date, two files for one day...
                 "source_issues": json.loads(issues_path.read_text()).get("rejected", []) if issues_path.exists() else [],
@@ -255,7 +264,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-STATUS_FIELDS = ("pipeline", "champion", "metric", "endpoint", "healthy", "last drift", "last retrain", "source issues")
+STATUS_FIELDS = ("pipeline", "champion", "metric", "endpoint", "healthy", "last drift", "last retrain", "retrain decision",
+                 "source issues")
 
 
 def _status_cells(r: dict[str, Any]) -> list[str]:
@@ -263,8 +273,10 @@ def _status_cells(r: dict[str, Any]) -> list[str]:
     drift = r["last_drift"]["action"] if r["last_drift"] else "-"
     issues = r.get("source_issues") or []
     files = f"{len(issues)} file(s) not ingested: " + ", ".join(i["file"] for i in issues[:3]) if issues else "-"
+    decision = r.get("last_retrain_decision")
+    retrain = (("launched" if decision["launch"] else "skipped") + f": {decision['reason']}") if decision else "-"
     return [r["pipeline"], r["champion_version"] or "-", metric, r["endpoint_url"] or "-", "yes" if r["healthy"] else "no", drift,
-            r["last_retrain"] or "-", files]
+            r["last_retrain"] or "-", retrain, files]
 
 
 def cmd_stop(args: argparse.Namespace) -> int:

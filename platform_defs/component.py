@@ -14,7 +14,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import BaseModel, ConfigDict, Field
 
-from assets import bento, champion, endpoint, features, model, predictions, raw, validated
+from assets import bento, champion, endpoint, features, labels, model, predictions, raw, validated
 from kiln.keys import key
 from kiln.spec import NAME_PATTERN, PipelineSpec, SpecError, pipeline_name_of
 from sensors import drift, new_data
@@ -33,6 +33,7 @@ def pipeline_definitions(spec: PipelineSpec) -> dg.Definitions:
         bento.build(spec),
         endpoint_parts[0],
         predictions.build(spec),
+        *([labels.build(spec)] if spec.labels is not None else []),
     ]
     checks = [*validated_parts[1:], *endpoint_parts[1:]]
     retrain_job = dg.define_asset_job(
@@ -48,10 +49,12 @@ def pipeline_definitions(spec: PipelineSpec) -> dg.Definitions:
         description="Ingest and validate one source partition.",
         tags={"kiln/pipeline": spec.name},
     )
+    observed = [key(spec.name, "predictions")] + ([key(spec.name, "labels")] if spec.labels is not None else [])
     observe_job = dg.define_asset_job(
         f"{spec.name}_observe",
-        selection=dg.AssetSelection.assets(key(spec.name, "predictions")),
-        description="Ingest new prediction-log rows as a drift window (bin counts) with its drift report.",
+        selection=dg.AssetSelection.assets(*observed),
+        description="Ingest new prediction-log rows as a drift window (bin counts, performance estimate) with its drift "
+                    "report" + ("; join arrived labels (realized performance)." if spec.labels is not None else "."),
         tags={"kiln/pipeline": spec.name},
     )
     return dg.Definitions(

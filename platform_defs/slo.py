@@ -135,6 +135,32 @@ def drift_trend(spec: PipelineSpec, state_root: Path, windows: int = TREND_WINDO
             "last_decision": json.loads(last.read_text()) if last.exists() else None}
 
 
+def performance_trend(spec: PipelineSpec, state_root: Path, windows: int = TREND_WINDOWS) -> dict[str, Any]:
+    """Estimated (label-free, with band) and realized (from labels) ``retrain.metric`` of the last windows, the
+    reference it is compared with, the label counts and the last retrain decision."""
+    from kiln.windows import last_retrain_decision, load_realized
+
+    metric = spec.retrain.metric
+    reference = json.loads((state_root / kiln_paths.reference_file(spec.name)).read_text()) \
+        if (state_root / kiln_paths.reference_file(spec.name)).exists() else {}
+    calibration = reference.get("performance")
+    if spec.task != "classification" or calibration is None:
+        return {"metric": metric, "estimated": "not estimated" + (" (regression)" if spec.task != "classification" else
+                                                                  " (the champion has no score calibration)")}
+    realized = load_realized(str(state_root), spec.name)
+    path = state_root / kiln_paths.windows_file(spec.name)
+    trend = []
+    for line in ([x for x in path.read_text().splitlines() if x.strip()][-windows:] if path.exists() else []):
+        w = json.loads(line)
+        estimate = ((w.get("estimated") or {}).get("metrics") or {}).get(metric) or {}
+        got = ((realized.get("windows") or {}).get(w["window_id"]) or {}).get("metrics", {}).get(metric)
+        trend.append({"window": w["window_id"], "n": int(w["counts"]["n"]), "estimated": estimate.get("value"),
+                      "lower": estimate.get("lower"), "upper": estimate.get("upper"), "realized": got})
+    return {"metric": metric, "reference": (calibration.get("reference") or {}).get(metric), "windows": trend,
+            "labels": {k: realized.get(k) for k in ("labels", "matched", "unmatched", "relabelled")} if realized else None,
+            "last_retrain_decision": last_retrain_decision(str(state_root), spec.name)}
+
+
 def training_success(pipeline: str, instance: Any) -> dict[str, Any]:
     """Finished runs of ``<p>_retrain`` and the share that succeeded."""
     import dagster as dg
@@ -203,6 +229,7 @@ def slo_report(spec: PipelineSpec, paths: dict[str, Path], serving: Any, instanc
         "endpoint": endpoint,
         "freshness": freshness(spec, paths["sources"]),
         "drift": drift_trend(spec, paths["state"]),
+        "performance": performance_trend(spec, paths["state"]),
         "training": training_success(spec.name, instance) if instance is not None else None,
         "registry": (registry_indicators(mlflow_client, spec.name, last_drift_retrain(spec.name, paths["state"]))
                      if mlflow_client is not None else None),

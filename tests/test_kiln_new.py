@@ -170,7 +170,8 @@ def odd_columns_parquet(path: Path, rows: int = 400) -> Path:
     return path
 
 
-def test_new_leaves_out_constant_and_id_like_columns_and_says_why(pipelines: Path, tmp_path: Path, kiln_home: Path) -> None:
+def test_new_leaves_out_constant_and_id_like_columns_and_says_why(pipelines: Path, tmp_path: Path, kiln_home: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     from kiln.spec import load_spec
 
     sample = odd_columns_parquet(tmp_path / "orders.parquet")
@@ -193,6 +194,13 @@ def test_new_leaves_out_constant_and_id_like_columns_and_says_why(pipelines: Pat
     assert result.success
     validated = [e for e in result.get_asset_materialization_events() if e.asset_key == dg.AssetKey(["orders", "validated"])]
     assert validated[-1].step_materialization_data.materialization.metadata["dagster/row_count"].value == 400
+    # ... and through the whole demo: trained, gated, packaged and served from the file as it came
+    try:
+        assert main(["demo", "--pipeline", "orders"]) == 0
+        out = capsys.readouterr().out
+        assert "orders: endpoint live at http://127.0.0.1:" in out and "orders: simulated" not in out
+    finally:
+        main(["stop", "orders"])
 
 
 def test_new_picks_a_serving_port_no_other_pipeline_or_process_uses(pipelines: Path, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ reference (``drift/reference.json``); the model is registered under the pipeline
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,19 @@ class Trained:
             self.checkpoint.unlink(missing_ok=True)
 
 
+def holdout_calibration(spec: PipelineSpec, labels: Any, scores: Any, log: Any = None) -> dict[str, Any] | None:
+    """The holdout's score calibration for a classifier (None for regression, or when the holdout cannot calibrate)."""
+    from kiln.performance import fit_calibration
+
+    if spec.task != "classification":
+        return None
+    try:
+        return fit_calibration(scores, labels)
+    except ValueError as exc:  # e.g. a holdout of one class: estimation is off for this model, and says so
+        (log or (lambda _: None))(f"{spec.name}: no performance calibration: {exc}")
+        return None
+
+
 def train_and_log(spec: PipelineSpec, features: pl.DataFrame, experiment_id: str, dagster_run_id: str, state_root: str,
                   log: Any = None) -> Trained:
     """Fit the spec's trainer on the older rows of ``features``, score the newest, log and register the model.
@@ -77,6 +91,10 @@ def train_and_log(spec: PipelineSpec, features: pl.DataFrame, experiment_id: str
         # k-th row (spread over the whole time range, so daily cycles stay intact) bins like all rows at a fraction of the cost.
         sample = features.gather_every(max(1, -(-features.height // REFERENCE_ROWS)))
         reference = training_reference(spec, sample, fitted.predictor.predict(sample))
+        # What label-free performance estimation (kiln.performance) and the retrain preconditions need from training:
+        # the score calibration fitted on the holdout, and when and on how many rows this model was trained.
+        reference["performance"] = holdout_calibration(spec, holdout[spec.target].to_numpy(), y_pred, log)
+        reference["training"] = {"trained_at": time.time(), "train_rows": train.height, "features_version": version_of_data}
         mlflow.log_dict(reference, paths.REFERENCE_ARTIFACT)
         info = trainer.log_model(fitted, holdout.head(5), registered_model_name=spec.name, tags=tags)
     return Trained(version=str(info.registered_model_version), run_id=run.info.run_id, experiment_id=experiment_id,
