@@ -179,6 +179,7 @@ def infer_spec(name: str, frame: pl.DataFrame, fmt: str, source_path: str, targe
 
     target_type = schema[target]["dtype"]
     target_values = frame[target].n_unique()
+    severity: dict[str, str] = {}
     if target_type == "bool" or (target_type == "int" and target_values <= 2):
         task = "classification"
         schema[target].pop("nullable", None)
@@ -187,6 +188,12 @@ def infer_spec(name: str, frame: pl.DataFrame, fmt: str, source_path: str, targe
         metric = "roc_auc"
     elif target_type in ("int", "float"):
         task, metric = "regression", "rmse"
+        # The target keeps its observed range; a new extreme is reported by the quality check, not quarantined.
+        low, high = frame[target].min(), frame[target].max()
+        if low is not None and high is not None:
+            cast = int if target_type == "int" else float
+            schema[target].update({"min": cast(low), "max": cast(high)})  # type: ignore[arg-type]
+            severity[f"{target}.range"] = "warn"
     else:
         raise SpecError(f"target: '{target}' is {target_type}; Kiln trains binary classifiers (int 0/1 or bool) "
                         "and regressors (numbers)")
@@ -205,6 +212,7 @@ def infer_spec(name: str, frame: pl.DataFrame, fmt: str, source_path: str, targe
         "trainer": {"kind": DEFAULT_KIND, "params": dict(trainer_class(DEFAULT_KIND).starter_params)},
         "evaluation": {"metric": metric, "min_improvement": MIN_IMPROVEMENT, "holdout": 0.2},
         **({"serving": {"port": port}} if port is not None else {}),
+        **({"validation": {"severity": severity}} if severity else {}),
     })
     spec.excluded = excluded
     return spec

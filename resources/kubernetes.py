@@ -1,19 +1,32 @@
-"""Kubernetes objects of the prod endpoint: a Deployment and a Service per pipeline, rendered from its spec.
+"""Kubernetes objects of the prod endpoint, rendered from a pipeline's spec.
 
-`<p>/endpoint` writes them in the prod profile; `platform_defs/k8s.py` renders and validates them offline.
+Two shapes:
+
+- :func:`endpoint_manifests`: one Deployment and one Service per pipeline (`<p>/endpoint` writes them in the prod
+  profile; `platform_defs/k8s.py` renders and validates them offline).
+- :func:`release_manifests`: the objects of a release, from a route table (`kiln/release.py`): a Deployment and a
+  Service per served version (``kiln-<p>-v<version>``), the pipeline's stable Service (``kiln-<p>``, selecting the
+  champion's pods) and a Gateway API ``HTTPRoute`` whose rule carries the weighted ``backendRefs`` of a canary or the
+  ``RequestMirror`` filter of a shadow. By default the route's parent is the stable Service (GAMMA, the Gateway API for
+  a service mesh), so in-cluster clients of the stable URL get the split; without a mesh the stable Service still
+  sends everything to the champion, never to a shadow. ``parents`` may name a Gateway instead.
+  `resources/k8s_apply.py` applies them and waits for the rollout.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kiln import paths, settings
+from kiln.release import ReleaseError, RouteTable, Version
 from kiln.spec import PipelineSpec
 from kiln.steps import k8s_config
 
 SERVING_PORT = 3000  # BentoML's port inside the image
 BENTO_UID = 1034  # the non-root `bentoml` user of BentoML's generated Dockerfile
+GATEWAY_API_VERSION = "gateway.networking.k8s.io/v1"
+VERSION_LABEL = "kiln/model-version"
 
 
 def serialize(obj: Any) -> dict[str, Any]:
@@ -35,18 +48,9 @@ def endpoint_image(spec: PipelineSpec, bento_tag: str | None = None, env: Mappin
     return f"{registry}/{tag.lower()}"
 
 
-def endpoint_manifests(spec: PipelineSpec, image: str, namespace: str | None = None, model_version: str = "") -> list[Any]:
-    """A Deployment and a Service for a pipeline's endpoint, as kubernetes client models."""
-    import kubernetes.client as k
-    from dagster_k8s.models import k8s_model_from_dict
-
-    from serving.images import image_flavor
-
-    name = endpoint_name(spec)
-    namespace = namespace or settings.k8s_namespace()
+def _pod_spec(spec: PipelineSpec, image: str) -> dict[str, Any]:
+    """The bento's pod: probes, resources (GPU toleration and selector), non-root, read-only root with /tmp."""
     serving = spec.serving
-    labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/part-of": "kiln", "kiln/pipeline": spec.name}
-    selector = {"app.kubernetes.io/name": name}
     resources = k8s_config(serving.cpu, serving.memory, serving.gpu)
     container_resources = resources["container_config"]["resources"]
     probe = {"period_seconds": 10, "timeout_seconds": 3, "failure_threshold": 3}
@@ -78,27 +82,166 @@ def endpoint_manifests(spec: PipelineSpec, image: str, namespace: str | None = N
     if serving.gpu > 0:
         pod_spec["tolerations"] = resources["pod_spec_config"]["tolerations"]
         pod_spec["node_selector"] = resources["pod_spec_config"]["node_selector"]
+    return pod_spec
+
+
+def _deployment(spec: PipelineSpec, image: str, name: str, namespace: str, labels: Mapping[str, str],
+                selector: Mapping[str, str], model_version: str, pod_labels: Mapping[str, str] | None = None) -> Any:
+    """A RollingUpdate Deployment (maxUnavailable 0: old pods serve until new ones are ready) of the bento's pod."""
+    import kubernetes.client as k
+    from dagster_k8s.models import k8s_model_from_dict
+
+    from serving.images import image_flavor
+
     annotations = {"prometheus.io/scrape": "true", "prometheus.io/port": str(SERVING_PORT), "prometheus.io/path": "/metrics",
-                   "kiln/image-flavor": image_flavor(spec), "kiln/model-version": model_version}
-    deployment = k8s_model_from_dict(k.V1Deployment, {
+                   "kiln/image-flavor": image_flavor(spec), VERSION_LABEL: model_version}
+    return k8s_model_from_dict(k.V1Deployment, {
         "api_version": "apps/v1",
         "kind": "Deployment",
-        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "metadata": {"name": name, "namespace": namespace, "labels": dict(labels)},
         "spec": {
-            "replicas": serving.replicas,
-            "selector": {"match_labels": selector},
+            "replicas": spec.serving.replicas,
+            "selector": {"match_labels": dict(selector)},
             "strategy": {"type": "RollingUpdate", "rolling_update": {"max_unavailable": 0, "max_surge": 1}},
-            "template": {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod_spec},
+            "template": {"metadata": {"labels": dict(pod_labels or labels), "annotations": annotations}, "spec": _pod_spec(spec, image)},
         },
     })
-    service = k8s_model_from_dict(k.V1Service, {
+
+
+def _service(spec: PipelineSpec, name: str, namespace: str, labels: Mapping[str, str], selector: Mapping[str, str],
+             annotations: Mapping[str, str] | None = None) -> Any:
+    """A ClusterIP Service on the spec's port to the pods' ``http`` port."""
+    import kubernetes.client as k
+    from dagster_k8s.models import k8s_model_from_dict
+
+    metadata: dict[str, Any] = {"name": name, "namespace": namespace, "labels": dict(labels)}
+    if annotations:
+        metadata["annotations"] = dict(annotations)
+    return k8s_model_from_dict(k.V1Service, {
         "api_version": "v1",
         "kind": "Service",
-        "metadata": {"name": name, "namespace": namespace, "labels": labels},
-        "spec": {"type": "ClusterIP", "selector": selector,
-                 "ports": [{"name": "http", "port": serving.port, "target_port": "http", "protocol": "TCP"}]},
+        "metadata": metadata,
+        "spec": {"type": "ClusterIP", "selector": dict(selector),
+                 "ports": [{"name": "http", "port": spec.serving.port, "target_port": "http", "protocol": "TCP"}]},
     })
+
+
+def endpoint_manifests(spec: PipelineSpec, image: str, namespace: str | None = None, model_version: str = "") -> list[Any]:
+    """A Deployment and a Service for a pipeline's endpoint, as kubernetes client models."""
+    name = endpoint_name(spec)
+    namespace = namespace or settings.k8s_namespace()
+    labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/part-of": "kiln", "kiln/pipeline": spec.name}
+    selector = {"app.kubernetes.io/name": name}
+    deployment = _deployment(spec, image, name, namespace, labels, selector, model_version)
+    service = _service(spec, name, namespace, labels, selector)
     return [deployment, service]
+
+
+# ------------------------------------------------------------------------------------------------------- releases
+
+
+def version_name(spec: PipelineSpec, version: Version) -> str:
+    """The Deployment/Service name of one served version: ``kiln-<p>-v<version>`` (DNS-1035)."""
+    name = f"{endpoint_name(spec)}-v{version}"
+    if len(name) > 63:
+        raise ReleaseError(f"{spec.name}: release: object name {name!r} is longer than 63 characters")
+    return name
+
+
+def _version_selector(spec: PipelineSpec, version: Version) -> dict[str, str]:
+    return {"app.kubernetes.io/name": endpoint_name(spec), VERSION_LABEL: version}
+
+
+def release_images(spec: PipelineSpec, bentos: Mapping[Version, Mapping[str, Any]]) -> dict[Version, str]:
+    """The image of each version's bento record (``{"tag": ...}``), as :func:`endpoint_image` names it."""
+    return {str(version): endpoint_image(spec, str(bento["tag"])) for version, bento in bentos.items()}
+
+
+def http_route(spec: PipelineSpec, table: RouteTable, namespace: str | None = None,
+               parents: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """The Gateway API v1 HTTPRoute of a route table: weighted ``backendRefs``; shadow adds a ``RequestMirror`` filter.
+
+    ``parents``: the route's ``parentRefs``; default the pipeline's stable Service (GAMMA mesh routing)."""
+    if table.pipeline != spec.name:
+        raise ReleaseError(f"{spec.name}: release: the route table is for pipeline {table.pipeline!r}")
+    namespace = namespace or settings.k8s_namespace()
+    port = spec.serving.port
+    name = endpoint_name(spec)
+    parent_refs = [dict(p) for p in parents] if parents is not None else [{"group": "", "kind": "Service", "name": name, "port": port}]
+    rule: dict[str, Any] = {
+        "matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
+        "backendRefs": [{"group": "", "kind": "Service", "name": version_name(spec, b.version), "port": port, "weight": b.weight}
+                        for b in table.backends],
+    }
+    if table.mirror is not None:
+        rule["filters"] = [{"type": "RequestMirror", "requestMirror": {
+            "backendRef": {"group": "", "kind": "Service", "name": version_name(spec, table.mirror.version), "port": port}}}]
+    return {
+        "apiVersion": GATEWAY_API_VERSION,
+        "kind": "HTTPRoute",
+        "metadata": {"name": name, "namespace": namespace,
+                     "labels": {"app.kubernetes.io/name": name, "app.kubernetes.io/part-of": "kiln", "kiln/pipeline": spec.name},
+                     "annotations": {"kiln/release-mode": table.mode,
+                                     "kiln/weights": ",".join(f"{b.version}={b.weight}" for b in table.backends),
+                                     "kiln/mirror": table.mirror.version if table.mirror else ""}},
+        "spec": {"parentRefs": parent_refs, "rules": [rule]},
+    }
+
+
+def release_manifests(spec: PipelineSpec, table: RouteTable, images: Mapping[Version, str], namespace: str | None = None,
+                      parents: Sequence[Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Every object of a release, as the JSON the API server receives, in apply order: per version (served, then
+    mirrored) a Deployment and a Service, then the stable Service (champion's pods), then the HTTPRoute."""
+    namespace = namespace or settings.k8s_namespace()
+    name = endpoint_name(spec)
+    missing = [v for v in table.versions if v not in images]
+    if missing:
+        raise ReleaseError(f"{spec.name}: release: no image for version(s) {', '.join(missing)} "
+                           f"(images for: {', '.join(images) or 'none'})")
+    roles = {b.version: b.role for b in (*table.backends, *((table.mirror,) if table.mirror else ()))}
+    objects: list[dict[str, Any]] = []
+    for version in table.versions:
+        vname = version_name(spec, version)
+        selector = _version_selector(spec, version)
+        pod_labels = {**selector, "app.kubernetes.io/instance": vname, "app.kubernetes.io/part-of": "kiln", "kiln/pipeline": spec.name}
+        labels = {**pod_labels, "kiln/role": roles[version]}  # the role is not a pod label: a promotion re-labels, never re-rolls
+        objects.append(serialize(_deployment(spec, images[version], vname, namespace, labels, selector, version, pod_labels)))
+        objects.append(serialize(_service(spec, vname, namespace, labels, selector)))
+    stable_labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/part-of": "kiln", "kiln/pipeline": spec.name}
+    objects.append(serialize(_service(spec, name, namespace, stable_labels, _version_selector(spec, table.champion.version),
+                                      annotations={"kiln/role": "stable: the champion's pods; the HTTPRoute's parent"})))
+    objects.append(http_route(spec, table, namespace, parents))
+    return objects
+
+
+def release_record(spec: PipelineSpec, table: RouteTable, bentos: Mapping[Version, Mapping[str, Any]], state_root: str,
+                   namespace: str | None = None, parents: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """Render a release for the versions' bentos, write it as YAML to the endpoint's manifests file, return the record
+    (``objects`` the rendered dicts' kinds and names; ``manifests`` the written file). Applying is k8s_apply's job."""
+    import yaml
+    from upath import UPath
+
+    images = release_images(spec, bentos)
+    manifests = release_manifests(spec, table, images, namespace, parents)
+    path = UPath(state_root) / paths.k8s_manifests_file(spec.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump_all(manifests, sort_keys=False))
+    champion = table.champion.version
+    return {
+        "pipeline": spec.name,
+        "url": endpoint_url(spec, namespace),
+        "bento": str(bentos[champion]["tag"]),
+        "model_tag": str(bentos[champion].get("model_tag", "")),
+        "model_version": champion,
+        "image": images[champion],
+        "release": {"mode": table.mode, "weights": table.weights(), "mirror": table.mirror.version if table.mirror else None},
+        "images": {v: images[v] for v in table.versions},
+        "manifests": str(path),
+        "objects": [f"{m['kind']}/{m['metadata']['name']}" for m in manifests],
+        "replicas": spec.serving.replicas,
+        "gpu": spec.serving.gpu,
+        "healthy": None,
+    }
 
 
 def endpoint_url(spec: PipelineSpec, namespace: str | None = None) -> str:

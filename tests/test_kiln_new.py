@@ -121,6 +121,9 @@ def test_new_from_parquet_with_timestamps(pipelines: Path, tmp_path: Path, kiln_
     assert main(["new", "trips", "--from", str(sample), "--target", "fare"]) == 0
     spec = load_spec(pipelines / "trips" / "defs.yaml")
     assert spec.task == "regression" and spec.target == "fare" and spec.evaluation.metric == "rmse"
+    fares = pl.read_parquet(sample)["fare"]
+    assert (spec.schema_["fare"].min, spec.schema_["fare"].max) == (fares.min(), fares.max())  # observed, not widened
+    assert spec.validation.severity == {"fare.range": "warn"}  # a new extreme fare is reported, not quarantined
     assert spec.schema_["pickup_at"].dtype == "datetime" and spec.schema_["dropoff_at"].dtype == "datetime"
     assert spec.source.timestamp_column == "pickup_at" and spec.source.format == "parquet"
     assert "pickup_at_hour" in spec.features.expressions
