@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from kiln import paths as kiln_paths
@@ -117,7 +119,8 @@ def _demo_pipeline(args: argparse.Namespace, spec: PipelineSpec, defs: Any, inst
         say(f"{spec.name}: {len(keys)} source file(s) in {folder} (no simulator: the demo uses the files as they are)")
     say(f"{spec.name}: ingest and validate {len(keys)} partition(s)" if spec.source.partitions == "daily"
         else f"{spec.name}: ingest and validate the snapshot")
-    results = ingest(defs, spec, keys, instance, progress=say, log_level=DEMO_LOG_LEVEL)
+    with quiet_stderr(say):
+        results = ingest(defs, spec, keys, instance, progress=say, log_level=DEMO_LOG_LEVEL)
     passed = sum(r.success for r in results)
     if not passed:
         say(f"{spec.name}: no partition passed validation; not training")
@@ -125,7 +128,9 @@ def _demo_pipeline(args: argparse.Namespace, spec: PipelineSpec, defs: Any, inst
     if passed < len(results):
         say(f"{spec.name}: {len(results) - passed} of {len(results)} partition(s) failed validation; training on the rest")
     say(f"{spec.name}: train, gate, package and serve")
-    if not retrain(defs, spec, instance, progress=say, log_level=DEMO_LOG_LEVEL).success:
+    with quiet_stderr(say):
+        trained = retrain(defs, spec, instance, progress=say, log_level=DEMO_LOG_LEVEL)
+    if not trained.success:
         say(f"{spec.name}: the retrain run failed; the Dagster UI has the run's full logs")
         return False
     endpoint = _endpoint_state(spec)
@@ -135,6 +140,22 @@ def _demo_pipeline(args: argparse.Namespace, spec: PipelineSpec, defs: Any, inst
     say(f"  curl -s -X POST {url}/predict -H 'Content-Type: application/json' -d '{sample}'")
     say(f"  curl -s {url}/metadata")
     return passed == len(results)
+
+
+@contextlib.contextmanager
+def quiet_stderr(say: Callable[[str], None]) -> Iterator[None]:
+    """Hold back what libraries print to stderr during a run (MLflow prints "Successfully registered model ..." and
+    "Created version ..." unconditionally); it is shown only when the run raised, after the step lines."""
+    import io
+
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    except BaseException:
+        for line in held.getvalue().splitlines()[-40:]:
+            say(f"  stderr: {line}")
+        raise
 
 
 # The demo prints its own line per step (with failed rules); Dagster's console log would repeat it with DEBUG events
@@ -493,7 +514,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     args = parser().parse_args(argv)
+    # Kiln relies on Dagster features marked beta (single-run backfill policy, data versions); saying so on every
+    # command is noise for a CLI user. The UI and `dagster` commands still show Dagster's own warnings.
+    warnings.filterwarnings("ignore", message=r".* is currently in beta", category=Warning)
     try:
         return int(args.func(args))
     except SpecError as exc:

@@ -148,6 +148,12 @@ def version_name(spec: PipelineSpec, version: Version) -> str:
     return name
 
 
+def version_url(spec: PipelineSpec, version: Version, namespace: str | None = None) -> str:
+    """The in-cluster URL of one version's Service (a smoke test of a challenger goes here, past the route)."""
+    namespace = namespace or settings.k8s_namespace()
+    return f"http://{version_name(spec, version)}.{namespace}.svc.cluster.local:{spec.serving.port}"
+
+
 def _version_selector(spec: PipelineSpec, version: Version) -> dict[str, str]:
     return {"app.kubernetes.io/name": endpoint_name(spec), VERSION_LABEL: version}
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +127,7 @@ def test_drift_without_new_labeled_rows_launches_no_retrain_and_says_why(world: 
 
 def test_new_labeled_rows_and_a_realized_drop_launch_one_retrain_that_trains_on_them(world: dict[str, Any]) -> None:
     from kiln.windows import load_realized
-    from platform_defs.lifecycle import ingest, simulate, source_partitions
+    from platform_defs.lifecycle import ingest, simulate
 
     spec, instance = world["spec"], world["instance"]
     # two new labeled days reach validated (6,000 rows >= min_new_rows)
@@ -137,7 +137,7 @@ def test_new_labeled_rows_and_a_realized_drop_launch_one_retrain_that_trains_on_
     traffic = world["traffic"]
     stray = pl.DataFrame({"txn_id": [f"never-served-{i}" for i in range(5)], "is_fraud": [0] * 5})
     labels = pl.concat([traffic.select("txn_id", "is_fraud"), stray]).with_columns(
-        pl.lit(datetime(2026, 3, 3, tzinfo=timezone.utc)).alias("labeled_at"))
+        pl.lit(datetime(2026, 3, 3, tzinfo=UTC)).alias("labeled_at"))
     world["labels"].mkdir(parents=True, exist_ok=True)
     labels.write_parquet(world["labels"] / "2026-03-03.parquet")
     observed = _observe(world)
@@ -147,7 +147,8 @@ def test_new_labeled_rows_and_a_realized_drop_launch_one_retrain_that_trains_on_
     assert "performance_plot" in metadata
     realized = load_realized(world["state"], NAME)
     reference = world["first"]["score"]  # the gate metric (average precision); the signal uses roc_auc:
-    reference_auc = json.loads((Path(world["state"]) / "reference" / NAME / "reference.json").read_text())["performance"]["reference"]["roc_auc"]
+    reference_file = Path(world["state"]) / "reference" / NAME / "reference.json"
+    reference_auc = json.loads(reference_file.read_text())["performance"]["reference"]["roc_auc"]
     aucs = [w["metrics"]["roc_auc"] for w in realized["windows"].values()]
     assert len(aucs) == 2 and all(a < reference_auc - 0.02 for a in aucs), (reference_auc, aucs, reference)
 
@@ -164,7 +165,8 @@ def test_new_labeled_rows_and_a_realized_drop_launch_one_retrain_that_trains_on_
     assert features.step_materialization_data.materialization.metadata["dagster/row_count"].value == (DAYS + 2) * ROWS
     model = run.output_for_node(f"{NAME}__model")
     client = world["mlflow"].client()
-    assert int(client.get_run(model["run_id"]).data.params["train_rows"]) > int(client.get_run(world["first"]["run_id"]).data.params["train_rows"])
+    trained_rows = int(client.get_run(model["run_id"]).data.params["train_rows"])
+    assert trained_rows > int(client.get_run(world["first"]["run_id"]).data.params["train_rows"])
     # the same signal on the next tick does not launch a second retrain (cooldown)
     assert not _tick(world).run_requests
     world["retrained"] = run
