@@ -114,8 +114,23 @@ def predictions_pvc() -> str | None:
 
 
 def endpoint_target() -> str:
-    """``KILN_ENDPOINT_TARGET``: ``kubernetes`` (prod default: render a Deployment) or ``local`` (`bentoml serve`)."""
+    """``KILN_ENDPOINT_TARGET`` (prod): ``kubernetes`` (default: apply the release through the Kubernetes API, wait for
+    the rollout, smoke-test, restore on failure), ``gitops`` (render the manifests only) or ``local`` (`bentoml serve`)."""
     return env("KILN_ENDPOINT_TARGET", "kubernetes")
+
+
+def gateway() -> tuple[str, str] | None:
+    """``KILN_GATEWAY=<namespace>/<name>``: the Gateway an HTTPRoute attaches to (None: the pipeline's Service, GAMMA mesh)."""
+    value = env("KILN_GATEWAY").strip()
+    if not value:
+        return None
+    namespace, _, name = value.rpartition("/")
+    return namespace or "default", name
+
+
+def release_timeout_s() -> float:
+    """``KILN_RELEASE_TIMEOUT_S``: how long a prod release waits for its rollout (default 600)."""
+    return float(env("KILN_RELEASE_TIMEOUT_S", "600"))
 
 
 def s3_endpoint_url() -> str | None:
@@ -137,6 +152,42 @@ def model_tag() -> str:
 def prediction_log_dir() -> str | None:
     """``KILN_PREDICTION_LOG``: the folder an endpoint logs served rows to (None: no log)."""
     return env("KILN_PREDICTION_LOG") or None
+
+
+def prediction_log_root() -> str | None:
+    """``KILN_PREDICTION_LOG_ROOT``: the state root (folder or ``s3://``) the endpoint ships its prediction log to as
+    Parquet objects (serving/predlog.py); None: no log."""
+    return env("KILN_PREDICTION_LOG_ROOT") or None
+
+
+def prediction_log_flush_rows() -> int:
+    """``KILN_PREDICTION_LOG_FLUSH_ROWS``: rows per log object at most; a full buffer is flushed at once (default 10,000)."""
+    return int(env("KILN_PREDICTION_LOG_FLUSH_ROWS", "10000"))
+
+
+def prediction_log_flush_seconds() -> float:
+    """``KILN_PREDICTION_LOG_FLUSH_SECONDS``: the longest a logged row waits before it is flushed (default 10)."""
+    return float(env("KILN_PREDICTION_LOG_FLUSH_SECONDS", "10"))
+
+
+def prediction_log_spill_dir() -> str:
+    """``KILN_PREDICTION_LOG_SPILL_DIR``: local disk for rows the store could not take yet (default: under the temp dir)."""
+    import tempfile
+
+    return env("KILN_PREDICTION_LOG_SPILL_DIR") or str(Path(tempfile.gettempdir()) / "kiln-predlog")
+
+
+def prediction_log_max_spill_rows() -> int:
+    """``KILN_PREDICTION_LOG_MAX_SPILL_ROWS``: rows kept on local disk while the store is down; beyond, the oldest are
+    dropped and counted (default 1,000,000)."""
+    return int(env("KILN_PREDICTION_LOG_MAX_SPILL_ROWS", "1000000"))
+
+
+def replica() -> str:
+    """``KILN_REPLICA``: this endpoint replica's name in log object keys (default: the host name, the pod name in k8s)."""
+    import socket
+
+    return env("KILN_REPLICA") or socket.gethostname()
 
 
 def serving_workers() -> int:
