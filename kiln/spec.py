@@ -198,6 +198,7 @@ class ServingSpec(_Strict):
     port: int = Field(default=3000, ge=1024, le=65535)
     max_batch_rows: int = Field(default=1000, ge=1)
     max_latency_ms: int = Field(default=20, ge=1)
+    max_string_chars: int = Field(default=1024, ge=1, description="longest text value a request may carry (400 beyond)")
     workers: int = Field(default=0, ge=0, description="server worker processes; 0 = one per CPU")
     unknown_category: Literal["reject", "allow"] = Field(
         default="reject", description="reject: a category outside schema.allowed gets 400; allow: it is scored as missing"

@@ -39,6 +39,10 @@ TYPE_NAMES = {float: "number", int: "integer", bool: "boolean", str: "string", N
 MAX_BODY_BYTES = 32 * 1024 * 1024
 FAST_ROWS = 64  # requests up to this many rows try the plain-Python fast path; larger ones are cheaper column-wise
 INT64 = (-(2**63), 2**63 - 1)
+# Timestamps a request may carry: inside Python's datetime range with a day to spare for any UTC offset (an offset
+# that pushes 9999-12-31 or 0001-01-01 past the range is a 400 naming the value, not an OverflowError).
+MIN_TIMESTAMP = datetime(1, 1, 2)
+MAX_TIMESTAMP = datetime(9999, 12, 30, 23, 59, 59, 999999)
 
 
 class RequestError(ValueError):
@@ -145,6 +149,8 @@ def parse_rows(rows: Any, spec: PipelineSpec, max_rows: int, unknown_category: s
             got = ", ".join(sorted(TYPE_NAMES.get(t, t.__name__) for t in wrong))
             raise RequestError(f"{name}: expected {col.dtype}, got {got}")
         nulls = values.count(None)
+        if col.dtype in ("str", "datetime"):
+            _text_errors(name, values, spec.serving.max_string_chars)
         try:
             if col.dtype == "datetime":
                 series = _datetimes(name, values)
@@ -152,6 +158,8 @@ def parse_rows(rows: Any, spec: PipelineSpec, max_rows: int, unknown_category: s
                 series = pl.Series(name, values, dtype=pl.Float64, strict=False)
             else:
                 series = pl.Series(name, values, dtype=getattr(pl, POLARS_DTYPES[col.dtype]), strict=True)
+        except RequestError:
+            raise
         except (TypeError, ValueError, OverflowError, pl.exceptions.PolarsError) as exc:
             reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
             raise RequestError(f"{name}: expected {col.dtype}: {reason}") from None
@@ -164,9 +172,17 @@ def parse_rows(rows: Any, spec: PipelineSpec, max_rows: int, unknown_category: s
 
 
 def iso_datetime(text: str) -> datetime:
-    """An ISO 8601 timestamp as naive UTC: an offset is converted, a timestamp without one is taken as UTC."""
+    """An ISO 8601 timestamp as naive UTC: an offset is converted, a timestamp without one is taken as UTC.
+
+    Raises ValueError for text that is not one, or a moment outside [MIN_TIMESTAMP, MAX_TIMESTAMP]."""
     when = datetime.fromisoformat(text)
-    return when.astimezone(UTC).replace(tzinfo=None) if when.tzinfo is not None else when
+    try:
+        naive = when.astimezone(UTC).replace(tzinfo=None) if when.tzinfo is not None else when
+    except OverflowError:
+        raise ValueError(f"{text!r} is outside the supported range of timestamps") from None
+    if not MIN_TIMESTAMP <= naive <= MAX_TIMESTAMP:
+        raise ValueError(f"{text!r} is outside the supported range of timestamps")
+    return naive
 
 
 def _datetimes(name: str, values: list[Any]) -> pl.Series:
@@ -181,13 +197,21 @@ def _datetimes(name: str, values: list[Any]) -> pl.Series:
     try:
         series = pl.Series(name, values, dtype=pl.String).str.to_datetime(strict=True, time_unit="us")
     except pl.exceptions.PolarsError as polars_error:
-        try:
-            parsed = [None if v is None else iso_datetime(v) for v in values]
-        except ValueError:
-            raise polars_error from None
+        parsed = []
+        for i, v in enumerate(values):
+            try:
+                parsed.append(None if v is None else iso_datetime(v))
+            except ValueError as exc:
+                if "outside the supported range" in str(exc):
+                    raise RequestError(f"{name}: row {i}: {exc}") from None
+                raise polars_error from None
         return pl.Series(name, parsed, dtype=pl.Datetime("us"))
     if getattr(series.dtype, "time_zone", None):  # offsets become naive UTC, as on the fast path
         series = series.dt.convert_time_zone("UTC").dt.replace_time_zone(None)
+    outside = ~series.is_between(MIN_TIMESTAMP, MAX_TIMESTAMP) & series.is_not_null()
+    if outside.any():
+        i = int(outside.arg_true()[0])
+        raise RequestError(f"{name}: row {i}: {values[i]!r} is outside the supported range of timestamps")
     return series
 
 
@@ -255,7 +279,8 @@ def _fast_rows(rows: list[Any], spec: PipelineSpec, unknown_category: str) -> di
     if cached is None or cached[0] is not spec:
         if len(_FAST) > 64:
             _FAST.clear()
-        checkers = [(name, _checker(spec.schema_[name], unknown_category == "reject")) for name in spec.input_columns]
+        checkers = [(name, _checker(spec.schema_[name], unknown_category == "reject", spec.serving.max_string_chars))
+                    for name in spec.input_columns]
         cached = _FAST[(id(spec), unknown_category)] = (spec, frozenset(spec.input_columns), checkers)
     _, expected, checkers = cached
     for row in rows:
@@ -270,7 +295,26 @@ def _fast_rows(rows: list[Any], spec: PipelineSpec, unknown_category: str) -> di
     return columns
 
 
-def _checker(col: ColumnSpec, reject_unknown: bool) -> Callable[[list[Any]], list[Any] | None]:
+def _encodable(text: str) -> bool:
+    """False for text that is not valid Unicode (a lone surrogate such as ``"\\ud800"``): it cannot be stored or logged."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _text_errors(name: str, values: list[Any], max_chars: int) -> None:
+    """400 for a text value that is longer than ``serving.max_string_chars`` or not valid Unicode, naming the row."""
+    for i, v in enumerate(values):
+        if type(v) is str and (len(v) > max_chars or not (v.isascii() or _encodable(v))):
+            if len(v) > max_chars:
+                raise RequestError(f"{name}: row {i}: text of {len(v)} characters exceeds the limit of {max_chars} "
+                                   f"(serving.max_string_chars)")
+            raise RequestError(f"{name}: row {i}: not valid Unicode text (a lone surrogate)")
+
+
+def _checker(col: ColumnSpec, reject_unknown: bool, max_chars: int) -> Callable[[list[Any]], list[Any] | None]:
     """A function from one column's JSON values to typed values, or None at the first value it does not accept."""
     nullable, lo, hi = col.nullable, col.min, col.max
     if col.dtype in ("float", "int"):
@@ -324,6 +368,7 @@ def _checker(col: ColumnSpec, reject_unknown: bool) -> Callable[[list[Any]], lis
         return datetimes
     kind = bool if col.dtype == "bool" else str
     allowed = frozenset(col.allowed) if col.allowed is not None and reject_unknown else None
+    longest = max_chars if kind is str else None
 
     def scalars(values: list[Any]) -> list[Any] | None:
         for v in values:
@@ -332,6 +377,8 @@ def _checker(col: ColumnSpec, reject_unknown: bool) -> Callable[[list[Any]], lis
                     return None
             elif type(v) is not kind or (allowed is not None and v not in allowed):
                 return None
+            elif longest is not None and (len(v) > longest or not (v.isascii() or _encodable(v))):
+                return None  # too long, or a lone surrogate: the full path words the error
         return values
 
     return scalars

@@ -223,3 +223,35 @@ def test_small_batches_get_the_same_features_and_matrix_as_large_frames(spec: Pi
     assert small_matrix.shape == large_matrix.shape == (40, len(spec.feature_names))
     assert np.array_equal(small_matrix, large_matrix, equal_nan=True)
     assert np.isnan(small_matrix).any()
+
+
+HOSTILE = [
+    ("ts_far_future_with_offset", {"ts": "9999-12-31T23:59:59-01:00"}, "ts: row 1: '9999-12-31T23:59:59-01:00' is outside"),
+    ("ts_year_one_with_offset", {"ts": "0001-01-01T00:00:00+01:00"}, "ts: row 1: '0001-01-01T00:00:00+01:00' is outside"),
+    ("lone_surrogate_in_text", {"txn_id": "\ud800"}, "txn_id: row 1: not valid Unicode text"),
+    ("ten_megabyte_text", {"txn_id": "x" * 10_000_000}, "txn_id: row 1: text of 10000000 characters exceeds the limit of 1024"),
+]
+
+
+@pytest.mark.parametrize(("case", "change", "message"), HOSTILE, ids=[c[0] for c in HOSTILE])
+@pytest.mark.parametrize("rows", [2, 100], ids=["fast_path", "full_path"])
+def test_hostile_values_are_a_400_naming_field_and_row(spec: PipelineSpec, case: str, change: dict[str, Any], message: str,
+                                                       rows: int) -> None:
+    """What once answered 502 OverflowError or 500 UnicodeEncodeError, or was logged whole, is refused with the row."""
+    from serving.requests import parse_request
+
+    batch = [ROW] * rows
+    batch[1] = ROW | change
+    body = json.dumps({"rows": batch}, ensure_ascii=True).encode()  # "\ud800" travels as the JSON escape a client sends
+    with pytest.raises(RequestError) as raised:
+        parse_request(body, spec, 1000)
+    assert raised.value.status == 400 and str(raised.value).startswith(message), str(raised.value)[:200]
+
+
+def test_raw_surrogate_bytes_are_a_400(spec: PipelineSpec) -> None:
+    from serving.requests import parse_request
+
+    body = json.dumps({"rows": [ROW]}).encode().replace(ROW["txn_id"].encode(), b"\xed\xa0\x80", 1)
+    with pytest.raises(RequestError) as raised:
+        parse_request(body, spec, 1000)
+    assert raised.value.status == 400 and str(raised.value) == "txn_id: row 0: not valid Unicode text (a lone surrogate)"
