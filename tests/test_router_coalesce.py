@@ -116,3 +116,18 @@ def test_bodies_that_are_not_plain_rows_go_alone_and_unchanged(tmp_path: Path) -
     assert json.loads(answers[0].body)["predictions"] == [10.0]
     assert sorted(body for _, _, body in backend.calls if body in odd) == sorted(odd)  # each sent alone, as it was
     assert all(n is None for _, n, _ in backend.calls)
+
+
+def test_a_clients_request_count_header_is_never_trusted(tmp_path: Path) -> None:
+    """A client sending ``X-Kiln-Requests: 1000`` must not count as 1,000 requests: the router drops the header, and
+    only its coalescer sets it (to the number of client requests it combined)."""
+    def lying(body: Any) -> Request:
+        headers = [(b"content-type", b"application/json"), (b"x-kiln-requests", b"1000")]
+        return Request("POST", "/predict", b"", dict(headers), headers, json.dumps(body).encode(), "127.0.0.1")
+
+    requests = [lying({"rows": [{"x": i}]}) for i in range(6)]
+    answers, backend = run(_scenario(tmp_path, requests))
+    assert [a.status for a in answers] == [200] * 6
+    counts = [n for _, n, _ in backend.calls]
+    assert b"1000" not in counts
+    assert sum(int(n) for n in counts if n is not None) + counts.count(None) == len(requests)
