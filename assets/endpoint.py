@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from kiln import settings
@@ -32,12 +33,36 @@ def smoke_test(url: str, rows: list[dict[str, Any]], model_uri: str, spec: Pipel
     return {"rows": len(rows), "max_abs_diff": diff, "model_version": body.get("model_version"), "status": response.status_code}
 
 
-def build(spec: PipelineSpec) -> list[Any]:
-    """The `<p>/endpoint` asset and its live smoke-test check."""
+def version_check(spec: PipelineSpec, state_root: str) -> Callable[[str, str], None]:
+    """The live smoke test of one released version, for ``resources.k8s_apply.endpoint_release``: ``check(version,
+    url)`` POSTs the pipeline's sample rows to the version's own Service and raises unless it answers as that version,
+    with the offline predictions of ``models:/<p>/<version>`` (:func:`smoke_test`, the same test as the asset check)."""
+    from kiln.reference import load_sample_rows
+
+    rows = load_sample_rows(state_root, spec.name)  # read before anything is applied: a missing sample fails at once
+
+    def check(version: str, url: str) -> None:
+        try:
+            result = smoke_test(url, rows, f"models:/{spec.name}/{version}", spec)
+        except Exception as exc:  # noqa: BLE001 - name the Service that did not answer
+            raise RuntimeError(f"{url} (version {version}): {type(exc).__name__}: {exc}") from exc
+        if result["model_version"] != version or not result["max_abs_diff"] <= SMOKE_TOLERANCE:
+            raise RuntimeError(f"{url} (version {version}): served model_version {result['model_version']!r}, "
+                               f"max |online - offline| {result['max_abs_diff']:g} (tolerance {SMOKE_TOLERANCE:g})")
+
+    return check
+
+
+def build(spec: PipelineSpec, *, k8s_api: Callable[[], Any] | None = None,
+          release_check: Callable[[str, str], None] | None = None) -> list[Any]:
+    """The `<p>/endpoint` asset and its live smoke-test check.
+
+    ``k8s_api`` (default ``resources.k8s_apply.dynamic_client``) makes the Kubernetes API client of a prod release and
+    ``release_check`` replaces :func:`version_check` (tests pass a fake API and a check; nothing else should)."""
     import dagster as dg
 
     from assets.stage import asset_args
-    from resources import kubernetes
+    from resources import k8s_apply
     from resources.retries import service_retry_policy
     from resources.serving import ServingResource, healthy
     from resources.storage import KilnStorage
@@ -51,19 +76,38 @@ def build(spec: PipelineSpec) -> list[Any]:
         kinds={"bentoml"},
         required_resource_keys={"serving", "storage", "mlflow"},
         retry_policy=service_retry_policy(),
-        description="The served endpoint: URL, model version, bento, health (local: a `bentoml serve` process).",
+        description="The served endpoint: URL, model version, bento, health (local: a `bentoml serve` process; prod: a "
+                    "Kubernetes release, applied or written for GitOps).",
     )
     def endpoint(context, bento: Any):
         from kiln.settings import current_profile
         from resources.mlflow import verify_checksum
 
         verify_checksum(context.resources.mlflow, spec.name, str(bento["model_version"]))  # refuse a changed artifact
-        # Kubernetes: render and record the Deployment + Service, no local process (KILN_ENDPOINT_TARGET=local: `bentoml serve`)
-        if current_profile() == "prod" and settings.endpoint_target() != "local":
-            record = kubernetes.endpoint_record(spec, bento, context.resources.storage.state_root)
+        # Prod: the release objects (versioned Deployments/Services, stable Service, HTTPRoute) applied through the
+        # Kubernetes API (kubernetes) or only written (gitops); KILN_ENDPOINT_TARGET=local: `bentoml serve` below.
+        # The release serves the champion only: this step has no challenger bento (canary/shadow need one).
+        target = settings.endpoint_target()
+        if current_profile() == "prod" and target != "local":
+            state_root = context.resources.storage.state_root
+            check = None
+            if target == "kubernetes":
+                check = release_check or version_check(spec, state_root)
+            try:
+                record = k8s_apply.endpoint_release(spec, bento, state_root, target, check=check,
+                                                    api=(k8s_api or k8s_apply.dynamic_client)() if target == "kubernetes" else None)
+            except k8s_apply.ReleaseFailed as exc:
+                # Nothing applied yet (snapshot) or refused on apply: worth a retry; a rollout or smoke test that failed
+                # would fail the same way again.
+                raise dg.Failure(description=f"{spec.name}/endpoint: release to Kubernetes failed: {exc}",
+                                 metadata={"stage": exc.stage, "restored": exc.restored},
+                                 allow_retries=exc.stage in ("snapshot", "apply")) from exc
             return dg.Output(record, metadata={"url": dg.MetadataValue.url(record["url"]), "image": record["image"],
                                                "manifests": record["manifests"], "objects": ", ".join(record["objects"]),
-                                               "model_version": record["model_version"], "bento": record["bento"]})
+                                               "model_version": record["model_version"], "bento": record["bento"],
+                                               "target": target, "release_mode": record["release"]["mode"],
+                                               "applied": ", ".join(record["applied"]) or "nothing (gitops)",
+                                               "pruned": ", ".join(record["pruned"]) or "nothing"})
         serving: ServingResource = context.resources.serving
         record = serving.deploy(spec.name, bento["tag"], bento["model_tag"], bento["model_version"], spec.serving.port)
         record["healthy"] = healthy(record["url"])

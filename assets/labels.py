@@ -43,14 +43,16 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         from kiln.labels import read_labels, realized_windows
         from kiln.reference import load_reference
         from kiln.state import state_path, write_atomic
-        from kiln.windows import read_log, windows_path
+        from kiln.windows import read_log_since, windows_path
 
         assert spec.labels is not None
         state_root = context.resources.storage.state_root
         folder = context.resources.storage.source_dir(spec.labels.path)
         arrived = read_labels(folder, spec)
         calibration = (load_reference(state_root, spec.name) or {}).get("performance")
-        log = read_log(context.resources.serving.prediction_log_dir(spec.name))
+        # Every stored window can still get labels, so the whole log is read (as the JSON-lines log was); a labels
+        # lookback would bound this to the objects since hour_cursor(now - lookback).
+        log = read_log_since(state_root, spec.name, 0.0, settle_s=0.0)
         path = windows_path(state_root, spec.name)
         windows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
         if arrived is None or calibration is None:

@@ -1,4 +1,5 @@
-"""`<p>/predictions`: the endpoint's prediction log, ingested for monitoring; new rows become a drift window."""
+"""`<p>/predictions`: the endpoint's prediction log (Parquet objects, :mod:`kiln.predlog`) read since the last drift window;
+the new rows become the next window."""
 
 from __future__ import annotations
 
@@ -22,17 +23,22 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         io_manager_key="parquet_io_manager",
         kinds={"polars"},
         required_resource_keys={"serving", "mlflow"},
-        description="Rows and predictions the endpoint served (its prediction log); new rows become a drift window.",
+        description="Rows and predictions the endpoint served since the last drift window (from its prediction log); they "
+                    "become the next drift window.",
     )
     def predictions(context):
         import polars as pl
 
-        from kiln.windows import append_window, read_log
+        from kiln.windows import append_window, last_window_until, read_log_since
 
         state_root = context.resources.serving.state_root
-        log = read_log(context.resources.serving.prediction_log_dir(spec.name))
+        # Only the objects of the hours around the last window are read (the log itself grows without bound); the
+        # asset's value is the rows logged since that window, the ones the new window is made of.
+        since = last_window_until(state_root, spec.name)
+        log = read_log_since(state_root, spec.name, since)
         if log is None:
             log = pl.DataFrame(schema={"_logged_at": pl.Float64, "_model_version": pl.String, "_prediction": pl.Float64})
+        log = log.filter(pl.col("_logged_at").cast(pl.Float64) > since)
         window = append_window(spec, log, state_root)
         versions = log["_model_version"].cast(pl.String).unique().sort().to_list() if log.height else []
         return dg.Output(

@@ -108,8 +108,14 @@ def code_image(environ: Mapping[str, str] | None = None) -> str:
     return env("KILN_CODE_IMAGE", "kiln/code-location:latest", environ)
 
 
+def state_root() -> str:
+    """``KILN_STATE_ROOT`` (prod): the state store, a folder or ``s3://bucket/prefix`` ('' when unset)."""
+    return env("KILN_STATE_ROOT")
+
+
 def predictions_pvc() -> str | None:
-    """``KILN_PREDICTIONS_PVC``: a PersistentVolumeClaim for endpoint prediction logs (default: an emptyDir)."""
+    """``KILN_PREDICTIONS_PVC``: a PersistentVolumeClaim for the endpoint's prediction-log spill folder, so rows the
+    store could not take yet survive a pod restart (default: an emptyDir)."""
     return env("KILN_PREDICTIONS_PVC") or None
 
 
@@ -147,11 +153,6 @@ def model_tag() -> str:
     if not tag:
         raise RuntimeError("KILN_MODEL_TAG is not set: the endpoint does not know which bento model to serve")
     return tag
-
-
-def prediction_log_dir() -> str | None:
-    """``KILN_PREDICTION_LOG``: the folder an endpoint logs served rows to (None: no log)."""
-    return env("KILN_PREDICTION_LOG") or None
 
 
 def prediction_log_root() -> str | None:

@@ -30,28 +30,40 @@ def windows_path(state_root: str, pipeline: str) -> Path:
     return state_path(state_root, paths.windows_file(pipeline))
 
 
-def prediction_log_dir(state_root: str, pipeline: str) -> Path:
-    """The folder of a pipeline's prediction-log files."""
-    return state_path(state_root, paths.predictions_dir(pipeline))
+LOG_SETTLE_S = 3600.0
+"""How far behind a cursor the prediction log is listed again: covers an object's flush interval (its rows may start in
+the hour before the cursor) and objects a replica ships late after an outage (spilled under their older hour)."""
 
 
-def log_signature(folder: Path) -> str:
-    """Names and sizes of the prediction-log files: changes whenever rows are logged (no file is read)."""
-    if not folder.exists():
-        return ""
-    sizes = {p.name: p.stat().st_size for p in folder.glob("*.jsonl")}
-    return ",".join(f"{name}:{size}" for name, size in sorted(sizes.items()))
+def last_window_until(state_root: str, pipeline: str) -> float:
+    """The ``until`` of the newest stored window (0.0 before the first): rows logged after it are not yet observed."""
+    path = windows_path(state_root, pipeline)
+    if not path.exists():
+        return 0.0
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    return float(json.loads(lines[-1])["until"]) if lines else 0.0
 
 
-def read_log(folder: Any) -> pl.DataFrame | None:
-    """All logged prediction rows in a folder of JSON-lines files, or None when nothing was logged."""
-    import polars as pl
+def read_log_since(state_root: str, pipeline: str, since: float, settle_s: float = LOG_SETTLE_S) -> pl.DataFrame | None:
+    """Logged prediction rows of every object listed from ``hour_cursor(since - settle_s)`` (:mod:`kiln.predlog`), or
+    None when there is none. Rows at or before ``since`` are included (the settle span is read again); filter on
+    ``_logged_at`` (:func:`append_window` does) so that they are never counted twice."""
+    from kiln.predlog import hour_cursor, list_log_objects, read_log_objects
 
-    files = sorted(folder.glob("*.jsonl"))
-    files = [f for f in files if f.stat().st_size > 0]
-    if not files:
+    keys = list_log_objects(state_root, pipeline, hour_cursor(max(since - settle_s, 0.0)))
+    if not keys:
         return None
-    return pl.concat([pl.read_ndjson(f) for f in files], how="diagonal_relaxed")
+    return read_log_objects(state_root, pipeline, keys)
+
+
+def log_signature(state_root: str, pipeline: str, now: float | None = None, settle_s: float = LOG_SETTLE_S) -> str:
+    """The last log object listed since ``hour_cursor(now - settle_s)`` and how many were listed: changes whenever an
+    object is shipped, late ones included (a listing only, no object is read); empty when none was."""
+    from kiln.predlog import hour_cursor, list_log_objects
+
+    now = time.time() if now is None else now
+    keys = list_log_objects(state_root, pipeline, hour_cursor(max(now - settle_s, 0.0)))
+    return f"{keys[-1]}#{len(keys)}" if keys else ""
 
 
 def window_counts(spec: PipelineSpec, rows: pl.DataFrame, reference: dict[str, Any]) -> dict[str, Any]:
@@ -98,8 +110,7 @@ def append_window(spec: PipelineSpec, log: pl.DataFrame, state_root: str) -> dic
         return None
     path = windows_path(state_root, spec.name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = path.read_text().splitlines() if path.exists() else []
-    since = json.loads(lines[-1])["until"] if lines else 0.0
+    since = last_window_until(state_root, spec.name)
     new = log.filter(pl.col("_logged_at") > since)
     if new.height == 0:
         return None

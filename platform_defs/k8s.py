@@ -1,8 +1,11 @@
-"""Kubernetes for the prod profile: the k8s executor, the step Jobs dagster-k8s submits, the endpoint
-Deployments/Services (`resources/kubernetes.py`), and their offline validation.
+"""Kubernetes for the prod profile: the k8s executor, the step Jobs dagster-k8s submits, the endpoint release
+objects (`resources/kubernetes.py`: versioned Deployments/Services, the stable Service, the HTTPRoute), and their
+offline validation.
 
 ``python -m platform_defs.k8s render --out DIR`` writes every rendered object; ``python -m platform_defs.k8s
-validate`` renders them all and validates them strictly with kubernetes-validate (non-zero exit on any failure).
+validate`` renders them all and validates them strictly (non-zero exit on any failure): core objects with
+kubernetes-validate, the Gateway API HTTPRoute (a CRD it has no schema for) with the hand-written schema of
+`resources/httproute_schema.py`.
 
 Op tags and pools are plain dicts from `kiln/steps.py`; only :func:`executor` (prod profile) and the rendering
 functions import dagster_k8s.
@@ -21,7 +24,8 @@ from kiln import settings
 from kiln.spec import PipelineSpec
 from kiln.steps import K8sConfigError
 from platform_defs.profiles import executor
-from resources.kubernetes import endpoint_image, endpoint_manifests, serialize
+from resources.httproute_schema import httproute_error
+from resources.kubernetes import endpoint_image, gateway_parents, release_manifests, serialize
 
 if TYPE_CHECKING:
     import dagster as dg
@@ -153,11 +157,17 @@ def step_job(step_key: str, tags: Mapping[str, str], job_name: str = "__ASSET_JO
 # ------------------------------------------------------------------------------------------ render and validate
 
 
-def render_all(specs: Sequence[PipelineSpec] | None = None) -> dict[str, dict[str, Any]]:
-    """Every object Kiln submits in the prod profile: a step Job per asset step, a Deployment + Service per endpoint.
+# Placeholder model versions of an offline render: a champion, and a challenger where serving.release routes one.
+RENDER_CHAMPION, RENDER_CHALLENGER = "1", "2"
 
-    Keys are file names (``jobs/<step>.yaml``, ``endpoints/<p>-deployment.yaml``); values are API-server JSON.
+
+def render_all(specs: Sequence[PipelineSpec] | None = None) -> dict[str, dict[str, Any]]:
+    """Every object Kiln submits in the prod profile: a step Job per asset step, and per endpoint the release objects
+    of placeholder versions (champion ``1``, plus challenger ``2`` when ``serving.release.mode`` is canary or shadow).
+
+    Keys are file names (``jobs/<step>.yaml``, ``endpoints/<p>/<kind>-<name>.yaml``); values are API-server JSON.
     """
+    from kiln.release import route_table
     from kiln.spec import load_specs
 
     specs = list(specs) if specs is not None else load_specs()
@@ -166,19 +176,30 @@ def render_all(specs: Sequence[PipelineSpec] | None = None) -> dict[str, dict[st
     objects: dict[str, dict[str, Any]] = {}
     for step_key, (tags, _pool) in sorted(step_tags(defs).items()):
         objects[f"jobs/{step_key}.yaml"] = serialize(step_job(step_key, tags, container_context=context, launcher=launcher))
+    parents = gateway_parents()
     for spec in specs:
-        for model in endpoint_manifests(spec, endpoint_image(spec)):
-            obj = serialize(model)
-            objects[f"endpoints/{spec.name}-{obj['kind'].lower()}.yaml"] = obj
+        challenger = RENDER_CHALLENGER if spec.serving.release.mode != "none" else None
+        table = route_table(spec, RENDER_CHAMPION, challenger)
+        images = {version: endpoint_image(spec) for version in table.versions}
+        for obj in release_manifests(spec, table, images, parents=parents):
+            objects[f"endpoints/{spec.name}/{obj['kind'].lower()}-{obj['metadata']['name']}.yaml"] = obj
     return objects
 
 
 def validate_objects(objects: Mapping[str, Mapping[str, Any]], version: str = KUBERNETES_VERSION) -> dict[str, str]:
-    """Strict schema validation of rendered objects; returns ``{name: error}`` for each that fails."""
+    """Strict schema validation of rendered objects; returns ``{name: error}`` for each that fails.
+
+    Core objects: kubernetes-validate (strict). A Gateway API HTTPRoute: the hand-written schema of
+    `resources/httproute_schema.py` (kubernetes-validate bundles no CRD schemas)."""
     import kubernetes_validate
 
     errors: dict[str, str] = {}
     for name, obj in objects.items():
+        if obj.get("kind") == "HTTPRoute" and str(obj.get("apiVersion", "")).startswith("gateway.networking.k8s.io/"):
+            error = httproute_error(obj)
+            if error is not None:
+                errors[name] = error
+            continue
         try:
             kubernetes_validate.validate(dict(obj), version, strict=True)
         except kubernetes_validate.ValidationError as exc:

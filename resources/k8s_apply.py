@@ -7,13 +7,20 @@ not), so the champion keeps serving; then it raises :class:`ReleaseFailed` namin
 
 Rollouts are RollingUpdate with ``maxUnavailable: 0`` (`resources/kubernetes.py`): while a new version's pods never
 become ready, the old pods keep serving, and restoring the old template scales the new ReplicaSet back.
+
+:func:`endpoint_release` is the prod `<p>/endpoint` step (``KILN_ENDPOINT_TARGET`` kubernetes | gitops): it renders the
+release of a bento and either applies it with :func:`release` through :func:`dynamic_client` (or an ``api`` passed in,
+e.g. a test's fake) or only writes the manifests.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kiln.spec import PipelineSpec
 
 FIELD_MANAGER = "kiln"
 # Fields the API server owns: a snapshot drops them before it is applied again (managedFields must be absent from an
@@ -250,3 +257,72 @@ def release(objects: Sequence[Mapping[str, Any]], api: Any, smoke_test: Callable
         "pruned": pruned,
         "prune_errors": prune_errors,
     }
+
+
+# ------------------------------------------------------------------------------------------- the prod endpoint
+
+TARGETS = ("kubernetes", "gitops")
+# What a release may prune after success: the pipeline's Deployments and Services that Kiln made (older versions, and
+# the single `kiln-<p>` Deployment of endpoints rendered before releases existed), never the objects just applied.
+PRUNE_SELECTOR = "app.kubernetes.io/part-of=kiln,kiln/pipeline={pipeline}"
+
+
+def dynamic_client() -> Any:
+    """A ``DynamicClient`` for the cluster: the pod's service account in a cluster, else the local kubeconfig."""
+    import kubernetes
+    from kubernetes.dynamic import DynamicClient
+
+    try:
+        kubernetes.config.load_incluster_config()
+    except kubernetes.config.ConfigException as in_cluster:
+        try:
+            kubernetes.config.load_kube_config()
+        except (kubernetes.config.ConfigException, OSError) as kubeconfig:
+            raise RuntimeError(f"Kubernetes API: not in a cluster ({in_cluster}) and no usable kubeconfig ({kubeconfig}); "
+                               "set KILN_ENDPOINT_TARGET=gitops to only write the manifests") from kubeconfig
+    return DynamicClient(kubernetes.client.ApiClient())
+
+
+def endpoint_release(spec: PipelineSpec, bento: Mapping[str, Any], state_root: str, target: str, *,
+                     check: Callable[[str, str], None] | None = None, api: Any = None,
+                     challenger: Mapping[str, Any] | None = None, timeout_s: float | None = None, poll_s: float = 2.0,
+                     clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
+    """The prod `<p>/endpoint`: the release of ``bento`` (the champion; ``challenger`` another bento record, routed as
+    ``serving.release`` says) rendered by ``resources/kubernetes.py`` and, per ``target``:
+
+    - ``gitops``: only written to ``<state_root>/endpoints/<p>/k8s.yaml`` (applying it is the GitOps tool's job);
+    - ``kubernetes``: applied with :func:`release` (server-side apply, rollout wait of at most ``timeout_s``, default
+      ``KILN_RELEASE_TIMEOUT_S``), then ``check(version, url)`` for each version through its own Service URL (raises on
+      failure), then the pipeline's stale Deployments/Services pruned; the manifests file is written only after
+      success. ``api``: a DynamicClient-like object (default :func:`dynamic_client`).
+
+    Returns the endpoint record (:func:`resources.kubernetes.release_record` plus ``target``, ``healthy`` and the
+    applied/created/updated/pruned objects). Raises :class:`ReleaseFailed` after restoring the previous objects."""
+    from kiln import settings
+    from kiln.release import route_table
+    from resources import kubernetes
+
+    if target not in TARGETS:
+        raise ValueError(f"KILN_ENDPOINT_TARGET: {target!r} is not one of {', '.join(TARGETS)} (or local, served by bentoml)")
+    champion = str(bento["model_version"])
+    bentos: dict[str, Mapping[str, Any]] = {champion: bento}
+    if challenger is not None:
+        bentos[str(challenger["model_version"])] = challenger
+    table = route_table(spec, champion, str(challenger["model_version"]) if challenger is not None else None)
+    parents = kubernetes.gateway_parents()
+    if target == "gitops":
+        record = kubernetes.release_record(spec, table, bentos, state_root, parents=parents)
+        return record | {"target": target, "applied": [], "created": [], "updated": [], "pruned": [], "prune_errors": []}
+    if check is None:
+        raise ValueError(f"{spec.name}: endpoint_release: the kubernetes target needs a smoke check (check=)")
+    objects = kubernetes.release_manifests(spec, table, kubernetes.release_images(spec, bentos), parents=parents)
+
+    def smoke_test() -> None:
+        for version in table.versions:  # served versions, then the mirror target: each through its own Service
+            check(version, kubernetes.version_url(spec, version))
+
+    result = release(objects, dynamic_client() if api is None else api, smoke_test,
+                     settings.release_timeout_s() if timeout_s is None else timeout_s, field_manager=FIELD_MANAGER,
+                     poll_s=poll_s, prune_selector=PRUNE_SELECTOR.format(pipeline=spec.name), clock=clock, sleep=sleep)
+    record = kubernetes.release_record(spec, table, bentos, state_root, parents=parents)
+    return record | {"target": target, "healthy": True} | result

@@ -48,15 +48,39 @@ def endpoint_image(spec: PipelineSpec, bento_tag: str | None = None, env: Mappin
     return f"{registry}/{tag.lower()}"
 
 
+PREDLOG_SPILL_DIR = "/var/lib/kiln/predlog-spill"  # the pod's spill folder of the prediction log (one subfolder per worker)
+S3_SECRET = "kiln-secrets"  # the Secret the step pods get their S3 credentials from (deploy/dagster.yaml env_secrets)
+S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION")
+
+
+def _prediction_log_env() -> list[dict[str, Any]]:
+    """The endpoint's prediction-log settings: ship to the prod state root (``KILN_STATE_ROOT`` when rendering; without
+    it the endpoint logs nothing), spill under :data:`PREDLOG_SPILL_DIR`, and reach S3 as the IO managers do (the
+    endpoint URL as rendered, the credentials from the :data:`S3_SECRET` keys, each optional: an IAM role needs none)."""
+    env: list[dict[str, Any]] = []
+    state_root = settings.state_root()
+    if state_root:
+        env.append({"name": "KILN_PREDICTION_LOG_ROOT", "value": state_root})
+    env.append({"name": "KILN_PREDICTION_LOG_SPILL_DIR", "value": PREDLOG_SPILL_DIR})
+    endpoint = settings.s3_endpoint_url()
+    if endpoint:
+        env.append({"name": "KILN_S3_ENDPOINT_URL", "value": endpoint})
+    env.extend({"name": name, "value_from": {"secret_key_ref": {"name": S3_SECRET, "key": name, "optional": True}}}
+               for name in S3_SECRET_KEYS)
+    return env
+
+
 def _pod_spec(spec: PipelineSpec, image: str) -> dict[str, Any]:
     """The bento's pod: probes, resources (GPU toleration and selector), non-root, read-only root with /tmp."""
     serving = spec.serving
     resources = k8s_config(serving.cpu, serving.memory, serving.gpu)
     container_resources = resources["container_config"]["resources"]
     probe = {"period_seconds": 10, "timeout_seconds": 3, "failure_threshold": 3}
+    # The prediction log goes to the state store as objects (serving/predlog.py); the pod keeps only a spill folder for
+    # rows the store cannot take yet: an emptyDir, or KILN_PREDICTIONS_PVC to keep spilled rows across pod restarts.
     pvc = settings.predictions_pvc()
-    predictions = ({"name": "predictions", "persistent_volume_claim": {"claim_name": pvc}} if pvc
-                   else {"name": "predictions", "empty_dir": {}})
+    spill = ({"name": "predlog-spill", "persistent_volume_claim": {"claim_name": pvc}} if pvc
+             else {"name": "predlog-spill", "empty_dir": {}})
     pod_spec: dict[str, Any] = {
         "security_context": {"run_as_non_root": True, "run_as_user": BENTO_UID, "run_as_group": BENTO_UID, "fs_group": BENTO_UID,
                              "seccomp_profile": {"type": "RuntimeDefault"}},
@@ -66,7 +90,7 @@ def _pod_spec(spec: PipelineSpec, image: str) -> dict[str, Any]:
             "ports": [{"name": "http", "container_port": SERVING_PORT, "protocol": "TCP"}],
             "env": [
                 {"name": "BENTOML_PORT", "value": str(SERVING_PORT)},
-                {"name": "KILN_PREDICTION_LOG", "value": "/var/lib/kiln/predictions"},
+                *_prediction_log_env(),
                 {"name": "BENTOML_DO_NOT_TRACK", "value": "True"},
             ],
             "resources": container_resources,
@@ -74,10 +98,10 @@ def _pod_spec(spec: PipelineSpec, image: str) -> dict[str, Any]:
             "liveness_probe": {"http_get": {"path": "/livez", "port": "http"}, "initial_delay_seconds": 30, **probe},
             "security_context": {"allow_privilege_escalation": False, "read_only_root_filesystem": True,
                                  "capabilities": {"drop": ["ALL"]}},
-            # BentoML writes its Prometheus and temp files under /tmp; the prediction log feeds <p>/predictions.
-            "volume_mounts": [{"name": "tmp", "mount_path": "/tmp"}, {"name": "predictions", "mount_path": "/var/lib/kiln/predictions"}],
+            # BentoML writes its Prometheus and temp files under /tmp; the prediction log spills to its own volume.
+            "volume_mounts": [{"name": "tmp", "mount_path": "/tmp"}, {"name": "predlog-spill", "mount_path": PREDLOG_SPILL_DIR}],
         }],
-        "volumes": [{"name": "tmp", "empty_dir": {"size_limit": "1Gi"}}, predictions],
+        "volumes": [{"name": "tmp", "empty_dir": {"size_limit": "1Gi"}}, spill],
     }
     if serving.gpu > 0:
         pod_spec["tolerations"] = resources["pod_spec_config"]["tolerations"]
@@ -161,6 +185,15 @@ def _version_selector(spec: PipelineSpec, version: Version) -> dict[str, str]:
 def release_images(spec: PipelineSpec, bentos: Mapping[Version, Mapping[str, Any]]) -> dict[Version, str]:
     """The image of each version's bento record (``{"tag": ...}``), as :func:`endpoint_image` names it."""
     return {str(version): endpoint_image(spec, str(bento["tag"])) for version, bento in bentos.items()}
+
+
+def gateway_parents() -> list[dict[str, Any]] | None:
+    """The HTTPRoute's ``parentRefs`` from ``KILN_GATEWAY=<namespace>/<name>`` (None: the stable Service, GAMMA mesh)."""
+    gateway = settings.gateway()
+    if gateway is None:
+        return None
+    namespace, name = gateway
+    return [{"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": name, "namespace": namespace}]
 
 
 def http_route(spec: PipelineSpec, table: RouteTable, namespace: str | None = None,

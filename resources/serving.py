@@ -15,10 +15,12 @@ from typing import Any
 
 import dagster as dg
 
+from kiln import settings
 from kiln.process import pid_alive
 
 READY_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 30.0
+LOCAL_FLUSH_SECONDS = "2"  # the local profile's prediction-log flush interval (prod: the setting's default)
 
 
 class EndpointError(RuntimeError):
@@ -53,10 +55,20 @@ class ServingResource(dg.ConfigurableResource):
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def prediction_log_dir(self, pipeline: str) -> Path:
-        path = Path(self.state_root) / "predictions" / pipeline
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+    def prediction_log_env(self, pipeline: str) -> dict[str, str]:
+        """What a backend needs to ship its prediction log (:mod:`serving.predlog`) to ``<state_root>/predictions/<p>/``:
+        the state root, a spill folder per pipeline on local disk (each worker takes its own folder in it) and, for the
+        local profile, a short flush interval so new rows reach `<p>_prediction_log` within seconds (the environment's
+        ``KILN_PREDICTION_LOG_FLUSH_SECONDS`` / ``KILN_PREDICTION_LOG_SPILL_DIR`` win)."""
+        if "://" in self.state_root:
+            spill = Path(tempfile.gettempdir()) / "kiln-predlog" / pipeline
+        else:
+            spill = self.folder(pipeline) / "predlog-spill"
+        return {
+            "KILN_PREDICTION_LOG_ROOT": self.state_root,
+            "KILN_PREDICTION_LOG_SPILL_DIR": settings.env("KILN_PREDICTION_LOG_SPILL_DIR", str(spill)),
+            "KILN_PREDICTION_LOG_FLUSH_SECONDS": settings.env("KILN_PREDICTION_LOG_FLUSH_SECONDS", LOCAL_FLUSH_SECONDS),
+        }
 
     def state(self, pipeline: str) -> dict[str, Any] | None:
         """The last recorded endpoint of a pipeline, or None."""
@@ -148,7 +160,7 @@ class ServingResource(dg.ConfigurableResource):
             "KILN_LANE_HOST": self.host,
             "BENTOML_HOME": self.bentoml_home,
             "KILN_MODEL_TAG": model_tag,
-            "KILN_PREDICTION_LOG": str(self.prediction_log_dir(pipeline)),
+            **self.prediction_log_env(pipeline),
             "KILN_WORKERS": str(workers),
             "KILN_ACCESS_LOG": "1" if spec.serving.access_log else "0",
             "BENTOML_DO_NOT_TRACK": "True",

@@ -2,7 +2,7 @@
 
 It reads only the small JSON window records that `<p>/predictions` stores (and only those appended since its cursor,
 by byte offset), never the log itself, so a tick costs the same at any log size. `<p>_prediction_log` notices new
-logged rows (file sizes only) and launches `<p>_observe`, which materializes `<p>/predictions` into a new window.
+logged rows (a listing of the log's objects, none read) and launches `<p>_observe`, which materializes `<p>/predictions` into a new window.
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def build(spec: PipelineSpec, retrain_job: Any) -> dg.SensorDefinition:
 
 
 def build_log_sensor(spec: PipelineSpec, observe_job: Any) -> dg.SensorDefinition:
-    """The `<p>_prediction_log` sensor: new logged rows (seen as changed file sizes) launch `<p>_observe`."""
+    """The `<p>_prediction_log` sensor: new logged rows (seen as new prediction-log objects) launch `<p>_observe`."""
     import dagster as dg
 
     @dg.sensor(
@@ -182,13 +182,16 @@ def build_log_sensor(spec: PipelineSpec, observe_job: Any) -> dg.SensorDefinitio
         required_resource_keys={"storage"},
     )
     def prediction_log(context) -> Any:
-        from kiln.windows import log_signature, prediction_log_dir
+        from kiln.windows import LOG_SETTLE_S, log_signature
 
-        signature = log_signature(prediction_log_dir(context.resources.storage.state_root, spec.name))
-        if not signature:
-            return dg.SkipReason("nothing logged yet")
-        if spec.labels is not None:  # arriving label files are joined by the same job (`<p>/labels`)
-            signature += ";labels:" + label_signature(context.resources.storage.source_dir(spec.labels.path))
+        # the newest log object listed in the last hour(s) and their count: a listing, no object is read
+        signature = logged = log_signature(context.resources.storage.state_root, spec.name)
+        labelled = ""
+        if spec.labels is not None:  # arriving label files are joined by the same job (`<p>/labels`), traffic or not
+            labelled = label_signature(context.resources.storage.source_dir(spec.labels.path))
+            signature += ";labels:" + labelled
+        if not logged and not labelled:
+            return dg.SkipReason(f"nothing logged in the last {LOG_SETTLE_S / 3600:g} hour(s)")
         if signature == context.cursor:
             return dg.SkipReason("no new logged rows" + (" or labels" if spec.labels is not None else ""))
         # Skip while an observation is still running: its window will hold these rows or the next tick will.

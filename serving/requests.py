@@ -377,7 +377,7 @@ def _checker(col: ColumnSpec, reject_unknown: bool, max_chars: int) -> Callable[
                     return None
             elif type(v) is not kind or (allowed is not None and v not in allowed):
                 return None
-            elif longest is not None and (len(v) > longest or not (v.isascii() or _encodable(v))):
+            elif longest is not None and isinstance(v, str) and (len(v) > longest or not (v.isascii() or _encodable(v))):
                 return None  # too long, or a lone surrogate: the full path words the error
         return values
 

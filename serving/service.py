@@ -25,6 +25,10 @@ With ``KILN_HANDOFF_DIR`` set (``ServingResource`` does), each worker also takes
 the client's own headers, ``X-Kiln-Requests`` ignored), anything else goes back to the router with the connection.
 Those clients share the machine's cores with the worker, so the batcher does not rest between batches for them.
 
+With ``KILN_PREDICTION_LOG_ROOT`` set (``ServingResource`` and the Kubernetes Deployment do), each worker logs every scored
+batch (the request rows plus ``_logged_at``, ``_model_version``, ``_prediction``) to a :class:`serving.predlog.PredictionShipper`,
+which ships it as Parquet objects under ``<root>/predictions/<p>/`` and is flushed when the worker shuts down.
+
 Answers carry the model version in the ``X-Kiln-Model-Version`` header. With ``KILN_API_KEY``
 set, ``/predict`` and ``/metadata`` need ``Authorization: Bearer <key>`` (or ``X-API-Key``);
 ``/livez``, ``/readyz`` and ``/metrics`` stay open. Access logs are off unless ``KILN_ACCESS_LOG=1``;
@@ -49,8 +53,8 @@ from __future__ import annotations
 import dataclasses
 import gc
 import hmac
+import logging
 import os
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -60,75 +64,30 @@ import bentoml
 from kiln import settings
 from kiln.features import compute_features
 from kiln.spec import PipelineSpec
+from serving.predlog import PredictionShipper
 from serving.proxy import JSON_HEADERS, GiveBack, Request, Response
 from serving.requests import MAX_BODY_BYTES, RequestError, Rows, frame_of, parse_request
 
-LOG_FILES_KEPT = 48
-ORJSON_LOG_ROWS = 256
 JSON = b"application/json"
+log = logging.getLogger(__name__)
 
 
-class PredictionLog:
-    """Append-only JSON-lines log of requests and predictions, one file per hour and process, bounded; one append per batch."""
+def open_prediction_log(pipeline: str) -> PredictionShipper | None:
+    """This worker's prediction-log shipper (:mod:`serving.predlog`), or None without ``KILN_PREDICTION_LOG_ROOT``.
 
-    def __init__(self, folder: str | None) -> None:
-        self.folder = Path(folder) if folder else None
-        self._current: Path | None = None
-        self._fd: int | None = None  # the current hour's file, open for appends (opening it per batch costs as much as a dump)
-        self._lock = threading.Lock()  # batches may score on two threads
-        if self.folder:
-            self.folder.mkdir(parents=True, exist_ok=True)
-
-    def write(self, frame: Any, predictions: Any, model_version: str, parts: list[Rows] | None = None) -> None:
-        """Append a scored batch. Small batches of fast-path rows are dumped by orjson from the request values (a
-        polars frame round trip costs ~0.5 ms whatever its size); their datetimes are written as polars writes them."""
-        if self.folder is None:
-            return
-        now = time.time()
-        if parts is not None and len(predictions) <= ORJSON_LOG_ROWS and all(p.columns is not None for p in parts):
-            data = self._dump(parts, predictions, model_version, now)
-        else:
-            import polars as pl
-
-            out = frame.with_columns(
-                pl.lit(now).alias("_logged_at"),
-                pl.lit(model_version).alias("_model_version"),
-                pl.Series("_prediction", predictions),
-            )
-            data = out.write_ndjson().encode()  # serialized in memory first: one small append per batch
-        path = self.folder / f"{time.strftime('%Y%m%d%H', time.gmtime(now))}-{os.getpid()}.jsonl"
-        with self._lock:
-            if path != self._current or self._fd is None or not os.path.exists(path):  # a new hour, or the file was removed
-                if self._fd is not None:
-                    os.close(self._fd)
-                self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-                if path != self._current:  # a new hourly file: drop the oldest beyond the bound
-                    self._current = path
-                    self._rotate()
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._fd, view):]
-
-    @staticmethod
-    def _dump(parts: list[Rows], predictions: Any, model_version: str, now: float) -> bytes:
-        import orjson
-
-        lines = []
-        scores = iter(predictions.tolist())
-        for part in parts:
-            assert part.columns is not None
-            names = [*part.columns, "_logged_at", "_model_version", "_prediction"]
-            for values in zip(*part.columns.values(), strict=True):
-                lines.append(orjson.dumps(dict(zip(names, (*values, now, model_version, next(scores)), strict=True)),
-                                          default=str, option=orjson.OPT_PASSTHROUGH_DATETIME))
-        lines.append(b"")
-        return b"\n".join(lines)
-
-    def _rotate(self) -> None:
-        assert self.folder is not None
-        files = sorted(self.folder.glob("*.jsonl"))
-        for old in files[:-LOG_FILES_KEPT]:
-            old.unlink(missing_ok=True)
+    One shipper per worker process: the replica name is ``<KILN_REPLICA>-<pid>`` (two workers, or two backends of one
+    pipeline on a host, never share a name or a seq), and its spill folder is ``<KILN_PREDICTION_LOG_SPILL_DIR>/<replica>``."""
+    root = settings.prediction_log_root()
+    if not root:
+        return None
+    replica = f"{settings.replica()}-{os.getpid()}"
+    return PredictionShipper(
+        root, pipeline, replica,
+        flush_rows=settings.prediction_log_flush_rows(),
+        flush_seconds=settings.prediction_log_flush_seconds(),
+        spill_dir=Path(settings.prediction_log_spill_dir()) / replica,
+        max_spill_rows=settings.prediction_log_max_spill_rows(),
+    )
 
 
 def api_key_ok(headers: Any, key: str | None) -> bool:
@@ -217,7 +176,7 @@ class KilnService:
         self.version = self.labels["mlflow_model_version"]
         self.version_header = self.version.encode("latin-1")
         self.predict_features = self._load_model()
-        self.log = PredictionLog(settings.prediction_log_dir())
+        self.log = open_prediction_log(self.spec.name)
         self.api_key = settings.api_key()
         self.max_rows = self.spec.serving.max_batch_rows
         self.unknown_category = self.spec.serving.unknown_category
@@ -245,9 +204,31 @@ class KilnService:
 
         frame = frame_of(parts, self.spec)
         predictions = np.asarray(self.predict_features(compute_features(frame, self.spec)), dtype=float).ravel()
-        self.log.write(frame, predictions, self.version, parts)
+        if self.log is not None:
+            self._log_batch(frame, predictions)
         self.metrics.batch(sum(p.requests for p in parts), predictions)
         return predictions
+
+    def _log_batch(self, frame: Any, predictions: Any) -> None:
+        """Hand a scored batch to the prediction log: the request rows plus ``_logged_at`` (epoch seconds),
+        ``_model_version`` and ``_prediction``; never fails the batch."""
+        import polars as pl
+
+        assert self.log is not None
+        try:
+            self.log.append(frame.with_columns(
+                pl.lit(time.time()).alias("_logged_at"),
+                pl.lit(self.version).alias("_model_version"),
+                pl.Series("_prediction", predictions),
+            ))
+        except Exception:  # noqa: BLE001 - logging must never fail a prediction
+            log.exception("prediction log of %s: could not log a batch", self.spec.name)
+
+    @bentoml.on_shutdown
+    def close_prediction_log(self) -> None:
+        """Ship what is buffered before the worker exits (rows the store cannot take now stay in the spill folder)."""
+        if self.log is not None:
+            self.log.close()
 
     async def predict(self, scope: dict[str, Any], receive: Any) -> tuple[int, bytes]:
         """Score rows: ``{"rows": [...]}`` -> ``{"predictions": [...], "model_version": "<n>"}``; 4xx names the field."""

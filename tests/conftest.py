@@ -16,6 +16,9 @@ os.environ["DAGSTER_HOME"] = str(SESSION_HOME / "dagster")
 os.environ.pop("KILN_PIPELINES_DIR", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ["BENTOML_DO_NOT_TRACK"] = "True"
+# Endpoints started by tests flush their prediction log often; tests that POST then observe still wait for the rows to be
+# listed (tests/results.py: wait_for_logged_rows), never for a fixed time.
+os.environ["KILN_PREDICTION_LOG_FLUSH_SECONDS"] = "0.5"
 (SESSION_HOME / "dagster").mkdir(parents=True, exist_ok=True)
 
 REPO = Path(__file__).resolve().parent.parent

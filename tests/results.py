@@ -51,3 +51,52 @@ def served_matches_offline(url: str, rows: list[dict[str, Any]], spec: Any, vers
     offline = load_predictor(f"models:/{spec.name}/{version}", spec).predict(compute_features(parse_rows(rows, spec, 1000), spec))
     np.testing.assert_allclose(body["predictions"], offline, rtol=0, atol=1e-12)
     return offline
+
+
+def logged_rows(state_root: str, pipeline: str) -> int:
+    """Rows in a pipeline's prediction-log objects (from their footers; tests keep the log small)."""
+    from kiln.predlog import list_log_objects, log_object_stats
+
+    return sum(s["rows"] for s in log_object_stats(state_root, pipeline, list_log_objects(state_root, pipeline)))
+
+
+def wait_for_logged_rows(state_root: str, pipeline: str, rows: int, timeout_s: float = 60.0) -> int:
+    """Wait until the endpoint's shipper has put ``rows`` rows in the log's objects (it flushes every
+    ``KILN_PREDICTION_LOG_FLUSH_SECONDS``); fails naming what it saw when they do not arrive within ``timeout_s``."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    seen = logged_rows(state_root, pipeline)
+    while seen < rows and time.monotonic() < deadline:
+        time.sleep(0.1)
+        seen = logged_rows(state_root, pipeline)
+    assert seen >= rows, f"{pipeline}: {seen} rows in the prediction log after {timeout_s:.0f}s, expected {rows}"
+    return seen
+
+
+def wait_for_flushed_log(url: str, pipeline: str, timeout_s: float = 60.0) -> float:
+    """Wait until every row the endpoint (champion backend, through the router's ``/metrics``) logged is in the store:
+    ``kiln_prediction_log_rows_total`` = flushed + dropped and none spilled; returns the flushed rows. No timing guess:
+    a row is counted as logged before its request is answered."""
+    import re
+    import time
+
+    import httpx
+
+    def series() -> dict[str, float]:
+        found: dict[str, float] = {}
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+        for name, labels, value in re.findall(r"^(kiln_prediction_log_\w+)\{([^}]*)\} (\S+)$", text, flags=re.M):
+            if f'pipeline="{pipeline}"' in labels:
+                found[name] = found.get(name, 0.0) + float(value)
+        return found
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = series()
+        appended, flushed = got.get("kiln_prediction_log_rows_total", 0.0), got.get("kiln_prediction_log_flushed_rows_total", 0.0)
+        dropped, spilled = got.get("kiln_prediction_log_dropped_rows_total", 0.0), got.get("kiln_prediction_log_spilled_rows", 0.0)
+        if appended == flushed + dropped and spilled == 0:
+            return flushed
+        assert time.monotonic() < deadline, f"{pipeline}: prediction log not flushed after {timeout_s:.0f}s: {got}"
+        time.sleep(0.1)

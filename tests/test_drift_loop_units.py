@@ -151,3 +151,47 @@ def test_rollback_plan_uses_the_champion_history(tmp_path: Path) -> None:
         plan(client, "demo", "99")
     with pytest.raises(RollbackError, match="already the champion"):
         plan(client, "demo", versions[2])
+
+
+def test_the_prediction_log_sensor_launches_once_per_new_object(tmp_path: Path) -> None:
+    """`<p>_prediction_log` watches a listing of the log's objects: each shipped object (a late one too) launches one
+    `<p>_observe`, an unchanged listing none."""
+    import time
+    from types import SimpleNamespace
+
+    import dagster as dg
+
+    from kiln.predlog import log_prefix, object_key
+    from kiln.spec import load_spec
+    from sensors.drift import build_log_sensor
+    from tests.conftest import FRAUD_SPEC
+
+    spec = load_spec(FRAUD_SPEC).model_copy(update={"labels": None})
+
+    @dg.job(name=f"{spec.name}_observe")
+    def observe() -> None: ...
+
+    sensor = build_log_sensor(spec, observe)
+    storage = SimpleNamespace(state_root=str(tmp_path))
+    instance = dg.DagsterInstance.ephemeral()
+
+    def tick(cursor: str | None) -> Any:
+        return sensor.evaluate_tick(dg.build_sensor_context(instance=instance, cursor=cursor, resources={"storage": storage}))
+
+    def ship(replica: str, logged_at: float) -> str:
+        key = object_key(logged_at, replica, 1)
+        path = Path(log_prefix(str(tmp_path), spec.name)) / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pl.DataFrame({"_logged_at": [logged_at], "_prediction": [0.5]}).write_parquet(path)
+        return key
+
+    first = tick(None)
+    assert not first.run_requests and "nothing logged" in (first.skip_message or "")
+    now = time.time()
+    key = ship("a", now)
+    launched = tick(None)
+    assert len(launched.run_requests) == 1 and launched.cursor == f"{key}#1"
+    assert not tick(launched.cursor).run_requests  # nothing new
+    ship("b", now - 60)  # a late object of another replica: a new count, one more observation
+    again = tick(launched.cursor)
+    assert len(again.run_requests) == 1 and again.cursor == f"{max(key, object_key(now - 60, 'b', 1))}#2"

@@ -3,11 +3,12 @@ stable Service, and a Gateway API HTTPRoute rendered from the route table of kil
 
 Core objects are validated strictly with kubernetes-validate (Kubernetes 1.37), as tests/test_k8s_render.py does.
 HTTPRoute is a CRD: no installed package ships its schema (kubernetes-validate bundles core Kubernetes only, and no
-PyPI package found ships the Gateway API CRDs). HTTPROUTE_SCHEMA below is therefore HAND-WRITTEN: a focused structural
-check (jsonschema) of the Gateway API v1 HTTPRoute fields Kiln uses, with the limits and patterns of the v1 API
-(weights 0..1000000, at most 16 rules/backendRefs/filters, 32 parentRefs, DNS patterns) and two of its CEL rules (a
-Service reference needs a port; a RequestMirror filter needs ``requestMirror``). Unknown fields are refused at every
-level, as kubernetes-validate --strict does for core objects. It is not the upstream CRD schema.
+PyPI package found ships the Gateway API CRDs). HTTPROUTE_SCHEMA (resources/httproute_schema.py, shared with
+platform_defs/k8s.py: validate_objects) is therefore HAND-WRITTEN: a focused structural check (jsonschema) of the
+Gateway API v1 HTTPRoute fields Kiln uses, with the limits and patterns of the v1 API (weights 0..1000000, at most 16
+rules/backendRefs/filters, 32 parentRefs, DNS patterns) and two of its CEL rules (a Service reference needs a port; a
+RequestMirror filter needs ``requestMirror``). Unknown fields are refused at every level, as kubernetes-validate
+--strict does for core objects. It is not the upstream CRD schema.
 """
 
 from __future__ import annotations
@@ -24,60 +25,9 @@ from kiln.release import ReleaseError, route_table
 from kiln.spec import PipelineSpec, spec_data
 from platform_defs import k8s
 from resources import kubernetes
+from resources.httproute_schema import HTTPROUTE_SCHEMA
 from tests.conftest import FRAUD_SPEC
 
-_DNS_SUBDOMAIN = r"^$|^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-_KIND = {"type": "string", "minLength": 1, "maxLength": 63, "pattern": r"^[a-zA-Z]([-a-zA-Z0-9]*[a-zA-Z0-9])?$"}
-_NAMESPACE = {"type": "string", "minLength": 1, "maxLength": 63, "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"}
-_PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
-_REF = {"group": {"type": "string", "maxLength": 253, "pattern": _DNS_SUBDOMAIN}, "kind": _KIND,
-        "name": {"type": "string", "minLength": 1, "maxLength": 253}, "namespace": _NAMESPACE, "port": _PORT}
-# CEL rule of BackendObjectReference: a Service (the default kind, core group) must name a port.
-_SERVICE_NEEDS_PORT = {"if": {"properties": {"kind": {"const": "Service"}, "group": {"const": ""}}},
-                       "then": {"required": ["port"]}}
-_BACKEND_OBJECT_REF = {"type": "object", "additionalProperties": False, "required": ["name"], "properties": _REF, **_SERVICE_NEEDS_PORT}
-HTTPROUTE_SCHEMA: dict[str, Any] = {  # hand-written, see the module docstring
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["apiVersion", "kind", "metadata", "spec"],
-    "properties": {
-        "apiVersion": {"const": "gateway.networking.k8s.io/v1"},
-        "kind": {"const": "HTTPRoute"},
-        "metadata": {"type": "object", "additionalProperties": False, "required": ["name"], "properties": {
-            "name": {"type": "string", "minLength": 1, "maxLength": 253, "pattern": _DNS_SUBDOMAIN}, "namespace": _NAMESPACE,
-            "labels": {"type": "object", "additionalProperties": {"type": "string"}},
-            "annotations": {"type": "object", "additionalProperties": {"type": "string"}}}},
-        "spec": {"type": "object", "additionalProperties": False, "properties": {
-            "parentRefs": {"type": "array", "maxItems": 32, "items": {
-                "type": "object", "additionalProperties": False, "required": ["name"],
-                "properties": _REF | {"sectionName": {"type": "string", "minLength": 1, "maxLength": 253}}}},
-            "hostnames": {"type": "array", "maxItems": 16, "items": {"type": "string", "minLength": 1, "maxLength": 253}},
-            "rules": {"type": "array", "minItems": 1, "maxItems": 16, "items": {
-                "type": "object", "additionalProperties": False, "properties": {
-                    "name": {"type": "string", "minLength": 1, "maxLength": 253},
-                    "matches": {"type": "array", "maxItems": 64, "items": {
-                        "type": "object", "additionalProperties": False, "properties": {
-                            "path": {"type": "object", "additionalProperties": False, "properties": {
-                                "type": {"enum": ["Exact", "PathPrefix", "RegularExpression"]},
-                                "value": {"type": "string", "maxLength": 1024}}}}}},
-                    "filters": {"type": "array", "maxItems": 16, "items": {
-                        "type": "object", "additionalProperties": False, "required": ["type"],
-                        "properties": {
-                            "type": {"enum": ["RequestHeaderModifier", "ResponseHeaderModifier", "RequestMirror", "RequestRedirect",
-                                              "URLRewrite", "ExtensionRef", "CORS"]},
-                            "requestMirror": {"type": "object", "additionalProperties": False, "required": ["backendRef"],
-                                              "properties": {"backendRef": _BACKEND_OBJECT_REF,
-                                                             "percent": {"type": "integer", "minimum": 0, "maximum": 100}}}},
-                        # CEL rule of HTTPRouteFilter: the RequestMirror type needs its requestMirror field.
-                        "if": {"properties": {"type": {"const": "RequestMirror"}}}, "then": {"required": ["requestMirror"]}}},
-                    "backendRefs": {"type": "array", "maxItems": 16, "items": {
-                        "type": "object", "additionalProperties": False, "required": ["name"],
-                        "properties": _REF | {"weight": {"type": "integer", "minimum": 0, "maximum": 1000000}},
-                        **_SERVICE_NEEDS_PORT}},
-                }}},
-        }},
-    },
-}
 IMAGES = {"7": "registry.local/kiln/kiln-fraud:b7", "8": "registry.local/kiln/kiln-fraud:b8"}
 
 
@@ -99,8 +49,9 @@ def _by_name(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def _validate(objects: list[dict[str, Any]]) -> None:
-    core = {f"{o['kind']}/{o['metadata']['name']}": o for o in objects if o["kind"] != "HTTPRoute"}
-    assert k8s.validate_objects(core) == {}
+    """Core objects through kubernetes-validate --strict, the HTTPRoute through the hand-written schema (both in
+    k8s.validate_objects), and the route once more with jsonschema directly."""
+    assert k8s.validate_objects({f"{o['kind']}/{o['metadata']['name']}": o for o in objects}) == {}
     for route in (o for o in objects if o["kind"] == "HTTPRoute"):
         jsonschema.validate(route, HTTPROUTE_SCHEMA, cls=jsonschema.Draft202012Validator)
 

@@ -152,6 +152,32 @@ def test_quantities_compare_across_units() -> None:
         steps.parse_quantity("lots")
 
 
+def test_render_all_includes_the_release_objects_and_validates_the_httproute(prod: None, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from kiln.spec import spec_data
+
+    data = spec_data(FRAUD_SPEC)
+    data["serving"] = {**data.get("serving", {}), "release": {"mode": "shadow", "challenger_share": 0.5}}
+    (tmp_path / "fraud.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    monkeypatch.setenv("KILN_PIPELINES_DIR", str(tmp_path))
+    monkeypatch.setenv("KILN_GATEWAY", "gateways/public")
+    objects = k8s.render_all()
+    endpoints = {name: obj for name, obj in objects.items() if name.startswith("endpoints/")}
+    assert sorted(endpoints) == ["endpoints/fraud/deployment-kiln-fraud-v1.yaml", "endpoints/fraud/deployment-kiln-fraud-v2.yaml",
+                                 "endpoints/fraud/httproute-kiln-fraud.yaml", "endpoints/fraud/service-kiln-fraud-v1.yaml",
+                                 "endpoints/fraud/service-kiln-fraud-v2.yaml", "endpoints/fraud/service-kiln-fraud.yaml"]
+    assert k8s.validate_objects(endpoints) == {}
+    route = endpoints["endpoints/fraud/httproute-kiln-fraud.yaml"]
+    assert route["spec"]["parentRefs"] == [{"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "public",
+                                            "namespace": "gateways"}]
+    assert route["spec"]["rules"][0]["filters"][0]["requestMirror"]["backendRef"]["name"] == "kiln-fraud-v2"
+    broken = json.loads(json.dumps(route))
+    broken["spec"]["rules"][0]["backendRefs"][0]["wieght"] = 100  # a typo of `weight`
+    errors = k8s.validate_objects({"route": broken, "ok": route})
+    assert list(errors) == ["route"] and errors["route"].startswith("spec.rules.0.backendRefs.0: Additional properties")
+    assert "'wieght' was unexpected" in errors["route"]
+
+
 def test_cpu_endpoint_deployment_and_service(prod: None) -> None:
     spec = load_spec(FRAUD_SPEC)
     image = kubernetes.endpoint_image(spec, "kiln-fraud:abc123")
@@ -165,6 +191,14 @@ def test_cpu_endpoint_deployment_and_service(prod: None) -> None:
     assert container["securityContext"]["readOnlyRootFilesystem"] is True and pod["securityContext"]["runAsNonRoot"] is True
     assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
     assert any(v["name"] == "tmp" and "emptyDir" in v for v in pod["volumes"])
+    # the prediction log ships to the prod state root as objects; the pod keeps only a spill emptyDir (no shared volume)
+    env = {e["name"]: e for e in container["env"]}
+    assert env["KILN_PREDICTION_LOG_ROOT"]["value"] == "/tmp/kiln-state" and "KILN_PREDICTION_LOG" not in env
+    assert env["KILN_PREDICTION_LOG_SPILL_DIR"]["value"] == kubernetes.PREDLOG_SPILL_DIR
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "kiln-secrets", "key": "AWS_SECRET_ACCESS_KEY",
+                                                                          "optional": True}
+    assert {"name": "predlog-spill", "mountPath": kubernetes.PREDLOG_SPILL_DIR} in container["volumeMounts"]
+    assert {"name": "predlog-spill", "emptyDir": {}} in pod["volumes"] and "persistentVolumeClaim" not in json.dumps(pod)
     assert container["resources"]["limits"] == {"cpu": spec.serving.cpu, "memory": spec.serving.memory}
     assert "nvidia.com/gpu" not in json.dumps(deployment) and "tolerations" not in pod
     assert deployment["spec"]["template"]["metadata"]["annotations"]["kiln/image-flavor"] == "cpu"
@@ -218,13 +252,16 @@ def _registered_tiny_model(tmp_path: Path) -> tuple[Any, str]:
     return resource, version
 
 
-def test_prod_endpoint_asset_records_manifests_instead_of_serving(prod: None, tmp_path: Path) -> None:
+def test_prod_endpoint_asset_records_manifests_instead_of_serving(prod: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """KILN_ENDPOINT_TARGET=gitops: the release objects are written, nothing is applied (tests/test_endpoint_release.py
+    covers the kubernetes target)."""
     import dagster as dg
 
     from assets import endpoint as endpoint_stage
     from resources.serving import ServingResource
     from resources.storage import KilnStorage
 
+    monkeypatch.setenv("KILN_ENDPOINT_TARGET", "gitops")
     spec = load_spec(FRAUD_SPEC)
     endpoint = endpoint_stage.build(spec)[0]
     mlflow, version = _registered_tiny_model(tmp_path)  # the endpoint verifies the artifact's checksum before deploying
@@ -237,9 +274,11 @@ def test_prod_endpoint_asset_records_manifests_instead_of_serving(prod: None, tm
     record = out.value
     assert record["url"] == "http://kiln-fraud.kiln.svc.cluster.local:3100"
     assert record["image"] == "registry.local/kiln/kiln-fraud:v7abc" and record["model_version"] == version
-    assert record["objects"] == ["Deployment/kiln-fraud", "Service/kiln-fraud"]
+    assert record["objects"] == [f"Deployment/kiln-fraud-v{version}", f"Service/kiln-fraud-v{version}", "Service/kiln-fraud",
+                                 "HTTPRoute/kiln-fraud"]
+    assert record["target"] == "gitops" and record["applied"] == [] and record["healthy"] is None
     written = list(yaml.safe_load_all(Path(record["manifests"]).read_text()))
-    assert [o["kind"] for o in written] == ["Deployment", "Service"]
+    assert [o["kind"] for o in written] == ["Deployment", "Service", "Service", "HTTPRoute"]
     assert written[0]["spec"]["template"]["metadata"]["annotations"]["kiln/model-version"] == version
     assert k8s.validate_objects({str(i): o for i, o in enumerate(written)}) == {}
     assert not (tmp_path / "state" / "endpoints" / "fraud" / "endpoint.json").exists()  # no local process was started
@@ -323,7 +362,10 @@ def test_cli_renders_and_validates(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "platform_defs.k8s", "render", "--out", str(tmp_path)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert (tmp_path / "jobs" / "fraud__model.yaml").exists() and (tmp_path / "endpoints" / "fraud-deployment.yaml").exists()
+    assert (tmp_path / "jobs" / "fraud__model.yaml").exists()
+    endpoint = tmp_path / "endpoints" / "fraud"
+    assert sorted(p.name for p in endpoint.iterdir()) == ["deployment-kiln-fraud-v1.yaml", "httproute-kiln-fraud.yaml",
+                                                          "service-kiln-fraud-v1.yaml", "service-kiln-fraud.yaml"]
     ok = subprocess.run([sys.executable, "-m", "platform_defs.k8s", "validate"], cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=300)
     assert ok.returncode == 0, ok.stdout + ok.stderr

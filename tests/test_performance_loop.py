@@ -72,12 +72,16 @@ def world(kiln_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 def _serve(world: dict[str, Any], frame: pl.DataFrame) -> None:
     """POST the rows to the live endpoint in windows of BATCH rows, observing (`<p>_observe`) after each."""
     from kiln.features import sample_rows
+    from tests.results import logged_rows, wait_for_flushed_log, wait_for_logged_rows
 
     url = world["serving"].state(NAME)["url"]
+    wait_for_flushed_log(url, NAME)  # rows of earlier requests (the smoke check) are shipped before the first window
     for i in range(0, frame.height, BATCH):
         rows = sample_rows(frame.slice(i, BATCH), world["spec"], n=BATCH)
+        logged = logged_rows(world["state"], NAME)
         response = httpx.post(f"{url}/predict", json={"rows": rows}, timeout=60)
         assert response.status_code == 200, response.text
+        wait_for_logged_rows(world["state"], NAME, logged + BATCH)  # shipped as objects before it is observed
         _observe(world)
 
 

@@ -19,7 +19,14 @@ import yaml
 
 from kiln.spec import spec_data
 from tests.conftest import FRAUD_SPEC, free_port
-from tests.results import check_evaluation, materialization, partition_materializations
+from tests.results import (
+    check_evaluation,
+    logged_rows,
+    materialization,
+    partition_materializations,
+    wait_for_flushed_log,
+    wait_for_logged_rows,
+)
 
 DAYS = 4
 ROWS = 2500
@@ -163,11 +170,16 @@ def test_bad_requests_get_400_naming_the_field(world: dict[str, Any], kiln_home:
 
 def test_prediction_log_feeds_predictions_asset(world: dict[str, Any], kiln_home: Path) -> None:
     url = world["serving"].state("fraud")["url"]
-    before = _predictions_rows(world)
+    state_root = world["serving"].state_root
+    wait_for_flushed_log(url, "fraud")  # the rows of earlier requests are in the log's objects...
+    _predictions_rows(world)  # ...and in a window: the next window starts after them
+    logged = logged_rows(state_root, "fraud")
     rows = _sample(kiln_home)[:7]
     assert _post(url, rows).status_code == 200
-    assert _predictions_rows(world) == before + 7
+    assert wait_for_logged_rows(state_root, "fraud", logged + 7) == logged + 7  # shipped as Parquet objects
+    assert _predictions_rows(world) == 7  # the asset's value: the rows logged since the last window
     meta = _last_predictions_metadata
+    assert meta["new_window_rows"].value == 7
     assert "data:image/png;base64," in meta["drift_plot"].value and "|" in meta["drift_psi_table"].value
 
 

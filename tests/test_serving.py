@@ -390,3 +390,38 @@ def test_canary_share_and_shadow_never_served(world: dict[str, Any]) -> None:
     assert serving.state(NAME)["model_version"] == previous["model_version"]
     assert not pid_alive(champion["backend_pid"])
     assert _post(url, {"rows": world["rows"][:1]}).json()["model_version"] == previous["model_version"]
+
+
+def test_a_stopping_backend_ships_its_buffered_prediction_log(world: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The served rows reach the state store as Parquet objects with the answer's predictions; rows still buffered
+    when a backend stops are shipped by its shutdown hook (a flush interval far longer than the test: only the hook)."""
+    import numpy as np
+    import polars as pl
+
+    from kiln.predlog import list_log_objects, parse_key, read_log_objects
+    from kiln.settings import replica
+    from resources.serving import stop_backend
+    from tests.results import logged_rows, wait_for_flushed_log
+
+    serving, state_root = world["serving"], world["serving"].state_root
+    record = serving.state(NAME)
+    # Before the new backend starts (BentoML clears the Prometheus folder its backends share): the champion's
+    # earlier rows are all in the store, and it gets no request below.
+    wait_for_flushed_log(world["url"], NAME)
+    before = set(list_log_objects(state_root, NAME))
+    monkeypatch.setenv("KILN_PREDICTION_LOG_FLUSH_SECONDS", "600")
+    backend = serving.start_backend(NAME, record["bento"], record["model_tag"], record["model_version"])
+    try:
+        rows = world["rows"][:5]
+        response = _post(backend["url"], {"rows": rows})
+        assert response.status_code == 200, response.text
+        assert set(list_log_objects(state_root, NAME)) == before  # buffered: the next flush is 10 minutes away
+    finally:
+        stop_backend(backend)  # SIGTERM, then waits for the process group to exit
+    new = sorted(set(list_log_objects(state_root, NAME)) - before)
+    assert len(new) == 1 and parse_key(new[0])[2].startswith(f"{replica()}-")  # <KILN_REPLICA>-<worker pid>
+    shipped = read_log_objects(state_root, NAME, new)
+    assert shipped.height == 5 and logged_rows(state_root, NAME) >= 5
+    assert shipped["_model_version"].to_list() == [record["model_version"]] * 5
+    np.testing.assert_allclose(shipped["_prediction"].to_numpy(), response.json()["predictions"], rtol=0, atol=0)
+    assert shipped["txn_id"].cast(pl.String).to_list() == [str(r["txn_id"]) for r in rows]

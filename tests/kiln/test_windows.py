@@ -15,7 +15,7 @@ from kiln import paths
 from kiln.features import compute_features
 from kiln.reference import PREDICTION, publish_features_reference, reference_id, training_reference
 from kiln.spec import PipelineSpec, load_spec
-from kiln.windows import append_window, drift_tick
+from kiln.windows import append_window, drift_tick, log_signature, read_log_since
 from platform_defs.simulators.fraud import generate_day
 from tests.conftest import FRAUD_SPEC
 
@@ -83,3 +83,50 @@ def test_the_first_training_set_s_reference_stands_until_a_champion_publishes_on
     assert json.loads((tmp_path / paths.reference_file(spec.name)).read_text()) == first
     assert json.loads((tmp_path / paths.features_reference_file(spec.name, "v2")).read_text())["n"] == 2
     assert json.loads((tmp_path / paths.sample_rows_file(spec.name)).read_text()) == [{"amount": 2.0}]
+
+
+HOUR = 3600.0
+T10 = 1_767_261_600.0  # 2026-01-01 10:00:00 UTC
+
+
+def _ship(root: Path, replica: str, seq: int, logged_at: list[float], data: bytes | None = None) -> str:
+    """A prediction-log object as a shipper writes it (kiln.predlog's layout); ``data``: its bytes, when not rows."""
+    from kiln.predlog import log_prefix, object_key
+
+    key = object_key(logged_at[0], replica, seq)
+    path = Path(log_prefix(str(root), "p")) / key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if data is not None:
+        path.write_bytes(data)
+    else:
+        pl.DataFrame({"_logged_at": logged_at, "_model_version": ["1"] * len(logged_at),
+                      "_prediction": [0.5] * len(logged_at)}).write_parquet(path)
+    return key
+
+
+def test_the_log_is_read_from_the_objects_of_the_settle_span_before_the_cursor(tmp_path: Path) -> None:
+    _ship(tmp_path, "a", 1, [T10 - 2 * HOUR + 10])  # 08:00:10: more than the settle span before `since`, not read
+    _ship(tmp_path, "a", 2, [T10 - 5, T10 + 5])  # starts in the hour before `since`'s, one row after it
+    _ship(tmp_path, "b", 7, [T10 - 1800])  # 09:30, shipped late by another replica
+    _ship(tmp_path, "a", 3, [T10 + 60, T10 + 120])
+    since = T10 + 1  # rows up to here are in a window already
+    log = read_log_since(str(tmp_path), "p", since, settle_s=HOUR)
+    assert log is not None
+    assert sorted(log["_logged_at"].to_list()) == [T10 - 1800, T10 - 5, T10 + 5, T10 + 60, T10 + 120]
+    assert log.filter(pl.col("_logged_at") > since)["_logged_at"].to_list() == [T10 + 5, T10 + 60, T10 + 120]
+    everything = read_log_since(str(tmp_path), "p", 0.0, settle_s=0.0)
+    assert everything is not None and everything.height == 6
+    assert read_log_since(str(tmp_path), "other", since) is None
+
+
+def test_the_log_signature_is_a_listing_that_changes_with_every_object(tmp_path: Path) -> None:
+    root = str(tmp_path)
+    assert log_signature(root, "p", now=T10 + 20, settle_s=HOUR) == ""
+    newest = _ship(tmp_path, "a", 1, [T10 + 10], data=b"not parquet: a listing reads no object")
+    first = log_signature(root, "p", now=T10 + 20, settle_s=HOUR)
+    assert first == f"{newest}#1"
+    _ship(tmp_path, "b", 5, [T10 - 1200])  # a late object of the hour before: sorts first, still seen by its count
+    second = log_signature(root, "p", now=T10 + 20, settle_s=HOUR)
+    assert second == f"{newest}#2"
+    _ship(tmp_path, "c", 9, [T10 - 3 * HOUR])  # older than the settle span: not listed
+    assert log_signature(root, "p", now=T10 + 20, settle_s=HOUR) == second
