@@ -28,7 +28,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         deps=[dg.AssetDep(key(spec.name, "predictions"))],
         io_manager_key="parquet_io_manager",
         kinds={"polars"},
-        required_resource_keys={"serving", "storage"},
+        required_resource_keys={"storage"},
         description=(f"Delayed labels from {spec.labels.path} joined to logged predictions by {spec.labels.key}: realized "
                      f"performance per window next to the estimate; labels that match no prediction are counted."),
     )
@@ -130,13 +130,14 @@ def performance_plot(frame: Any, metric: str, reference: float | None) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def values(column: str) -> list[float]:  # a metric a window could not give (no labels yet, one class) is a gap
+        return [float("nan") if v is None else float(v) for v in frame[column].to_list()]
+
     x = list(range(frame.height))
     fig, ax = plt.subplots(figsize=(8, 3.5))
-    lower, upper = frame[f"estimated_{metric}_lower"].to_list(), frame[f"estimated_{metric}_upper"].to_list()
-    ax.fill_between(x, [v if v is not None else float("nan") for v in lower], [v if v is not None else float("nan") for v in upper],
-                    alpha=0.2, label="estimate band")
-    ax.plot(x, frame[f"estimated_{metric}"].to_list(), marker="o", label=f"estimated {metric}")
-    ax.plot(x, frame[f"realized_{metric}"].to_list(), marker="s", label=f"realized {metric} (labels)")
+    ax.fill_between(x, values(f"estimated_{metric}_lower"), values(f"estimated_{metric}_upper"), alpha=0.2, label="estimate band")
+    ax.plot(x, values(f"estimated_{metric}"), marker="o", label=f"estimated {metric}")
+    ax.plot(x, values(f"realized_{metric}"), marker="s", label=f"realized {metric} (labels)")
     if reference is not None:
         ax.axhline(reference, color="grey", linestyle="--", label="reference (training holdout)")
     ax.set_xlabel("window")

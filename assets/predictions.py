@@ -49,10 +49,41 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
                 "mean_prediction": float(log["_prediction"].mean() or 0.0) if log.height else 0.0,  # type: ignore[arg-type]
                 "new_window_rows": window["counts"]["n"] if window else 0,
                 **(drift_report_metadata(context, spec, window, state_root) if window else {}),
+                **(performance_metadata(spec, state_root) if window and window.get("estimated") else {}),
             },
         )
 
     return predictions
+
+
+TREND_WINDOWS = 30  # windows in the estimated-performance plot
+
+
+def performance_metadata(spec: PipelineSpec, state_root: str) -> dict[str, Any]:
+    """The label-free performance estimate of the last windows against the training reference (and realized values
+    where labels arrived): a plot and the newest window's estimate with its band, so the UI shows the trend."""
+    import json
+
+    import dagster as dg
+
+    from assets.labels import per_window_frame, performance_plot
+    from assets.metadata import inline_png
+    from kiln.reference import load_reference
+    from kiln.windows import load_realized, windows_path
+
+    metric = spec.retrain.metric
+    path = windows_path(state_root, spec.name)
+    lines = [line for line in path.read_text().splitlines() if line.strip()][-TREND_WINDOWS:] if path.exists() else []
+    windows = [json.loads(line) for line in lines]
+    frame = per_window_frame(windows, load_realized(state_root, spec.name).get("windows", {}))
+    reference = ((load_reference(state_root, spec.name) or {}).get("performance") or {}).get("reference", {}).get(metric)
+    newest = (windows[-1].get("estimated") or {}).get("metrics", {}).get(metric) or {}
+    found = {f"estimated_{metric}": newest.get("value"), f"reference_{metric}": reference}
+    return {
+        **{k: v for k, v in found.items() if v is not None},
+        f"estimated_{metric}_band": f"{newest.get('lower')}..{newest.get('upper')}",
+        "performance_plot": dg.MetadataValue.md(inline_png("estimated vs reference", performance_plot(frame, metric, reference))),
+    }
 
 
 def drift_report_metadata(context: Any, spec: PipelineSpec, window: dict[str, Any], state_root: str) -> dict[str, Any]:

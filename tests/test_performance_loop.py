@@ -127,6 +127,10 @@ def test_drift_without_new_labeled_rows_launches_no_retrain_and_says_why(world: 
     windows = [json.loads(x) for x in windows_file.read_text().splitlines()]
     estimate = windows[-1]["estimated"]["metrics"]["roc_auc"]
     assert estimate["lower"] <= estimate["value"] <= estimate["upper"] and windows[-1]["estimated"]["rows"] == BATCH
+    # ... and `<p>/predictions` shows it against the training reference over time (a plot in the UI)
+    event = world["instance"].get_latest_materialization_event(dg.AssetKey([NAME, "predictions"]))
+    metadata = event.asset_materialization.metadata
+    assert metadata["estimated_roc_auc"].value == estimate["value"] and "performance_plot" in metadata
 
 
 def test_new_labeled_rows_and_a_realized_drop_launch_one_retrain_that_trains_on_them(world: dict[str, Any]) -> None:
@@ -155,6 +159,14 @@ def test_new_labeled_rows_and_a_realized_drop_launch_one_retrain_that_trains_on_
     reference_auc = json.loads(reference_file.read_text())["performance"]["reference"]["roc_auc"]
     aucs = [w["metrics"]["roc_auc"] for w in realized["windows"].values()]
     assert len(aucs) == 2 and all(a < reference_auc - 0.02 for a in aucs), (reference_auc, aucs, reference)
+
+    # both are SLIs: `kiln slo` reads the estimate and the realized value of each window from the state store
+    from platform_defs.slo import performance_trend
+
+    trend = performance_trend(spec, Path(world["state"]))
+    labeled = [w for w in trend["windows"] if w["realized"] is not None]
+    assert len(labeled) == 2 and all(w["estimated"] is not None for w in labeled)
+    assert trend["reference"] == reference_auc and trend["labels"]["unmatched"] == 5
 
     result = _tick(world)
     assert len(result.run_requests) == 1, result.skip_message
