@@ -50,6 +50,8 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
                 "new_window_rows": window["counts"]["n"] if window else 0,
                 **(drift_report_metadata(context, spec, window, state_root) if window else {}),
                 **(performance_metadata(spec, state_root) if window and window.get("estimated") else {}),
+                **({"performance_estimate": "not estimated: label-free estimation covers classification only"}
+                   if spec.task != "classification" else {}),
             },
         )
 
