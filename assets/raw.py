@@ -173,6 +173,8 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
             unchanged, change = schema_change(context, raw_key, schema)
             yield dg.Output(frames, metadata={"dagster/row_count": sum(f.height for f in frames.values()),
                                               "dagster/column_schema": schema, "partitions": len(frames),
+                                              # every day's materialization carries the run's metadata: each day's rows here
+                                              "rows_by_partition": dg.MetadataValue.json({p: f.height for p, f in frames.items()}),
                                               "source_files": dg.MetadataValue.json({p: r[2] for p, r in report.items()})})
         else:
             failing = (contract if not schema_ok else replacement).metadata["failing_partitions"]
