@@ -33,7 +33,6 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
                      f"performance per window next to the estimate; labels that match no prediction are counted."),
     )
     def labels(context):
-        import json
         import time
 
         import polars as pl
@@ -42,8 +41,8 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         from kiln import paths
         from kiln.labels import read_labels, realized_windows
         from kiln.reference import load_reference
-        from kiln.state import state_path, write_atomic
-        from kiln.windows import read_log_since, windows_path
+        from kiln.state import state_path, write_json
+        from kiln.windows import load_windows, read_log_since
 
         assert spec.labels is not None
         state_root = context.resources.storage.state_root
@@ -53,8 +52,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
         # Every stored window can still get labels, so the whole log is read (as the JSON-lines log was); a labels
         # lookback would bound this to the objects since hour_cursor(now - lookback).
         log = read_log_since(state_root, spec.name, 0.0, settle_s=0.0)
-        path = windows_path(state_root, spec.name)
-        windows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+        windows = load_windows(state_root, spec.name)  # every window can still get labels
         if arrived is None or calibration is None:
             why = "no label file yet" if arrived is None else "the champion has no score calibration (no estimate to compare)"
             context.log.info(f"{spec.name}/labels: {why}")
@@ -63,7 +61,7 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
             log = pl.DataFrame(schema={spec.labels.key: pl.String, "_prediction": pl.Float64, "_logged_at": pl.Float64})
         result = realized_windows(spec, log, arrived, windows, calibration)
         result["updated_at"] = time.time()
-        write_atomic(state_path(state_root, paths.realized_file(spec.name)), json.dumps(result))
+        write_json(state_path(state_root, paths.realized_file(spec.name)), result)
         frame = per_window_frame(windows, result["windows"])
         metric = spec.retrain.metric
         metadata: dict[str, Any] = {

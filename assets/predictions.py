@@ -64,19 +64,15 @@ TREND_WINDOWS = 30  # windows in the estimated-performance plot
 def performance_metadata(spec: PipelineSpec, state_root: str) -> dict[str, Any]:
     """The label-free performance estimate of the last windows against the training reference (and realized values
     where labels arrived): a plot and the newest window's estimate with its band, so the UI shows the trend."""
-    import json
-
     import dagster as dg
 
     from assets.labels import per_window_frame, performance_plot
     from assets.metadata import inline_png
     from kiln.reference import load_reference
-    from kiln.windows import load_realized, windows_path
+    from kiln.windows import load_realized, load_windows
 
     metric = spec.retrain.metric
-    path = windows_path(state_root, spec.name)
-    lines = [line for line in path.read_text().splitlines() if line.strip()][-TREND_WINDOWS:] if path.exists() else []
-    windows = [json.loads(line) for line in lines]
+    windows = load_windows(state_root, spec.name, TREND_WINDOWS)
     frame = per_window_frame(windows, load_realized(state_root, spec.name).get("windows", {}))
     reference = ((load_reference(state_root, spec.name) or {}).get("performance") or {}).get("reference", {}).get(metric)
     newest = (windows[-1].get("estimated") or {}).get("metrics", {}).get(metric) or {}
@@ -90,20 +86,31 @@ def performance_metadata(spec: PipelineSpec, state_root: str) -> dict[str, Any]:
 
 def drift_report_metadata(context: Any, spec: PipelineSpec, window: dict[str, Any], state_root: str) -> dict[str, Any]:
     """Draw the new window's drift report, log it to the champion's MLflow run, and return it as asset metadata."""
+    from pathlib import Path
+
     import dagster as dg
 
     from assets.metadata import inline_png
     from kiln import paths
     from kiln.drift_report import log_report, psi_markdown, write_report
     from kiln.reference import load_reference
-    from kiln.state import state_path
+    from kiln.state import is_remote, state_path, write_atomic
     from kiln.windows import evaluate_windows
 
     reference = load_reference(state_root, spec.name) or {}
     decisions, _ = evaluate_windows(spec, reference, [window], {}, now=0.0)
-    report = write_report(spec, reference, window, state_path(state_root, paths.drift_reports_dir(spec.name)), decisions[0])
+    folder = state_path(state_root, paths.drift_reports_dir(spec.name))
+    if isinstance(folder, Path) and not is_remote(folder):
+        report = write_report(spec, reference, window, folder, decisions[0])
+    else:  # drawn on local disk (matplotlib writes files), then one PUT per file into the state store
+        import tempfile
+
+        local = Path(tempfile.mkdtemp(prefix=f"kiln-drift-report-{spec.name}-"))
+        report = write_report(spec, reference, window, local, decisions[0])
+        for produced in (report["image"], report["table"]):
+            write_atomic(folder / produced.name, produced.read_bytes())
     metadata: dict[str, Any] = {
-        "drift_report": dg.MetadataValue.path(str(report["image"])),
+        "drift_report": dg.MetadataValue.path(str(folder / report["image"].name)),
         "drift_plot": dg.MetadataValue.md(inline_png("reference vs current", report["image"].read_bytes())),
         "drift_psi_table": dg.MetadataValue.md(psi_markdown(report["rows"])),
         "drift_max_psi": max((r["psi"] for r in report["rows"]), default=0.0),

@@ -161,21 +161,20 @@ def sensor_tick(reference: dict[str, Any], state_root: Path) -> tuple[float, int
 
     from kiln.drift import bin_counts
     from kiln.reference import reference_id, reference_path
-    from kiln.windows import windows_path
+    from kiln.windows import WINDOW_CURSOR, store_window
     from resources.storage import KilnStorage
     from sensors import drift
 
     ref_path = reference_path(str(state_root), "bench20")
     ref_path.parent.mkdir(parents=True, exist_ok=True)
     ref_path.write_text(json.dumps(reference))
-    windows = windows_path(str(state_root), "bench20")
-    windows.parent.mkdir(parents=True, exist_ok=True)
     n_windows = LOG_ROWS // WINDOW_ROWS
-    with windows.open("w") as fh:
-        for w in range(n_windows):
-            counts = bin_counts(frame(WINDOW_ROWS, 5000 + w, drift=w >= n_windows * 0.9), reference)
-            fh.write(json.dumps({"window_id": f"w{w:04d}", "since": w, "until": w + 1, "model_versions": ["1"],
-                                 "reference_id": reference_id(reference), "counts": counts}) + "\n")
+    last = ""
+    for w in range(n_windows):  # one object per window, as `<p>/predictions` stores them
+        counts = bin_counts(frame(WINDOW_ROWS, 5000 + w, drift=w >= n_windows * 0.9), reference)
+        last = store_window(str(state_root), "bench20", {"window_id": f"w{w:04d}", "since": w, "until": w + 1,
+                                                         "model_versions": ["1"], "reference_id": reference_id(reference),
+                                                         "counts": counts})
 
     @dg.op
     def noop() -> None:
@@ -189,7 +188,7 @@ def sensor_tick(reference: dict[str, Any], state_root: Path) -> tuple[float, int
     instance = dg.DagsterInstance.ephemeral()  # the daemon has its instance already; building one is not the tick
     resources = {"storage": KilnStorage(source_root=str(state_root), state_root=str(state_root))}
     sensor.evaluate_tick(dg.build_sensor_context(instance=instance, resources=resources, cursor=json.dumps(
-        {"offset": windows.stat().st_size})))  # warm-up tick with nothing new: imports, as in a long-lived daemon
+        {WINDOW_CURSOR: last})))  # warm-up tick with nothing new: imports, as in a long-lived daemon
     context = dg.build_sensor_context(instance=instance, resources=resources)  # fresh cursor: every window of the log
     started = time.perf_counter()
     result = sensor.evaluate_tick(context)

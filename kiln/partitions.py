@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from upath import UPath
+
     from kiln.spec import PipelineSpec
 
 EXTENSIONS: dict[str, tuple[str, ...]] = {"parquet": ("parquet", "pq"), "csv": ("csv",)}
@@ -211,7 +213,7 @@ def sort_source(spec: PipelineSpec, names: list[str], today: date | None = None)
     return {f: day for day, f in listing.valid.items()}, listing.rejected
 
 
-def write_source_issues(state_root: str, pipeline: str, folder: str, rows: list[dict[str, str]]) -> Path:
+def write_source_issues(state_root: str, pipeline: str, folder: str, rows: list[dict[str, str]]) -> Path | UPath:
     """The rejected files of a pipeline's source, for `kiln status` (``kiln.paths.source_issues_file``)."""
     import json
     import time

@@ -36,14 +36,15 @@ def sample_rows_file(pipeline: str) -> str:
     return state_key(pipeline, REFERENCE, "sample_rows.json")
 
 
-def windows_file(pipeline: str) -> str:
-    """Drift windows (bin counts), one JSON line each."""
-    return state_key(pipeline, DRIFT, "windows.jsonl")
+def windows_dir(pipeline: str) -> str:
+    """Drift windows (bin counts): one JSON object per observed window, named by :func:`kiln.state.time_key` of its
+    ``until``, so the names sort in time order and a reader lists only those after its cursor."""
+    return state_key(pipeline, DRIFT, "windows")
 
 
-def decisions_file(pipeline: str) -> str:
-    """Drift decisions, one JSON line each."""
-    return state_key(pipeline, DRIFT, "decisions.jsonl")
+def decisions_dir(pipeline: str) -> str:
+    """Drift decisions: one JSON object per drift-sensor tick that decided (its decisions, in window order)."""
+    return state_key(pipeline, DRIFT, "decisions")
 
 
 def last_decision_file(pipeline: str) -> str:
@@ -56,9 +57,9 @@ def realized_file(pipeline: str) -> str:
     return state_key(pipeline, DRIFT, "realized.json")
 
 
-def retrain_decisions_file(pipeline: str) -> str:
-    """Retrain decisions (which signal fired, why, launched or skipped), one JSON line each."""
-    return state_key(pipeline, DRIFT, "retrain_decisions.jsonl")
+def retrain_decisions_dir(pipeline: str) -> str:
+    """Retrain decisions (which signal fired, why, launched or skipped): one JSON object each."""
+    return state_key(pipeline, DRIFT, "retrain_decisions")
 
 
 def drift_reports_dir(pipeline: str) -> str:

@@ -24,7 +24,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kiln import paths, settings
+from kiln import paths
+from kiln.state import state_upath
 
 if TYPE_CHECKING:
     import polars as pl
@@ -37,25 +38,6 @@ KEY = re.compile(r"^(\d{4}-\d{2}-\d{2})/(\d{2})/([A-Za-z0-9._-]+)-(\d{16})\.parq
 # Parquet key-value metadata of each object (strings): what SLIs need without reading the rows.
 META_ROWS, META_REPLICA, META_SEQ = "kiln.rows", "kiln.replica", "kiln.seq"
 META_FIRST, META_LAST, META_PIPELINE, META_KEY = "kiln.first_logged_at", "kiln.last_logged_at", "kiln.pipeline", "kiln.key"
-
-
-def state_upath(root: str) -> Path | UPath:
-    """The state root (a folder or ``s3://bucket/prefix``): a UPath for S3, with the endpoint from :mod:`kiln.settings`,
-    a plain Path for a folder (an endpoint that logs locally needs no universal_pathlib).
-
-    Short timeouts and one attempt: a shipper that cannot reach the store spills and retries on its own schedule, and a
-    reader's step has its own retries. Listings are not cached (other replicas add objects all the time)."""
-    if "://" not in root:
-        return Path(root)
-    from upath import UPath
-
-    if root.startswith(("s3://", "s3a://")):
-        endpoint = settings.s3_endpoint_url()
-        options: dict[str, Any] = {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
-        options["config_kwargs"] = {"connect_timeout": 3, "read_timeout": 20, "retries": {"max_attempts": 1}}
-        options["use_listings_cache"] = False
-        return UPath(root, **options)
-    return UPath(root)
 
 
 def log_prefix(root: str, pipeline: str) -> Path | UPath:

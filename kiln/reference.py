@@ -20,6 +20,7 @@ from kiln.state import state_path, write_atomic
 if TYPE_CHECKING:
     import numpy as np
     import polars as pl
+    from upath import UPath
 
 PREDICTION = "_prediction"  # the prediction-score column, named as in the endpoint's prediction log
 
@@ -51,7 +52,7 @@ def training_reference(spec: PipelineSpec, features: pl.DataFrame, predictions: 
     return build_reference(profile_input, numeric=[*numeric, PREDICTION], categorical=categorical, bins=spec.drift.bins)
 
 
-def reference_path(state_root: str, pipeline: str) -> Path:
+def reference_path(state_root: str, pipeline: str) -> Path | UPath:
     """Where the served champion's reference lives (read by `<p>/predictions` and `<p>_drift`)."""
     return state_path(state_root, paths.reference_file(pipeline))
 
@@ -83,7 +84,7 @@ def publish_champion_reference(client: Any, spec: PipelineSpec, run_id: str, sta
 
 
 def publish_features_reference(state_root: str, pipeline: str, data_version: str, reference: Mapping[str, Any],
-                               sample: list[dict[str, Any]]) -> Path:
+                               sample: list[dict[str, Any]]) -> Path | UPath:
     """Store a training set's reference and sample request rows; until a champion publishes its own reference
     (features + prediction score), drift is judged against the first training set's. Returns the reference's path."""
     path = state_path(state_root, paths.features_reference_file(pipeline, data_version))

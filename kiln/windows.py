@@ -1,8 +1,11 @@
 """Drift windows: logged predictions turned into bin counts, and the decisions the drift sensor takes on them.
 
-`<p>/predictions` appends one small JSON record of bin counts per window (:func:`append_window`); `<p>_drift` reads
-only the records appended since its cursor (:func:`read_new_windows`) and decides (:func:`evaluate_windows`), so a
-tick costs the same at any log size.
+`<p>/predictions` stores one small JSON object of bin counts per window (:func:`append_window`) in the state store,
+named so that the names sort in time order (:func:`kiln.state.time_key` of the window's ``until``); `<p>_drift` keeps the
+last name it read as its cursor, lists the names after it and reads only those objects (:func:`read_new_windows`), then
+decides (:func:`evaluate_windows`): a tick costs one listing plus the new windows, at any log size. Decisions are stored
+the same way, one object per tick (:func:`record_decisions`) and per retrain decision (:func:`record_retrain_decision`):
+the steps, the sensors and `kiln status` run in different pods, and an object store has no append.
 """
 
 from __future__ import annotations
@@ -10,13 +13,12 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln import paths
 from kiln.reference import PREDICTION, load_reference, reference_id
 from kiln.spec import PipelineSpec
-from kiln.state import state_path
+from kiln.state import list_keys, read_json, state_path, time_key, write_json
 
 if TYPE_CHECKING:
     import polars as pl
@@ -25,9 +27,51 @@ DECISION_FIELDS = ("window", "action", "n", "max_score", "share", "streak", "dri
 SUMMARY_FIELDS = ("action", "max_score", "share", "drifted_columns", "streak", "n", "window", "prediction_drift")
 
 
-def windows_path(state_root: str, pipeline: str) -> Path:
-    """Where `<p>/predictions` appends one JSON line of bin counts per observed window."""
-    return state_path(state_root, paths.windows_file(pipeline))
+JSON = ".json"
+
+
+def _store(state_root: str, folder: str, at: float, value: Any) -> str:
+    """Write ``value`` as a new object of ``folder`` named by :func:`time_key` of ``at``; returns the name."""
+    text = json.dumps(value)
+    name = time_key(at, text) + JSON
+    write_json(state_path(state_root, folder) / name, value)
+    return name
+
+
+def _read(state_root: str, folder: str, names: list[str]) -> list[Any]:
+    """The values of the named objects of ``folder``, in that order (one gone since the listing is left out)."""
+    base = state_path(state_root, folder)
+    return [v for v in (read_json(base / name) for name in names) if v is not None]
+
+
+def _names(state_root: str, folder: str, after: str | None = None) -> list[str]:
+    """The JSON objects of ``folder`` (sorted: time order), strictly after ``after``."""
+    return [n for n in list_keys(state_path(state_root, folder), after) if n.endswith(JSON)]
+
+
+def store_window(state_root: str, pipeline: str, window: dict[str, Any]) -> str:
+    """Store one window (its ``until`` names it, so names sort in time order); returns its name, the sensor's cursor."""
+    return _store(state_root, paths.windows_dir(pipeline), float(window["until"]), window)
+
+
+def read_new_windows(state_root: str, pipeline: str, after_key: str | None) -> tuple[list[dict[str, Any]], str | None]:
+    """The windows stored after the one named ``after_key`` (every one for None), oldest first, and the name of the last
+    one read (``after_key`` when none is new): one listing plus a read of each new window.
+
+    A cursor newer than every stored window means the store was reset (its windows removed): start over."""
+    names = _names(state_root, paths.windows_dir(pipeline))
+    if after_key is not None and names and after_key not in names and names[-1] < after_key:
+        after_key = None
+    new = [n for n in names if after_key is None or n > after_key]
+    return _read(state_root, paths.windows_dir(pipeline), new), (new[-1] if new else after_key)
+
+
+def load_windows(state_root: str, pipeline: str, last_n: int | None = None) -> list[dict[str, Any]]:
+    """The stored windows, oldest first: the newest ``last_n`` of them, or all for None."""
+    names = _names(state_root, paths.windows_dir(pipeline))
+    if last_n is not None:
+        names = names[-last_n:] if last_n > 0 else []
+    return _read(state_root, paths.windows_dir(pipeline), names)
 
 
 LOG_SETTLE_S = 3600.0
@@ -37,11 +81,8 @@ the hour before the cursor) and objects a replica ships late after an outage (sp
 
 def last_window_until(state_root: str, pipeline: str) -> float:
     """The ``until`` of the newest stored window (0.0 before the first): rows logged after it are not yet observed."""
-    path = windows_path(state_root, pipeline)
-    if not path.exists():
-        return 0.0
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    return float(json.loads(lines[-1])["until"]) if lines else 0.0
+    last = load_windows(state_root, pipeline, 1)
+    return float(last[-1]["until"]) if last else 0.0
 
 
 def read_log_since(state_root: str, pipeline: str, since: float, settle_s: float = LOG_SETTLE_S) -> pl.DataFrame | None:
@@ -108,8 +149,6 @@ def append_window(spec: PipelineSpec, log: pl.DataFrame, state_root: str) -> dic
     reference = load_reference(state_root, spec.name)
     if reference is None or log.height == 0:
         return None
-    path = windows_path(state_root, spec.name)
-    path.parent.mkdir(parents=True, exist_ok=True)
     since = last_window_until(state_root, spec.name)
     new = log.filter(pl.col("_logged_at") > since)
     if new.height == 0:
@@ -124,21 +163,8 @@ def append_window(spec: PipelineSpec, log: pl.DataFrame, state_root: str) -> dic
         "counts": window_counts(spec, new, reference),
         **window_performance(reference, new),
     }
-    with path.open("a") as fh:
-        fh.write(json.dumps(record) + "\n")
+    store_window(state_root, spec.name, record)
     return record
-
-
-def read_new_windows(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
-    """Complete window records appended after byte ``offset``, and the offset after the last complete one."""
-    with path.open("rb") as fh:
-        if offset > path.stat().st_size:
-            offset = 0  # the file was replaced (state reset): start over
-        fh.seek(offset)
-        data = fh.read()
-    end = data.rfind(b"\n") + 1  # a line still being written is left for the next tick
-    windows = [json.loads(line) for line in data[:end].splitlines() if line.strip()]
-    return windows, offset + end
 
 
 def run_key(pipeline: str, window_id: str, model_versions: list[str]) -> str:
@@ -175,13 +201,41 @@ def evaluate_windows(
 
 
 def record_decisions(state_root: str, pipeline: str, decisions: list[dict[str, Any]], summary: dict[str, Any]) -> None:
-    """Keep the newest decision (for `kiln status`) and append every decision to the history (for `kiln slo`)."""
-    last = state_path(state_root, paths.last_decision_file(pipeline))
-    last.parent.mkdir(parents=True, exist_ok=True)
-    last.write_text(json.dumps(summary))
-    with state_path(state_root, paths.decisions_file(pipeline)).open("a") as fh:
-        for d in decisions:
-            fh.write(json.dumps({k: d[k] for k in DECISION_FIELDS} | {"decided_at": summary["decided_at"]}) + "\n")
+    """Add this tick's decisions to the history (one object, for `kiln slo`) and replace the newest decision (for
+    `kiln status`)."""
+    at = float(summary["decided_at"])
+    _store(state_root, paths.decisions_dir(pipeline), at, {
+        "decided_at": at, "decisions": [{k: d[k] for k in DECISION_FIELDS} | {"decided_at": at} for d in decisions]})
+    write_json(state_path(state_root, paths.last_decision_file(pipeline)), summary)
+
+
+def load_decisions(state_root: str, pipeline: str, last_ticks: int | None = None) -> list[dict[str, Any]]:
+    """The recorded drift decisions (each with its ``decided_at``), oldest first: of the newest ``last_ticks`` ticks
+    that decided, or of all for None."""
+    names = _names(state_root, paths.decisions_dir(pipeline))
+    if last_ticks is not None:
+        names = names[-last_ticks:] if last_ticks > 0 else []
+    return [d for tick in _read(state_root, paths.decisions_dir(pipeline), names) for d in tick.get("decisions", [])]
+
+
+def last_decision(state_root: str, pipeline: str) -> dict[str, Any] | None:
+    """The newest drift decision's summary (action, scores, when), or None before the first."""
+    return read_json(state_path(state_root, paths.last_decision_file(pipeline)))
+
+
+def last_drift_retrain_at(state_root: str, pipeline: str) -> float | None:
+    """When the drift rule last decided ``retrain``, as a Unix time (None: never). Reads ticks newest first and stops
+    at the first that has one."""
+    folder = paths.decisions_dir(pipeline)
+    for name in reversed(_names(state_root, folder)):
+        for tick in _read(state_root, folder, [name]):
+            times = [float(d["decided_at"]) for d in tick.get("decisions", []) if d.get("action") == "retrain"]
+            if times:
+                return max(times)
+    return None
+
+
+WINDOW_CURSOR = "window_key"  # the drift sensor's cursor: the name of the last window it read
 
 
 @dataclass
@@ -199,17 +253,17 @@ def drift_tick(spec: PipelineSpec, state_root: str, cursor: dict[str, Any], now:
     """Decide on the windows appended since the cursor, from stored bin counts only; record the decisions.
 
     Windows binned against an older reference (before a new champion published its own) are not comparable and are
-    skipped. The cursor keeps the byte offset, the hysteresis/cooldown state and the last decision's summary.
+    skipped. The cursor keeps the name of the last window read (``window_key``), the hysteresis/cooldown state and the
+    last decision's summary.
     """
     started = time.perf_counter()
-    path = windows_path(state_root, spec.name)
     reference = load_reference(state_root, spec.name)
-    if not path.exists() or reference is None:
+    after = cursor.get(WINDOW_CURSOR)
+    new, after = read_new_windows(state_root, spec.name, after) if reference is not None else ([], after)
+    if after is None or reference is None:
         return DriftTick(None, "no prediction windows observed yet")
-    offset = int(cursor.get("offset", 0))
-    new, offset = read_new_windows(path, offset)
     if not new:
-        return DriftTick(None, f"no new windows (read up to byte {offset})")
+        return DriftTick(None, f"no new windows (read up to {after})")
     current_ref = reference_id(reference)
     comparable = [w for w in new if w.get("reference_id", current_ref) == current_ref]
     stale = len(new) - len(comparable)
@@ -219,11 +273,11 @@ def drift_tick(spec: PipelineSpec, state_root: str, cursor: dict[str, Any], now:
     elapsed_ms = (time.perf_counter() - started) * 1000
     if not decisions:
         skip = f"{stale} new window(s) were binned against an older reference; skipped"
-        return DriftTick({"offset": offset, "state": state, "last": cursor.get("last")}, skip)
+        return DriftTick({WINDOW_CURSOR: after, "state": state, "last": cursor.get("last")}, skip)
     summary = {k: decisions[-1][k] for k in SUMMARY_FIELDS}
     summary |= {"decided_at": now, "decide_ms": round(elapsed_ms, 3), "stale_windows": stale, "reference_id": current_ref}
     record_decisions(state_root, spec.name, decisions, summary)
-    return DriftTick({"offset": offset, "state": state, "last": summary}, None, decisions, comparable, elapsed_ms)
+    return DriftTick({WINDOW_CURSOR: after, "state": state, "last": summary}, None, decisions, comparable, elapsed_ms)
 
 
 # ------------------------------------------------------------------------------------------- retrain decisions
@@ -233,8 +287,7 @@ PERFORMANCE_HISTORY = 20  # windows of estimates the drift sensor keeps in its c
 
 def load_realized(state_root: str, pipeline: str) -> dict[str, Any]:
     """Realized performance per window and label counts from `<p>/labels` ({} before labels arrived)."""
-    path = state_path(state_root, paths.realized_file(pipeline))
-    return json.loads(path.read_text()) if path.exists() else {}
+    return read_json(state_path(state_root, paths.realized_file(pipeline))) or {}
 
 
 def performance_history(previous: list[dict[str, Any]], new_windows: list[dict[str, Any]],
@@ -259,17 +312,13 @@ def drift_verdict(decisions: list[dict[str, Any]]) -> tuple[bool, str]:
 
 
 def record_retrain_decision(state_root: str, pipeline: str, record: dict[str, Any]) -> None:
-    """Append a retrain decision (signal, reason, launched or skipped) for `kiln status` and `kiln slo`."""
-    path = state_path(state_root, paths.retrain_decisions_file(pipeline))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
-        fh.write(json.dumps(record) + "\n")
+    """Store a retrain decision (signal, reason, launched or skipped; named by its ``decided_at``) for `kiln status`
+    and `kiln slo`."""
+    _store(state_root, paths.retrain_decisions_dir(pipeline), float(record["decided_at"]), record)
 
 
 def last_retrain_decision(state_root: str, pipeline: str) -> dict[str, Any] | None:
-    """The newest recorded retrain decision, or None."""
-    path = state_path(state_root, paths.retrain_decisions_file(pipeline))
-    if not path.exists():
-        return None
-    lines = path.read_text().splitlines()
-    return json.loads(lines[-1]) if lines else None
+    """The newest recorded retrain decision, or None: one listing and one read."""
+    names = _names(state_root, paths.retrain_decisions_dir(pipeline))
+    found = _read(state_root, paths.retrain_decisions_dir(pipeline), names[-1:])
+    return found[-1] if found else None

@@ -213,7 +213,8 @@ def status_rows() -> list[dict[str, Any]]:
     """Per pipeline: champion version and metric, endpoint URL and health, last drift decision, last retrain."""
     import dagster as dg
 
-    from kiln.windows import last_retrain_decision
+    from kiln.state import read_json, state_path
+    from kiln.windows import last_decision, last_retrain_decision
     from platform_defs.lifecycle import prepare_local_env
     from platform_defs.profiles import initialized, resources
     from resources.serving import healthy
@@ -231,8 +232,8 @@ def status_rows() -> list[dict[str, Any]]:
         state = res["serving"].state(spec.name) or {}
         url = state.get("url")
         event = instance.get_latest_materialization_event(dg.AssetKey([spec.name, "model"]))
-        drift_path = paths["state"] / kiln_paths.last_decision_file(spec.name)
-        issues_path = paths["state"] / kiln_paths.source_issues_file(spec.name)  # written by `<p>_new_data`
+        state_root = str(paths["state"])
+        issues = read_json(state_path(state_root, kiln_paths.source_issues_file(spec.name)))  # written by `<p>_new_data`
         rows.append(
             {
                 "pipeline": spec.name,
@@ -242,12 +243,12 @@ def status_rows() -> list[dict[str, Any]]:
                 "endpoint_url": url,
                 "endpoint_model_version": state.get("model_version"),
                 "healthy": bool(url) and healthy(str(url)),
-                "last_drift": json.loads(drift_path.read_text()) if drift_path.exists() else None,
+                "last_drift": last_decision(state_root, spec.name),
                 # which retrain signal fired last and why (launched, or skipped e.g. for want of new labeled rows)
-                "last_retrain_decision": last_retrain_decision(str(paths["state"]), spec.name),
+                "last_retrain_decision": last_retrain_decision(state_root, spec.name),
                 "last_retrain": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(event.timestamp)) if event else None,
                 # source files not ingested ([{file, reason}]): misnamed, impossible date, two files for one day...
-                "source_issues": json.loads(issues_path.read_text()).get("rejected", []) if issues_path.exists() else [],
+                "source_issues": (issues or {}).get("rejected", []),
             }
         )
     return rows

@@ -260,7 +260,6 @@ def drift_rows(spec: PipelineSpec, typed: pl.DataFrame, features: pl.DataFrame, 
 
 def preview(spec: PipelineSpec, resources: dict[str, Any], sample_rows: int = DEFAULT_SAMPLE_ROWS) -> PreviewResult:
     """Train ``spec`` on the newest ``sample_rows`` source rows and compare it with the production champion."""
-    from upath import UPath
 
     from kiln.evaluation import gate, metric_names, split_holdout
 
@@ -321,7 +320,9 @@ def preview(spec: PipelineSpec, resources: dict[str, Any], sample_rows: int = DE
 
     drift: list[DriftRow] = []
     drift_note = None
-    ref_path = UPath(storage.state_root) / "reference" / spec.name / "reference.json"
+    from kiln.reference import reference_path
+
+    ref_path = reference_path(storage.state_root, spec.name)
     if ref_path.exists():
         try:
             drift = drift_rows(spec, typed, frame, json.loads(ref_path.read_text()))

@@ -8,7 +8,6 @@ Dagster runs of ``<p>_retrain``, and the serving cost from the endpoint process 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -118,40 +117,36 @@ def freshness(spec: PipelineSpec, source_root: Path, now: float | None = None) -
 def drift_trend(spec: PipelineSpec, state_root: Path, windows: int = TREND_WINDOWS) -> dict[str, Any]:
     """Max drift score of the last ``windows`` observed prediction windows (from stored bin counts) and the last decision."""
     from kiln.drift import column_scores
+    from kiln.reference import load_reference
+    from kiln.windows import last_decision, load_windows
 
-    folder = state_root / kiln_paths.DRIFT / spec.name
-    reference_path = state_root / kiln_paths.reference_file(spec.name)
-    last = folder / "last_decision.json"
+    root = str(state_root)
     trend: list[dict[str, Any]] = []
-    lines_path = folder / "windows.jsonl"
-    if lines_path.exists() and reference_path.exists():
-        reference = json.loads(reference_path.read_text())
-        for line in [x for x in lines_path.read_text().splitlines() if x.strip()][-windows:]:
-            window = json.loads(line)
+    reference = load_reference(root, spec.name)
+    if reference is not None:
+        for window in load_windows(root, spec.name, windows):
             scores = column_scores(reference, window["counts"], spec.drift.method)
             trend.append({"window": window.get("window_id"), "n": int(window["counts"]["n"]),
                           "max_score": round(max(scores.values()), 5) if scores else None})
     return {"method": spec.drift.method, "threshold": spec.drift.threshold, "windows": trend,
-            "last_decision": json.loads(last.read_text()) if last.exists() else None}
+            "last_decision": last_decision(root, spec.name)}
 
 
 def performance_trend(spec: PipelineSpec, state_root: Path, windows: int = TREND_WINDOWS) -> dict[str, Any]:
     """Estimated (label-free, with band) and realized (from labels) ``retrain.metric`` of the last windows, the
     reference it is compared with, the label counts and the last retrain decision."""
-    from kiln.windows import last_retrain_decision, load_realized
+    from kiln.reference import load_reference
+    from kiln.windows import last_retrain_decision, load_realized, load_windows
 
     metric = spec.retrain.metric
-    reference = json.loads((state_root / kiln_paths.reference_file(spec.name)).read_text()) \
-        if (state_root / kiln_paths.reference_file(spec.name)).exists() else {}
+    reference = load_reference(str(state_root), spec.name) or {}
     calibration = reference.get("performance")
     if spec.task != "classification" or calibration is None:
         return {"metric": metric, "estimated": "not estimated" + (" (regression)" if spec.task != "classification" else
                                                                   " (the champion has no score calibration)")}
     realized = load_realized(str(state_root), spec.name)
-    path = state_root / kiln_paths.windows_file(spec.name)
     trend = []
-    for line in ([x for x in path.read_text().splitlines() if x.strip()][-windows:] if path.exists() else []):
-        w = json.loads(line)
+    for w in load_windows(str(state_root), spec.name, windows):
         estimate = ((w.get("estimated") or {}).get("metrics") or {}).get(metric) or {}
         got = ((realized.get("windows") or {}).get(w["window_id"]) or {}).get("metrics", {}).get(metric)
         trend.append({"window": w["window_id"], "n": int(w["counts"]["n"]), "estimated": estimate.get("value"),
@@ -176,12 +171,10 @@ ROLLED_BACK_TAG = kiln_paths.ROLLED_BACK_BY_TAG  # set by `kiln rollback` (platf
 
 
 def last_drift_retrain(pipeline: str, state_root: Path) -> float | None:
-    """When the drift sensor last decided to retrain (``decisions.jsonl``), as a Unix time."""
-    path = state_root / kiln_paths.decisions_file(pipeline)
-    if not path.exists():
-        return None
-    times = [d.get("decided_at") for d in map(json.loads, path.read_text().splitlines()) if d.get("action") == "retrain"]
-    return max((float(t) for t in times if t is not None), default=None)
+    """When the drift sensor last decided to retrain (its decisions in the state store), as a Unix time."""
+    from kiln.windows import last_drift_retrain_at
+
+    return last_drift_retrain_at(str(state_root), pipeline)
 
 
 def registry_indicators(client: Any, pipeline: str, drift_retrain_at: float | None) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from typing import Any
 from kiln import paths, settings
 from kiln.release import ReleaseError, RouteTable, Version
 from kiln.spec import PipelineSpec
+from kiln.state import state_path
 from kiln.steps import k8s_config
 
 SERVING_PORT = 3000  # BentoML's port inside the image
@@ -258,11 +259,10 @@ def release_record(spec: PipelineSpec, table: RouteTable, bentos: Mapping[Versio
     """Render a release for the versions' bentos, write it as YAML to the endpoint's manifests file, return the record
     (``objects`` the rendered dicts' kinds and names; ``manifests`` the written file). Applying is k8s_apply's job."""
     import yaml
-    from upath import UPath
 
     images = release_images(spec, bentos)
     manifests = release_manifests(spec, table, images, namespace, parents)
-    path = UPath(state_root) / paths.k8s_manifests_file(spec.name)
+    path = state_path(state_root, paths.k8s_manifests_file(spec.name))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump_all(manifests, sort_keys=False))
     champion = table.champion.version
@@ -292,11 +292,10 @@ def endpoint_url(spec: PipelineSpec, namespace: str | None = None) -> str:
 def endpoint_record(spec: PipelineSpec, bento: Mapping[str, Any], state_root: str) -> dict[str, Any]:
     """Prod `<p>/endpoint`: render the Deployment + Service for the bento's image, write them as YAML, return the record."""
     import yaml
-    from upath import UPath
 
     image = endpoint_image(spec, str(bento["tag"]))
     manifests = [serialize(m) for m in endpoint_manifests(spec, image, model_version=str(bento["model_version"]))]
-    path = UPath(state_root) / paths.k8s_manifests_file(spec.name)
+    path = state_path(state_root, paths.k8s_manifests_file(spec.name))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump_all(manifests, sort_keys=False))
     return {

@@ -1,7 +1,9 @@
 """`<p>_drift`: decides from stored bin counts whether live traffic drifted from the training reference.
 
-It reads only the small JSON window records that `<p>/predictions` stores (and only those appended since its cursor,
-by byte offset), never the log itself, so a tick costs the same at any log size. `<p>_prediction_log` notices new
+It reads only the small JSON window objects that `<p>/predictions` stores in the state store (and only those named after
+the last one its cursor keeps: one listing plus the new objects), never the log itself, so a tick costs the same at any
+log size. Its decisions go to the state store as objects too (:mod:`kiln.windows`): the sensor daemon, the steps and
+`kiln status` run in different pods. `<p>_prediction_log` notices new
 logged rows (a listing of the log's objects, none read) and launches `<p>_observe`, which materializes `<p>/predictions` into a new window.
 """
 

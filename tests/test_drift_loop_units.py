@@ -62,20 +62,28 @@ def test_prediction_score_drift_alone_triggers() -> None:
     assert decision["action"] == "ok"
 
 
-def test_windows_reader_resumes_at_the_offset_and_leaves_a_partial_line(tmp_path: Path) -> None:
-    from kiln.windows import read_new_windows
+def test_windows_reader_resumes_after_the_cursor_key_and_skips_unfinished_writes(tmp_path: Path) -> None:
+    from kiln import paths
+    from kiln.windows import read_new_windows, store_window
 
-    path = tmp_path / "windows.jsonl"
-    path.write_text(json.dumps({"window_id": "a"}) + "\n" + json.dumps({"window_id": "b"}) + "\n" + '{"window_id": "c"')
-    windows, offset = read_new_windows(path, 0)
-    assert [w["window_id"] for w in windows] == ["a", "b"]
-    assert read_new_windows(path, offset) == ([], offset)
-    with path.open("a") as fh:
-        fh.write("}\n")
-    windows, offset2 = read_new_windows(path, offset)
-    assert [w["window_id"] for w in windows] == ["c"] and offset2 == path.stat().st_size
-    path.write_text(json.dumps({"window_id": "z"}) + "\n")  # replaced by a shorter file: start over
-    assert [w["window_id"] for w in read_new_windows(path, offset2)[0]] == ["z"]
+    root = str(tmp_path)
+    assert read_new_windows(root, "p", None) == ([], None)
+    a = store_window(root, "p", {"window_id": "a", "until": 10.5})
+    b = store_window(root, "p", {"window_id": "b", "until": 9.0})  # an earlier window, stored later: sorts first
+    assert b < a and a.startswith("0000000010.500000-") and a.endswith(".json")
+    windows, cursor = read_new_windows(root, "p", None)
+    assert [w["window_id"] for w in windows] == ["b", "a"] and cursor == a
+    assert read_new_windows(root, "p", cursor) == ([], a)
+    folder = tmp_path / paths.windows_dir("p")
+    (folder / "0000000011.000000-deadbeef.json.tmp").write_text('{"window_id": "half')  # a write still in progress
+    assert read_new_windows(root, "p", cursor) == ([], a)
+    c = store_window(root, "p", {"window_id": "c", "until": 11.0})
+    windows, cursor2 = read_new_windows(root, "p", cursor)
+    assert [w["window_id"] for w in windows] == ["c"] and cursor2 == c
+    for stored in folder.glob("*.json"):  # the store was reset: a cursor newer than every window starts over
+        stored.unlink()
+    store_window(root, "p", {"window_id": "z", "until": 1.0})
+    assert [w["window_id"] for w in read_new_windows(root, "p", cursor2)[0]] == ["z"]
 
 
 def test_run_key_differs_per_window_and_model_version() -> None:

@@ -123,8 +123,9 @@ def test_drift_without_new_labeled_rows_launches_no_retrain_and_says_why(world: 
     observed = [e for e in result.asset_events if "retrain_decision" in e.metadata]
     assert observed and observed[-1].metadata["retrain_decision"].value == "skipped"
     # every window carries the label-free estimate, with a band around it
-    windows_file = Path(world["state"]) / "drift" / NAME / "windows.jsonl"
-    windows = [json.loads(x) for x in windows_file.read_text().splitlines()]
+    from kiln.windows import load_windows
+
+    windows = load_windows(world["state"], NAME)
     estimate = windows[-1]["estimated"]["metrics"]["roc_auc"]
     assert estimate["lower"] <= estimate["value"] <= estimate["upper"] and windows[-1]["estimated"]["rows"] == BATCH
     # ... and `<p>/predictions` shows it against the training reference over time (a plot in the UI)

@@ -241,11 +241,11 @@ def test_kiln_status_json(world: dict[str, Any]) -> None:
 
 
 def test_drift_windows_from_the_log_and_the_sensor_decision(world: dict[str, Any], kiln_home: Path) -> None:
-    from kiln.windows import evaluate_windows, window_counts, windows_path
+    from kiln.windows import evaluate_windows, load_windows, window_counts
     from platform_defs.simulators.fraud import generate_day
 
     spec = world["spec"]
-    windows = [json.loads(line) for line in windows_path(str(kiln_home / "state"), "fraud").read_text().splitlines()]
+    windows = load_windows(str(kiln_home / "state"), "fraud")
     assert windows and windows[-1]["counts"]["n"] == 7  # the last window holds only the rows logged since the one before
     reference = json.loads((kiln_home / "state" / "reference" / "fraud" / "reference.json").read_text())
 

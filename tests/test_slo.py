@@ -93,11 +93,19 @@ def test_slo_counts_known_traffic(live: dict[str, Any], capsys: pytest.CaptureFi
 def test_registry_indicators_rollback_rate_and_drift_to_champion(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
+    from kiln.windows import record_decisions
     from platform_defs.slo import last_drift_retrain, registry_indicators
 
-    (tmp_path / "drift" / "p").mkdir(parents=True)
-    (tmp_path / "drift" / "p" / "decisions.jsonl").write_text(
-        '{"action": "wait", "decided_at": 50}\n{"action": "retrain", "decided_at": 100}\n{"action": "cooldown", "decided_at": 130}\n')
+    assert last_drift_retrain("p", tmp_path) is None
+
+    def tick(at: float, *actions: str) -> None:  # one drift-sensor tick's decisions, as the sensor records them
+        decisions = [{"window": f"w{at}-{i}", "action": a, "n": 600, "max_score": 0.1, "share": 0.0, "streak": 0,
+                      "drifted_columns": []} for i, a in enumerate(actions)]
+        record_decisions(str(tmp_path), "p", decisions, {"action": actions[-1], "decided_at": at})
+
+    tick(50, "wait")
+    tick(100, "wait", "retrain")
+    tick(130, "cooldown")
     assert last_drift_retrain("p", tmp_path) == 100.0
 
     def version(created_s: float, **tags: str) -> Any:
@@ -130,8 +138,11 @@ def test_drift_trend_scores_stored_windows(live: dict[str, Any], tmp_path: Path)
     reference = json.loads((state / "reference" / spec.name / "reference.json").read_text())
     calm = pl.read_parquet(simulate(spec, tmp_path / "calm", 1, 1500, seed=21, start=date(2026, 1, 3))[0])
     drifted = pl.read_parquet(simulate(spec, tmp_path / "drifted", 1, 1500, drift=1.0, seed=22, start=date(2026, 1, 3))[0])
-    folder = state / "drift" / spec.name
-    folder.mkdir(parents=True, exist_ok=True)
+    import shutil
+
+    from kiln import paths
+
+    shutil.rmtree(state / paths.windows_dir(spec.name), ignore_errors=True)  # these two windows are the whole history
     from kiln.features import compute_features
     from kiln.trainers.lightgbm import load_booster, predict
     from platform_defs.profiles import resources
@@ -140,8 +151,11 @@ def test_drift_trend_scores_stored_windows(live: dict[str, Any], tmp_path: Path)
     booster = load_booster(f"models:/{spec.name}/{live['serving'].state(spec.name)['model_version']}")
     scored = [(name, frame.with_columns(pl.Series("_prediction", predict(booster, compute_features(frame, spec), spec))))
               for name, frame in (("calm", calm), ("drifted", drifted))]
-    lines = [{"window_id": name, "counts": window_counts(spec, frame, reference)} for name, frame in scored]
-    (folder / "windows.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    from kiln.windows import store_window
+
+    for until, (name, frame) in enumerate(scored, start=1):
+        store_window(str(state), spec.name, {"window_id": name, "until": float(until),
+                                             "counts": window_counts(spec, frame, reference)})
     trend = drift_trend(spec, state)
     assert [w["window"] for w in trend["windows"]] == ["calm", "drifted"]
     assert all(w["n"] == 1500 for w in trend["windows"])

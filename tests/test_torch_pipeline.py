@@ -148,13 +148,14 @@ def test_new_data_sensor_runs_the_unpartitioned_source_once_per_change(world: di
 
 
 def _latest_checkpoint_epoch(folder: Path) -> int:
-    import torch
+    """The epoch the trainer's "latest" pointer names (what a resumed run starts after); -1 before the first."""
+    import json
 
     epochs = [-1]
-    for path in folder.glob("*.pt"):
+    for pointer in folder.glob("*.latest.json"):
         try:
-            epochs.append(int(torch.load(path, map_location="cpu", weights_only=True)["epoch"]))
-        except (OSError, RuntimeError, EOFError):
+            epochs.append(int(json.loads(pointer.read_text())["epoch"]))
+        except (OSError, ValueError, KeyError):
             continue  # replaced between listing and reading
     return max(epochs)
 

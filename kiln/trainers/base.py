@@ -6,6 +6,8 @@ loader validates ``trainer.params`` against :attr:`Trainer.Params` while Dagster
 
 from __future__ import annotations
 
+import hashlib
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +19,7 @@ from pydantic import BaseModel, ConfigDict
 if TYPE_CHECKING:
     import numpy as np
     import polars as pl
+    from upath import UPath
 
     from kiln.spec import PipelineSpec
 
@@ -39,15 +42,101 @@ class Predictor(Protocol):
         ...
 
 
+def state_location(state_root: str, relative: str) -> Path | UPath:
+    """A folder of the state store: a Path under a local root, an S3 UPath (endpoint from :mod:`kiln.settings`) under
+    ``s3://bucket/prefix``, so what one pod writes there a retry pod reads."""
+    from kiln.state import state_upath
+
+    return state_upath(state_root) / relative
+
+
+class CheckpointStore:
+    """The checkpoints of one training in a state-store folder (local or S3), committed by a pointer.
+
+    Each checkpoint is one whole object ``<stem>.epoch-<NNNNNN>.pt`` (one PUT on S3, a rename locally); after it,
+    ``<stem>.latest.json`` is rewritten (atomically too) to name it with its size and SHA-256. A reader only takes the
+    pointed-to object, and only when its bytes match: an object of a writer that died mid-epoch (or mid-upload) has no
+    pointer and is never resumed. Once the pointer moves on, the previous object is deleted.
+    """
+
+    def __init__(self, folder: Path | UPath, stem: str) -> None:
+        self.folder, self.stem = folder, stem
+        self.current: str | None = None  # the object the pointer names, as far as this process knows
+
+    @property
+    def pointer(self) -> Path | UPath:
+        """The ``latest`` pointer (JSON: object, epoch, bytes, sha256)."""
+        return self.folder / f"{self.stem}.latest.json"
+
+    def object_name(self, epoch: int) -> str:
+        return f"{self.stem}.epoch-{epoch:06d}.pt"
+
+    def save(self, epoch: int, payload: bytes) -> None:
+        """Write the checkpoint of ``epoch`` whole, then point ``latest`` at it, then drop the previous one."""
+        from kiln.state import write_atomic
+
+        name = self.object_name(epoch)
+        write_atomic(self.folder / name, payload)
+        pointer = {"object": name, "epoch": epoch, "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+        write_atomic(self.pointer, json.dumps(pointer, sort_keys=True))
+        previous, self.current = self.current, name
+        if previous is not None and previous != name:
+            (self.folder / previous).unlink(missing_ok=True)
+
+    def latest(self, log: Callable[[str], Any] = lambda message: None) -> tuple[int, bytes] | None:
+        """(epoch, bytes) of the pointed-to checkpoint; None without a pointer or when its object is missing or differs."""
+        try:
+            pointer = json.loads(self.pointer.read_bytes())
+            name, epoch = str(pointer["object"]), int(pointer["epoch"])
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError) as exc:
+            log(f"{self.pointer}: unreadable checkpoint pointer ({exc}); training from scratch")
+            return None
+        if name != self.object_name(epoch):
+            log(f"{self.pointer}: names {name!r}, not the object of epoch {epoch}; training from scratch")
+            return None
+        try:
+            payload = (self.folder / name).read_bytes()
+        except FileNotFoundError:
+            log(f"{self.pointer}: checkpoint {name} is gone; training from scratch")
+            return None
+        if len(payload) != pointer.get("bytes") or hashlib.sha256(payload).hexdigest() != pointer.get("sha256"):
+            log(f"{self.folder / name}: {len(payload)} bytes that do not match its pointer; training from scratch")
+            return None
+        self.current = name
+        return epoch, payload
+
+    def remove(self) -> None:
+        """Delete the pointer, then every checkpoint object of this training (also ones no pointer ever named)."""
+        self.pointer.unlink(missing_ok=True)
+        try:
+            names = [str(entry.name) for entry in self.folder.iterdir()]
+        except FileNotFoundError:
+            names = []
+        for name in names:
+            if name.startswith(f"{self.stem}.epoch-") and name.endswith(".pt"):
+                (self.folder / name).unlink(missing_ok=True)
+        self.current = None
+
+    def __str__(self) -> str:
+        return str(self.pointer)
+
+
 @dataclass
 class Session:
-    """Where a fit runs. Without an MLflow run or a checkpoint folder a trainer simply fits (unit tests, previews)."""
+    """Where a fit runs. Without an MLflow run or a checkpoint folder a trainer simply fits (unit tests, previews).
+
+    ``checkpoint_dir`` is a state-store folder (:func:`state_location`), so a retry in another pod resumes.
+    ``on_epoch(epoch, metrics)``, when set, is called after each epoch is scored and before its checkpoint is written
+    (progress reporting; a test stops a training there)."""
 
     features_version: str = ""
     dagster_run_id: str = ""
     mlflow_run_id: str | None = None
-    checkpoint_dir: Path | None = None
+    checkpoint_dir: Path | UPath | None = None
     log: Callable[[str], Any] = lambda message: None
+    on_epoch: Callable[[int, dict[str, float]], Any] | None = None
 
 
 @dataclass
@@ -58,7 +147,7 @@ class Fitted:
     predictor: Predictor
     params: dict[str, Any]  # logged as the MLflow run's params
     training: dict[str, Any] = field(default_factory=dict)  # facts (epochs, device): run tags `kiln.<k>`, the record's "training"
-    checkpoint: Path | None = None  # removed once the model version is registered
+    checkpoint: CheckpointStore | None = None  # removed once the model version is registered
 
 
 class Trainer(ABC):

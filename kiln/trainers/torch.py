@@ -3,8 +3,10 @@
 CUDA when present (mixed precision: ``torch.autocast`` + ``GradScaler``), else CPU (seeded, deterministic).
 Early stopping on a validation split carved from the newest training rows. After every epoch the
 metrics go to the MLflow run (``step=epoch``) and a checkpoint (model, optimizer, scaler, epoch, early-stopping
-state, RNG states) is written atomically to ``<state root>/checkpoints/<p>/<features data version>-<config>.pt``
-(:func:`kiln.paths.checkpoints_dir`); a re-run after a crash resumes from it. The standardisation lives in the
+state, RNG states) goes to the state store (a folder, or S3 in prod: each step runs in its own pod) as one whole object
+``<state root>/checkpoints/<p>/<features data version>-<config>.epoch-<N>.pt``, committed by a ``.latest.json`` pointer
+(:class:`kiln.trainers.base.CheckpointStore`, :func:`kiln.paths.checkpoints_dir`); a re-run after a crash, in any
+process, resumes from the pointed-to one. The standardisation lives in the
 module's buffers, so the logged model (``mlflow.pytorch.log_model``, torch.export ``pt2`` format) maps raw features
 to predictions by itself.
 
@@ -17,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,12 +29,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import Field, field_validator
 
-from kiln.trainers.base import Fitted, Params, Session, Trainer
+from kiln.trainers.base import CheckpointStore, Fitted, Params, Session, Trainer
 
 if TYPE_CHECKING:
     import numpy as np
     import polars as pl
     import torch
+    from upath import UPath
 
     from kiln.spec import PipelineSpec
 
@@ -163,32 +166,40 @@ def fingerprint(spec: PipelineSpec, features_version: str, feature_names: list[s
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def checkpoint_path(folder: Path, spec: PipelineSpec, features_version: str, feature_names: list[str]) -> Path:
-    """``<folder>/<features data version>-<config hash>.pt``; the folder is ``<state root>/`` :func:`kiln.paths.checkpoints_dir`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"{features_version}-{fingerprint(spec, features_version, feature_names)[:8]}.pt"
+def checkpoint_store(folder: Path | UPath, spec: PipelineSpec, features_version: str, feature_names: list[str]) -> CheckpointStore:
+    """The checkpoints ``<folder>/<features data version>-<config hash>.*``; the folder is a state-store folder
+    (:func:`kiln.trainers.base.state_location` of :func:`kiln.paths.checkpoints_dir`), local or on S3."""
+    return CheckpointStore(folder, f"{features_version}-{fingerprint(spec, features_version, feature_names)[:8]}")
 
 
-def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: a reader never sees half a checkpoint."""
+def save_checkpoint(state: dict[str, Any], store: CheckpointStore) -> None:
+    """``torch.save`` to a local temporary file, then one atomic write of the whole object and of the pointer to it."""
     import torch
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as fh:
-        torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with tempfile.TemporaryDirectory(prefix="kiln-ckpt-") as tmp:
+        local = Path(tmp) / "checkpoint.pt"
+        torch.save(state, local)
+        payload = local.read_bytes()
+    store.save(int(state["epoch"]), payload)
 
 
-def load_checkpoint(path: Path | None, expected_fingerprint: str) -> dict[str, Any] | None:
-    """The checkpoint at ``path`` if it exists and was written for the same data and config, else None."""
-    if path is None or not path.exists():
+def load_checkpoint(store: CheckpointStore | None, expected_fingerprint: str,
+                    log: Callable[[str], Any] = lambda message: None) -> dict[str, Any] | None:
+    """The pointed-to checkpoint of ``store`` if there is a complete one written for the same data and config, else None."""
+    if store is None:
         return None
+    found = store.latest(log)
+    if found is None:
+        return None
+    epoch, payload = found
     import torch
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("fingerprint") != expected_fingerprint or state.get("format") != CHECKPOINT_FORMAT:
+    with tempfile.TemporaryDirectory(prefix="kiln-ckpt-") as tmp:
+        local = Path(tmp) / "checkpoint.pt"
+        local.write_bytes(payload)
+        state = torch.load(local, map_location="cpu", weights_only=True)
+    if state.get("fingerprint") != expected_fingerprint or state.get("format") != CHECKPOINT_FORMAT or state.get("epoch") != epoch:
+        log(f"{store}: checkpoint of epoch {epoch} was written for other data, config or format; training from scratch")
         return None
     return state
 
@@ -216,10 +227,13 @@ def _standardisation(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, scale
 
 
-def fit(x: np.ndarray, y: np.ndarray, spec: PipelineSpec, checkpoint: Path | None = None, checkpoint_id: str = "",
+def fit(x: np.ndarray, y: np.ndarray, spec: PipelineSpec, checkpoint: CheckpointStore | None = None, checkpoint_id: str = "",
         on_epoch: Callable[[int, dict[str, float]], Any] | None = None, device: str | None = None,
-        extra_state: dict[str, Any] | None = None, threads: int | None = None) -> FitResult:
+        extra_state: dict[str, Any] | None = None, threads: int | None = None,
+        resume: dict[str, Any] | None = None) -> FitResult:
     """Train on a float feature matrix (NaN = missing) and targets; resume from ``checkpoint`` when it matches ``checkpoint_id``.
+
+    ``resume``: a checkpoint state the caller already loaded (:func:`load_checkpoint`), so it is not downloaded twice.
 
     ``x`` rows are in time order: the newest ``val_fraction`` of them are the early-stopping validation split.
     ``extra_state`` is stored in every checkpoint (the MLflow run id, so a resumed run can name the crashed one).
@@ -265,7 +279,7 @@ def fit(x: np.ndarray, y: np.ndarray, spec: PipelineSpec, checkpoint: Path | Non
         start_epoch, best_loss, best_epoch, bad_epochs, done = 0, math.inf, -1, 0, False
         best_state: dict[str, torch.Tensor] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         history: list[dict[str, float]] = []
-        resumed = load_checkpoint(checkpoint, checkpoint_id)
+        resumed = resume if resume is not None else load_checkpoint(checkpoint, checkpoint_id)
         if resumed is not None:
             model.load_state_dict(resumed["model"])
             optimizer.load_state_dict(resumed["optimizer"])
@@ -396,20 +410,27 @@ class TorchTrainer(Trainer):
         spec = self.spec
         names = feature_columns(spec, train)
         ckpt_id = fingerprint(spec, session.features_version, names)
-        ckpt = checkpoint_path(session.checkpoint_dir, spec, session.features_version, names) if session.checkpoint_dir else None
-        previous = load_checkpoint(ckpt, ckpt_id)
+        ckpt = checkpoint_store(session.checkpoint_dir, spec, session.features_version, names) if session.checkpoint_dir else None
+        previous = load_checkpoint(ckpt, ckpt_id, session.log)
         log_steps = _step_logger(session.mlflow_run_id)
         if previous is not None:
-            assert ckpt is not None
-            session.log(f"{spec.name}: resuming from checkpoint {ckpt.name} after epoch {previous['epoch']}")
+            session.log(f"{spec.name}: resuming from checkpoint {ckpt} after epoch {previous['epoch']}")
             _mark_resumed(session.mlflow_run_id, previous)
             log_steps([(int(h["epoch"]), {k: v for k, v in h.items() if k != "epoch"}) for h in previous["history"]])
+
+        def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+            log_steps([(epoch, metrics)])
+            if session.on_epoch is not None:
+                session.on_epoch(epoch, metrics)
+
         result = fit(features_matrix(train, spec), train[spec.target].cast(float).to_numpy(), spec, checkpoint=ckpt,
-                     checkpoint_id=ckpt_id, on_epoch=lambda epoch, metrics: log_steps([(epoch, metrics)]),
+                     checkpoint_id=ckpt_id, on_epoch=on_epoch, resume=previous,
                      extra_state={"mlflow_run_id": session.mlflow_run_id, "dagster_run_id": session.dagster_run_id})
         training: dict[str, Any] = {"start_epoch": result.start_epoch, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
                                     "last_epoch": result.last_epoch, "stopped_early": result.stopped_early, "device": result.device,
                                     "mixed_precision": result.amp}
+        if previous is not None:
+            training["resumed_from_epoch"] = int(previous["epoch"])
         params = {**self.params.model_dump(mode="json"), "device": result.device, "mixed_precision": result.amp,
                   "cpu_threads": cpu_threads(spec.trainer.resources.cpu) if result.device == "cpu" else None}
         return Fitted(model=result.model, predictor=TorchPredictor(result.model, spec), params=params, training=training,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.spec import PipelineSpec
@@ -17,6 +16,8 @@ from kiln.spec import PipelineSpec
 if TYPE_CHECKING:
     import numpy as np
     import polars as pl
+
+    from kiln.trainers.base import CheckpointStore
 
 REFERENCE_ROWS = 100_000  # rows profiled for the drift reference (a systematic sample beyond that)
 
@@ -36,12 +37,13 @@ class Trained:
     importances: tuple[str, np.ndarray] | None
     reference: dict[str, Any]
     training: dict[str, Any] = field(default_factory=dict)
-    checkpoint: Path | None = None
+    checkpoint: CheckpointStore | None = None
 
     def release(self) -> None:
-        """Drop the training checkpoint: once the version is registered, a later run on the same data trains afresh."""
+        """Drop the training checkpoints (pointer and objects, in the state store): once the version is registered, a later
+        run on the same data trains afresh."""
         if self.checkpoint is not None:
-            self.checkpoint.unlink(missing_ok=True)
+            self.checkpoint.remove()
 
 
 def holdout_calibration(spec: PipelineSpec, labels: Any, scores: Any, log: Any = None) -> dict[str, Any] | None:
@@ -69,9 +71,8 @@ def train_and_log(spec: PipelineSpec, features: pl.DataFrame, experiment_id: str
     from kiln.evaluation import split_holdout
     from kiln.features import data_version
     from kiln.reference import training_reference
-    from kiln.state import state_path
     from kiln.trainers import trainer_for
-    from kiln.trainers.base import Session
+    from kiln.trainers.base import Session, state_location
 
     trainer = trainer_for(spec)
     train, holdout = split_holdout(features, spec)
@@ -79,7 +80,7 @@ def train_and_log(spec: PipelineSpec, features: pl.DataFrame, experiment_id: str
     tags = {paths.DAGSTER_RUN_TAG: dagster_run_id, paths.FEATURES_VERSION_TAG: version_of_data, "kiln_pipeline": spec.name}
     with mlflow.start_run(experiment_id=experiment_id, tags=tags) as run:
         session = Session(features_version=version_of_data, dagster_run_id=dagster_run_id, mlflow_run_id=run.info.run_id,
-                          checkpoint_dir=state_path(state_root, paths.checkpoints_dir(spec.name)), log=log or (lambda _: None))
+                          checkpoint_dir=state_location(state_root, paths.checkpoints_dir(spec.name)), log=log or (lambda _: None))
         fitted = trainer.fit(train, session)
         y_pred = fitted.predictor.predict(holdout)
         metrics = all_metrics(spec, holdout[spec.target].to_numpy(), y_pred)

@@ -145,11 +145,12 @@ def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
     )
     instance = dg.DagsterInstance.from_config(str(dagster_home))
-    decisions_file = state / "drift" / "fraud" / "decisions.jsonl"
     client: Client | None = None
 
     def decisions() -> list[dict[str, Any]]:
-        return [json.loads(x) for x in decisions_file.read_text().splitlines()] if decisions_file.exists() else []
+        from kiln.windows import load_decisions
+
+        return load_decisions(str(state), "fraud")
 
     def runs(job: str) -> list[Any]:
         return list(instance.get_runs(filters=dg.RunsFilter(job_name=job)))

@@ -15,7 +15,7 @@ from kiln import paths
 from kiln.features import compute_features
 from kiln.reference import PREDICTION, publish_features_reference, reference_id, training_reference
 from kiln.spec import PipelineSpec, load_spec
-from kiln.windows import append_window, drift_tick, log_signature, read_log_since
+from kiln.windows import WINDOW_CURSOR, append_window, drift_tick, load_decisions, load_windows, log_signature, read_log_since
 from platform_defs.simulators.fraud import generate_day
 from tests.conftest import FRAUD_SPEC
 
@@ -61,8 +61,12 @@ def test_a_tick_decides_on_new_windows_only_and_retrains_after_two_drifted_windo
     assert [w["window_id"] for w in drifted.windows] == [d["window"] for d in drifted.decisions]
     last = json.loads((tmp_path / paths.last_decision_file(spec.name)).read_text())
     assert last["action"] == "retrain" and last["decided_at"] == 1002.0
-    history = (tmp_path / paths.decisions_file(spec.name)).read_text().splitlines()
-    assert [json.loads(line)["action"] for line in history] == ["ok", "wait", "retrain"]
+    history = load_decisions(str(tmp_path), spec.name)
+    assert [d["action"] for d in history] == ["ok", "wait", "retrain"]
+    assert [d["decided_at"] for d in history] == [1000.0, 1002.0, 1002.0]
+    assert [d["window"] for d in history] == [w["window_id"] for w in load_windows(str(tmp_path), spec.name)]
+    # one object per tick that decided, not a file appended to (an object store has no append)
+    assert len(list((tmp_path / paths.decisions_dir(spec.name)).glob("*.json"))) == 2
 
 
 def test_windows_binned_against_an_older_reference_are_skipped(spec: PipelineSpec, tmp_path: Path) -> None:
@@ -73,7 +77,8 @@ def test_windows_binned_against_an_older_reference_are_skipped(spec: PipelineSpe
     assert reference_id(newer) != reference_id(reference)
     tick = drift_tick(spec, str(tmp_path), {})
     assert tick.skip == "1 new window(s) were binned against an older reference; skipped"
-    assert tick.cursor is not None and tick.cursor["offset"] > 0 and not tick.decisions
+    stored = sorted(p.name for p in (tmp_path / paths.windows_dir(spec.name)).iterdir())
+    assert len(stored) == 1 and tick.cursor is not None and tick.cursor[WINDOW_CURSOR] == stored[0] and not tick.decisions
 
 
 def test_the_first_training_set_s_reference_stands_until_a_champion_publishes_one(spec: PipelineSpec, tmp_path: Path) -> None:
