@@ -19,6 +19,7 @@ DRIFT = "drift"  # windows, decisions and drift reports
 PREDICTIONS = "predictions"  # the endpoints' prediction logs
 ENDPOINTS = "endpoints"  # endpoint records (router, backends, k8s manifests)
 CHECKPOINTS = "checkpoints"  # training checkpoints (torch)
+TELEMETRY = "telemetry"  # the endpoints' /predict counters (requests by status class, rows, latency histogram)
 
 
 def reference_file(pipeline: str) -> str:
@@ -70,6 +71,11 @@ def drift_reports_dir(pipeline: str) -> str:
 def predictions_dir(pipeline: str) -> str:
     """The prediction log of a pipeline's endpoints."""
     return state_key(pipeline, PREDICTIONS)
+
+
+def telemetry_dir(pipeline: str) -> str:
+    """The telemetry objects of a pipeline's endpoints (kiln/telemetry.py): per-interval deltas of /predict counters."""
+    return state_key(pipeline, TELEMETRY)
 
 
 def endpoints_dir(pipeline: str) -> str:

@@ -1,7 +1,10 @@
 """Service-level indicators of one pipeline, read from the platform itself (`kiln slo <p>`).
 
-Endpoint availability and p95 latency come from the live endpoint's ``/metrics`` (Kiln's ``kiln_requests_*``
-series; BentoML's built-in ``bentoml_service_request_*`` ones for an endpoint without them), data freshness
+Endpoint requests, availability, latency percentiles and rows come from the telemetry objects every endpoint worker
+stores (:mod:`kiln.telemetry`), summed over a window (the last 24 h by default), so a roll, a restart or several replicas
+neither reset nor split them; the live endpoint's ``/metrics`` (Kiln's ``kiln_requests_*`` series; BentoML's built-in
+``bentoml_service_request_*`` ones for an endpoint without them), which count only what the running processes saw, are
+reported next to them under ``endpoint.live`` for comparison and stay what Prometheus scrapes. Data freshness
 from the source files, the drift trend from the windows ``<p>/predictions`` stored, training success from the
 Dagster runs of ``<p>_retrain``, and the serving cost from the endpoint process tree's CPU time in ``/proc``.
 """
@@ -23,6 +26,7 @@ KILN_REQUESTS = "kiln_requests"  # serving.metrics: /predict answers by status, 
 KILN_DURATION = "kiln_request_duration_seconds"
 PREDICT_PATH = "/predict"
 TREND_WINDOWS = 10
+SLI_WINDOW_S = 24 * 3600.0  # the endpoint SLIs cover the telemetry of the last day
 
 
 def parse_metrics(text: str) -> dict[str, list[tuple[dict[str, str], float, str]]]:
@@ -196,21 +200,38 @@ def registry_indicators(client: Any, pipeline: str, drift_retrain_at: float | No
             "rollback_rate": len(rollbacks) / len(promoted) if promoted else 0.0, "drift_to_new_champion_s": drift_to_champion}
 
 
+def stored_endpoint_sli(state_root: Path, pipeline: str, window_s: float | None = SLI_WINDOW_S,
+                        now: float | None = None) -> dict[str, Any]:
+    """Requests, availability, p50/p95/p99 latency, rows and 4xx/5xx answers of ``/predict`` from the stored telemetry
+    of the last ``window_s`` seconds (None: all of it), with the window and how many objects and replicas it summed."""
+    from kiln.telemetry import load_telemetry, slis
+
+    now = time.time() if now is None else now
+    since = None if window_s is None else now - window_s
+    summary = load_telemetry(str(state_root), pipeline, since, None)
+    got = slis(summary)
+    return {**got, "p95_latency_s": None if got["p95_ms"] is None else got["p95_ms"] / 1000,
+            "window": {"since": since, "until": now, "seconds": window_s, "objects": summary["objects"],
+                       "replicas": len(summary["replicas"]), "unreadable": summary["unreadable"]}}
+
+
 def slo_report(spec: PipelineSpec, paths: dict[str, Path], serving: Any, instance: Any | None,
-               mlflow_client: Any | None = None) -> dict[str, Any]:
-    """Every SLI of one pipeline (local profile): endpoint, freshness, drift, training, cost."""
+               mlflow_client: Any | None = None, window_s: float | None = SLI_WINDOW_S) -> dict[str, Any]:
+    """Every SLI of one pipeline (local profile): endpoint (stored telemetry of the last ``window_s`` seconds, None: all;
+    the live ``/metrics`` under ``endpoint.live``), freshness, drift, training, cost."""
     import httpx
 
     state = serving.state(spec.name)
-    endpoint: dict[str, Any] = {"url": None, "reachable": False}
+    endpoint: dict[str, Any] = {"url": None, "reachable": False, "source": "telemetry",
+                                **stored_endpoint_sli(paths["state"], spec.name, window_s), "live": None}
     cost: dict[str, Any] = {"cpu_seconds": None, "predictions": None, "cpu_seconds_per_1k_predictions": None}
     if state:
         endpoint["url"] = state["url"]
         try:
             text = httpx.get(f"{state['url']}/metrics", timeout=10).text
-            endpoint.update(endpoint_sli(text), reachable=True)
+            endpoint.update(reachable=True, live=endpoint_sli(text))
             rows = sum(v for labels, v, name in parse_metrics(text).get("kiln_predicted_rows", []) if name.endswith("_total"))
-            predictions = int(rows) if rows else endpoint["requests"]
+            predictions = int(rows) if rows else endpoint["live"]["requests"]
             pid = state.get("backend_pid") or state.get("pid")
             cpu = process_tree_cpu_seconds(int(pid)) if pid and pid_alive(int(pid)) else None
             cost = {"cpu_seconds": cpu, "predictions": predictions,

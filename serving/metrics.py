@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+from kiln.telemetry import LATENCY_EDGES_S
+
+LATENCY_BUCKETS = LATENCY_EDGES_S  # one set of edges: the live histogram and the stored telemetry (kiln.telemetry)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 SCORE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 

@@ -27,6 +27,15 @@ Design
   and performance windows still need; every dropped row is counted.
 - **Shutdown.** :meth:`flush` ships (or spills) what is buffered now, trying the store even during a backoff;
   :meth:`close` stops the thread and flushes within its timeout, spilling without a network try while the store is failing.
+- **Telemetry** (:mod:`kiln.telemetry`): :attr:`PredictionShipper.telemetry` counts the worker's ``/predict`` answers
+  (by status class, rows served, a latency histogram); the flusher writes what was counted since its last write as one
+  JSON object under ``<root>/telemetry/<p>/<YYYY-MM-DD>/<HH>/<replica>-<seq>.json`` with each flush of rows, and at least
+  every ``flush_seconds`` while anything was counted (so failed requests, which log no row, are written too); nothing is
+  written when nothing was counted. Its ``seq`` starts at the epoch milliseconds of the shipper's start and grows by one
+  per object. While the store fails (the same backoff as the rows), the one object that failed is kept in memory and
+  retried under its key (an unanswered PUT that did land is not counted twice), and new answers keep adding to the
+  counters, which go out as the next object: memory stays bounded, nothing is counted twice. What is still in memory
+  when a worker exits while the store is down is lost (telemetry has no spill file).
 - **Counters** (``prometheus_client``, label ``pipeline``): ``kiln_prediction_log_rows_total`` (appended),
   ``kiln_prediction_log_flushed_rows_total`` (in the store), ``kiln_prediction_log_dropped_rows_total``,
   ``kiln_prediction_log_spilled_rows`` (gauge, on disk now) and ``kiln_prediction_log_flush_errors_total`` (failed writes).
@@ -61,6 +70,8 @@ from kiln.predlog import (
     object_key,
 )
 from kiln.state import write_atomic
+from kiln.telemetry import TelemetryCounters, telemetry_prefix
+from kiln.telemetry import encode as encode_telemetry
 
 if TYPE_CHECKING:
     import polars as pl
@@ -179,6 +190,11 @@ class PredictionShipper:
         self._failing = False
         self._closed = False
         self._next_seq = self._recover()
+        self.telemetry = TelemetryCounters()  # the worker's /predict answers, written as deltas by the flusher
+        self._telemetry_prefix = telemetry_prefix(root, pipeline)
+        self._telemetry_seq = int(time.time() * 1000)  # a restarted worker's names never repeat an earlier one's
+        self._telemetry_pending: tuple[str, bytes] | None = None  # an object the store did not take; retried as is
+        self._telemetry_at = time.monotonic()  # last telemetry write (or try)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -278,6 +294,8 @@ class PredictionShipper:
             wait = self._since + self.flush_seconds - now
         if self._spill:
             wait = min(wait, self._retry_at - now)
+        if self._telemetry_pending is not None or not self.telemetry.empty:
+            wait = min(wait, max(self._telemetry_at + self.flush_seconds, self._retry_at) - now)
         return min(max(wait, 0.005), self.flush_seconds)
 
     def _cycle(self, force: bool, network: bool) -> None:
@@ -298,6 +316,42 @@ class PredictionShipper:
                 self._to_spill(rows, key, data)
             elif not self._put(key, data, rows):
                 self._to_spill(rows, key, data)
+        # telemetry: to the store unless a write failed in this cycle or the store is in its backoff
+        self._ship_telemetry(force or bool(chunks), (network and not self._failing) or time.monotonic() >= self._retry_at)
+
+    def _ship_telemetry(self, flushed: bool, try_store: bool) -> None:
+        """Write the telemetry counted since the last write, with a flush of rows (``flushed``) or when ``flush_seconds``
+        have passed since the last write; a kept object first. Never raises."""
+        try:
+            now = time.monotonic()
+            if not try_store or not (flushed or now - self._telemetry_at >= self.flush_seconds - 0.01):
+                return
+            self._telemetry_at = now
+            if self._telemetry_pending is not None:
+                key, data = self._telemetry_pending
+                if not self._put_telemetry(key, data):
+                    return
+                self._telemetry_pending = None
+            delta = self.telemetry.take()
+            if delta is None:
+                return
+            seq = self._telemetry_seq
+            self._telemetry_seq += 1
+            key, data = encode_telemetry(delta, self.pipeline, self.replica, seq)
+            if not self._put_telemetry(key, data):
+                self._telemetry_pending = (key, data)
+        except Exception:  # noqa: BLE001 - telemetry must never stop the flusher or a shutdown
+            log.exception("prediction log of %s: could not write telemetry", self.pipeline)
+
+    def _put_telemetry(self, key: str, data: bytes) -> bool:
+        """One telemetry object to the store; on failure back off as for rows."""
+        try:
+            write_atomic(self._telemetry_prefix / key, data)
+        except Exception as exc:  # noqa: BLE001 - any failure of the store: keep it and retry later
+            self._failed(key, self._telemetry_prefix, exc)
+            return False
+        self._succeeded()
+        return True
 
     def _cut(self, force: bool, now: float) -> list[pl.DataFrame]:
         """The objects due now, each of at most ``flush_rows`` rows: all buffered rows when forced or when the oldest has
@@ -343,22 +397,30 @@ class PredictionShipper:
         try:
             write_atomic(self.prefix / key, data)
         except Exception as exc:  # noqa: BLE001 - any failure of the store means: spill and retry later
-            self._errors.inc()
-            jitter = 0.5 + random.random() / 2
-            self._retry_at = time.monotonic() + self._delay * jitter
-            if not self._failing:
-                log.warning("prediction log of %s: could not write %s under %s (%s: %s); spilling to %s and retrying",
-                            self.pipeline, key, self.prefix, type(exc).__name__, exc, self.spill_dir)
-            self._failing = True
-            self._delay = min(self._delay * 2, self.retry_max)
+            self._failed(key, self.prefix, exc)
             return False
+        self._succeeded()
+        self._flushed.inc(rows)
+        return True
+
+    def _failed(self, key: str, prefix: Any, exc: Exception) -> None:
+        """A write failed: count it and back off (exponentially, jittered)."""
+        self._errors.inc()
+        jitter = 0.5 + random.random() / 2
+        self._retry_at = time.monotonic() + self._delay * jitter
+        if not self._failing:
+            log.warning("prediction log of %s: could not write %s under %s (%s: %s); spilling to %s and retrying",
+                        self.pipeline, key, prefix, type(exc).__name__, exc, self.spill_dir)
+        self._failing = True
+        self._delay = min(self._delay * 2, self.retry_max)
+
+    def _succeeded(self) -> None:
+        """A write worked: the store is back, no backoff."""
         if self._failing:
             log.warning("prediction log of %s: the store under %s takes writes again", self.pipeline, self.prefix)
         self._failing = False
         self._delay = self.retry_initial
         self._retry_at = 0.0
-        self._flushed.inc(rows)
-        return True
 
     # ------------------------------------------------------------------------------------------ the spill folder
 

@@ -27,7 +27,9 @@ Those clients share the machine's cores with the worker, so the batcher does not
 
 With ``KILN_PREDICTION_LOG_ROOT`` set (``ServingResource`` and the Kubernetes Deployment do), each worker logs every scored
 batch (the request rows plus ``_logged_at``, ``_model_version``, ``_prediction``) to a :class:`serving.predlog.PredictionShipper`,
-which ships it as Parquet objects under ``<root>/predictions/<p>/`` and is flushed when the worker shuts down.
+which ships it as Parquet objects under ``<root>/predictions/<p>/`` and is flushed when the worker shuts down. The same
+shipper writes the worker's ``/predict`` telemetry (answers by status class, rows, a latency histogram; :mod:`kiln.telemetry`)
+under ``<root>/telemetry/<p>/``, so SLIs survive rolls and restarts and add up across replicas.
 
 Answers carry the model version in the ``X-Kiln-Model-Version`` header. With ``KILN_API_KEY``
 set, ``/predict`` and ``/metadata`` need ``Authorization: Bearer <key>`` (or ``X-API-Key``);
@@ -230,13 +232,23 @@ class KilnService:
         if self.log is not None:
             self.log.close()
 
+    def answered(self, status: int, seconds: float, count: int = 1, rows: int = 0) -> None:
+        """Count ``count`` /predict answers of ``status`` (``rows`` rows served): the live ``/metrics`` and the stored
+        telemetry (:mod:`kiln.telemetry`, written by the prediction-log shipper). Every /predict answer passes here."""
+        self.metrics.request(status, seconds, count)
+        if self.log is not None:
+            try:
+                self.log.telemetry.request(status, seconds, count, rows)
+            except Exception:  # noqa: BLE001 - telemetry must never fail a request
+                log.exception("telemetry of %s: could not count an answer", self.spec.name)
+
     async def predict(self, scope: dict[str, Any], receive: Any) -> tuple[int, bytes]:
         """Score rows: ``{"rows": [...]}`` -> ``{"predictions": [...], "model_version": "<n>"}``; 4xx names the field."""
         started = time.perf_counter()
         try:
             body = await read_body(receive)
         except RequestError as exc:
-            self.metrics.request(exc.status, time.perf_counter() - started)
+            self.answered(exc.status, time.perf_counter() - started)
             return exc.status, _json({"error": str(exc)})
         return await self.answer(scope["headers"], body, started)
 
@@ -248,22 +260,22 @@ class KilnService:
         again on its own, and those answers are the ones counted."""
         counted = 1 if requests == 1 else 0
         if self.api_key and not api_key_ok(_auth_headers(headers), self.api_key):
-            self.metrics.request(401, time.perf_counter() - started, counted)
+            self.answered(401, time.perf_counter() - started, counted)
             return 401, b'{"error":"unauthorized: send the API key as \'Authorization: Bearer <key>\'"}'
         try:
             rows = parse_request(body, self.spec, self.max_rows, self.unknown_category)
         except RequestError as exc:
-            self.metrics.request(exc.status, time.perf_counter() - started, counted)
+            self.answered(exc.status, time.perf_counter() - started, counted)
             return exc.status, _json({"error": str(exc)})
         if requests > 1:
             rows = dataclasses.replace(rows, requests=requests)
         try:
             predictions = await self.batcher.submit(rows, rows.count)
         except Exception as exc:  # noqa: BLE001 - the model failed on valid rows: a server error, said as such
-            self.metrics.request(500, time.perf_counter() - started, counted)
+            self.answered(500, time.perf_counter() - started, counted)
             return 500, _json({"error": f"scoring failed: {type(exc).__name__}: {str(exc)[:300]}"})
         content = _json({"predictions": predictions, "model_version": self.version})
-        self.metrics.request(200, time.perf_counter() - started, requests)
+        self.answered(200, time.perf_counter() - started, requests, rows.count)
         return 200, content
 
     async def lane(self, request: Request) -> Response:

@@ -1,10 +1,12 @@
-"""`kiln slo` against a live endpoint with known traffic: the request count, availability and p95 follow what was sent."""
+"""`kiln slo` against a live endpoint with known traffic: the request count, availability and p95 follow what was sent,
+from the stored telemetry (kiln/telemetry.py), which a restart of the backend does not reset."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ DAYS = 2
 ROWS = 1500
 SENT_OK = 40
 SENT_BAD = 5
+WAIT_S = 90.0  # a deadline against hangs while the workers flush their telemetry (every 0.5 s in tests), not a timing
 
 
 @pytest.fixture(scope="module")
@@ -60,20 +63,59 @@ def _slo(capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
     return dict(json.loads(capsys.readouterr().out))
 
 
+def _wait_for(check: Callable[[], bool], what: str, seconds: float = WAIT_S) -> None:
+    """Poll until true; fail naming what never happened (a deadline against hangs, not a timing assertion)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.2)
+    pytest.fail(f"not within {seconds}s: {what}")
+
+
+def _stored(live: dict[str, Any]) -> dict[str, Any]:
+    """The endpoint SLIs from every telemetry object stored so far."""
+    from kiln.telemetry import load_telemetry, slis
+
+    return slis(load_telemetry(str(live["kiln_home"] / "state"), "fraud_slo", None, None))
+
+
+def _live_requests(url: str) -> int:
+    from platform_defs.slo import endpoint_sli
+
+    return int(endpoint_sli(httpx.get(f"{url}/metrics", timeout=10).text)["requests"])
+
+
+def _send(url: str, rows: list[dict[str, Any]], ok: int, bad: int) -> None:
+    for _ in range(ok):
+        assert httpx.post(f"{url}/predict", json={"rows": rows}, timeout=30).status_code == 200
+    for _ in range(bad):  # a bad request is the client's fault (4xx): it does not cost availability
+        assert httpx.post(f"{url}/predict", json={"rows": [{"amount": "x"}]}, timeout=30).status_code // 100 == 4
+
+
+def _sample_rows(live: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(json.loads((live["kiln_home"] / "state" / "reference" / "fraud_slo" / "sample_rows.json").read_text())[:5])
+
+
 def test_slo_counts_known_traffic(live: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
     url = live["serving"].state("fraud_slo")["url"]
-    rows = json.loads((live["kiln_home"] / "state" / "reference" / "fraud_slo" / "sample_rows.json").read_text())[:5]
+    rows = _sample_rows(live)
+    # One backend has served so far: once its telemetry is flushed, the stored count is what it answered (smoke tests).
+    _wait_for(lambda: _stored(live)["requests"] == _live_requests(url), "the stored telemetry to catch up with /metrics")
     before = _slo(capsys)
-    assert before["endpoint"]["reachable"] is True
-    for _ in range(SENT_OK):
-        assert httpx.post(f"{url}/predict", json={"rows": rows}, timeout=30).status_code == 200
-    for _ in range(SENT_BAD):  # a bad request is the client's fault (4xx): it does not cost availability
-        assert httpx.post(f"{url}/predict", json={"rows": [{"amount": "x"}]}, timeout=30).status_code // 100 == 4
+    assert before["endpoint"]["reachable"] is True and before["endpoint"]["source"] == "telemetry"
+    _send(url, rows, SENT_OK, SENT_BAD)
+    expected = before["endpoint"]["requests"] + SENT_OK + SENT_BAD
+    _wait_for(lambda: _stored(live)["requests"] >= expected, f"{expected} stored requests")
     after = _slo(capsys)
     ep = after["endpoint"]
     assert ep["requests"] - before["endpoint"]["requests"] == SENT_OK + SENT_BAD
+    assert ep["errors_4xx"] - before["endpoint"]["errors_4xx"] == SENT_BAD
+    assert ep["rows"] - before["endpoint"]["rows"] == SENT_OK * len(rows)
     assert ep["errors_5xx"] == 0 and ep["availability"] == 1.0
     assert ep["p95_latency_s"] is not None and 0 < ep["p95_latency_s"] < 30
+    assert 0 < ep["p50_ms"] <= ep["p95_ms"] <= ep["p99_ms"]
+    assert ep["live"]["requests"] - before["endpoint"]["live"]["requests"] == SENT_OK + SENT_BAD  # the same backend
     cost = after["cost"]
     assert cost["predictions"] >= before["cost"]["predictions"] + SENT_OK * len(rows)
     assert cost["cpu_seconds"] > 0 and cost["cpu_seconds_per_1k_predictions"] > 0
@@ -88,6 +130,66 @@ def test_slo_counts_known_traffic(live: dict[str, Any], capsys: pytest.CaptureFi
     assert len(observed) >= 2  # one per `kiln slo`
     latest = observed[0].asset_observation.metadata
     assert latest["sli/requests"].value == ep["requests"] and latest["sli/availability"].value == 1.0
+
+
+def test_a_restarted_backend_does_not_reset_the_stored_slis(live: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    from resources.serving import stop_backend
+
+    serving = live["serving"]
+    record = serving.state("fraud_slo")
+    url, rows = record["url"], _sample_rows(live)
+    _wait_for(lambda: _stored(live)["requests"] == _live_requests(url), "the stored telemetry to catch up with /metrics")
+    base = _slo(capsys)["endpoint"]
+    before_ok, before_bad, after_ok, after_bad = 12, 3, 8, 2
+    _send(url, rows, before_ok, before_bad)
+    _wait_for(lambda: _stored(live)["requests"] == base["requests"] + before_ok + before_bad, "the first requests stored")
+
+    # Restart: the backend goes away (its workers shut down), a new one takes the router's traffic.
+    stop_backend(serving.router_config("fraud_slo")["champion"])
+    restarted = serving.deploy("fraud_slo", record["bento"], record["model_tag"], record["model_version"],
+                               int(url.rsplit(":", 1)[1]))
+    assert restarted["backend_pid"] != record["backend_pid"]
+    _send(url, rows, after_ok, after_bad)
+    total = before_ok + before_bad + after_ok + after_bad
+    _wait_for(lambda: _stored(live)["requests"] >= base["requests"] + total, f"{total} more stored requests")
+
+    ep = _slo(capsys)["endpoint"]
+    assert ep["requests"] - base["requests"] == total  # the restart reset nothing
+    assert ep["errors_4xx"] - base["errors_4xx"] == before_bad + after_bad
+    assert ep["rows"] - base["rows"] == (before_ok + after_ok) * len(rows)
+    assert ep["errors_5xx"] == 0 and ep["availability"] == 1.0
+    assert ep["window"]["replicas"] >= 2  # the workers of both backends wrote telemetry
+    assert ep["live"]["requests"] == after_ok + after_bad  # /metrics of the new backend saw only what came after
+
+
+def test_telemetry_survives_a_store_outage_without_double_counting(tmp_path: Path) -> None:
+    import prometheus_client as prom
+
+    from kiln import paths
+    from kiln.telemetry import list_telemetry_objects, load_telemetry, slis
+    from serving.predlog import PredictionShipper
+
+    root = tmp_path / "state"
+    root.mkdir()
+    shipper = PredictionShipper(str(root), "p", "r-1", spill_dir=tmp_path / "spill", start=False, retry_initial=0.0,
+                                registry=prom.CollectorRegistry())
+    assert shipper.flush() and list_telemetry_objects(str(root), "p") == []  # nothing counted: nothing written
+    blocker = root / paths.TELEMETRY
+    blocker.write_text("the store is down")  # a file where the telemetry folder must go: every write fails
+    shipper.telemetry.request(200, 0.004, rows=5)
+    shipper.telemetry.request(500, 0.2)
+    shipper.flush()  # fails: the object is kept, nothing raises
+    shipper.telemetry.request(404, 0.003, count=2)
+    shipper.flush()
+    blocker.unlink()
+    shipper.telemetry.request(200, 3.0, rows=1)
+    shipper.flush()
+    keys = list_telemetry_objects(str(root), "p")
+    assert len(keys) == 2  # the kept object under its own key, then everything counted since
+    got = slis(load_telemetry(str(root), "p", None, None))
+    assert (got["requests"], got["errors_4xx"], got["errors_5xx"], got["rows"]) == (5, 2, 1, 6)
+    assert got["availability"] == 0.8
+    shipper.close()
 
 
 def test_registry_indicators_rollback_rate_and_drift_to_champion(tmp_path: Path) -> None:
