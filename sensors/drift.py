@@ -59,7 +59,8 @@ def build(spec: PipelineSpec, retrain_job: Any) -> dg.SensorDefinition:
         observations = [drift_observation(d) for i, d in enumerate(decisions)
                         # A catch-up tick over many windows records the ones that acted and the latest, not every clean window.
                         if i == len(decisions) - 1 or d["action"] in ("retrain", "wait", "cooldown")]
-        new_cursor, request, decision = weigh_retrain(context, cursor, carried | (tick.cursor or {}), comparable, decisions, realized)
+        # the old cursor as the base: a tick with new labels but no new window keeps its window position and drift state
+        new_cursor, request, decision = weigh_retrain(context, cursor, cursor | (tick.cursor or {}), comparable, decisions, realized)
         context.update_cursor(json.dumps(new_cursor))
         if decision is not None:
             observations.append(dg.AssetObservation(asset_key=predictions_key, metadata={

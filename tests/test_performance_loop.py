@@ -135,7 +135,7 @@ def test_drift_without_new_labeled_rows_launches_no_retrain_and_says_why(world: 
 
 
 def test_new_labeled_rows_and_a_realized_drop_launch_one_retrain_that_trains_on_them(world: dict[str, Any]) -> None:
-    from kiln.windows import load_realized
+    from kiln.windows import WINDOW_CURSOR, load_realized
     from platform_defs.lifecycle import ingest, simulate
 
     spec, instance = world["spec"], world["instance"]
@@ -169,8 +169,12 @@ def test_new_labeled_rows_and_a_realized_drop_launch_one_retrain_that_trains_on_
     assert len(labeled) == 2 and all(w["estimated"] is not None for w in labeled)
     assert trend["reference"] == reference_auc and trend["labels"]["unmatched"] == 5
 
+    before = json.loads(world["cursor"])
     result = _tick(world)
     assert len(result.run_requests) == 1, result.skip_message
+    # a tick on new labels alone (no new window) keeps the cursor's window position and drift state
+    after = json.loads(world["cursor"])
+    assert after[WINDOW_CURSOR] == before[WINDOW_CURSOR] and after["state"] == before["state"]
     request = result.run_requests[0]
     assert request.tags["kiln/trigger"] == "realized_performance"
     assert "realized_performance" in request.tags["kiln/retrain_signals"].split(",")
