@@ -15,7 +15,7 @@ from typing import Any
 
 import dagster as dg
 
-from kiln import settings
+from kiln import paths, settings
 from kiln.process import pid_alive
 
 READY_TIMEOUT_S = 180.0
@@ -33,6 +33,10 @@ class ServingResource(dg.ConfigurableResource):
     host: str = "127.0.0.1"
     state_root: str
     bentoml_home: str
+    # Where the local processes' bookkeeping lives (endpoint record, router config, server logs, pids): always a local
+    # folder, as the processes it names run on this machine. Empty: the state root when it is a folder, else
+    # ``<KILN_HOME>/serving`` (an ``s3://`` state root holds the shared state, never pids or sockets).
+    local_root: str = ""
 
     def bentoml(self) -> Any:
         """Import bentoml bound to this profile's store.
@@ -50,8 +54,17 @@ class ServingResource(dg.ConfigurableResource):
 
         return bentoml
 
+    def bookkeeping_root(self) -> Path:
+        """The local folder above ``endpoints/<p>`` (see ``local_root``)."""
+        if self.local_root:
+            return Path(self.local_root)
+        if "://" in self.state_root:
+            return settings.kiln_home() / "serving"
+        return Path(self.state_root)
+
     def folder(self, pipeline: str) -> Path:
-        path = Path(self.state_root) / "endpoints" / pipeline
+        """The local bookkeeping folder of a pipeline's endpoint processes (created on first use)."""
+        path = self.bookkeeping_root() / paths.ENDPOINTS / pipeline
         path.mkdir(parents=True, exist_ok=True)
         return path
 

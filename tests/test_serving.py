@@ -425,3 +425,19 @@ def test_a_stopping_backend_ships_its_buffered_prediction_log(world: dict[str, A
     assert shipped["_model_version"].to_list() == [record["model_version"]] * 5
     np.testing.assert_allclose(shipped["_prediction"].to_numpy(), response.json()["predictions"], rtol=0, atol=0)
     assert shipped["txn_id"].cast(pl.String).to_list() == [str(r["txn_id"]) for r in rows]
+
+
+def test_endpoint_bookkeeping_stays_local_when_the_state_root_is_on_s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pids, router config and logs name processes on this machine: a local folder, never one named after ``s3://``."""
+    from resources.serving import ServingResource
+
+    monkeypatch.setenv("KILN_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    bento = str(tmp_path / "bentoml")
+    on_s3 = ServingResource(state_root="s3://bucket/state", bentoml_home=bento)
+    assert on_s3.folder("p") == tmp_path / "home" / "serving" / "endpoints" / "p" and on_s3.folder("p").is_dir()
+    assert on_s3.state("p") is None and not (tmp_path / "s3:").exists()
+    assert ServingResource(state_root="s3://bucket/state", bentoml_home=bento, local_root=str(tmp_path / "ops")).folder("p") == (
+        tmp_path / "ops" / "endpoints" / "p")
+    local = ServingResource(state_root=str(tmp_path / "state"), bentoml_home=bento)
+    assert local.folder("p") == tmp_path / "state" / "endpoints" / "p"  # a folder state root keeps its layout

@@ -169,7 +169,7 @@ def dagster_yaml(pg: Postgres) -> dict[str, Any]:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Run the end-to-end assertions before the fault tests (the integration items stay contiguous)."""
-    order = ("test_prod_profile.py", "test_faults.py")
+    order = ("test_prod_profile.py", "test_faults.py", "test_prod_loop.py")
     positions = [i for i, item in enumerate(items) if item.path.name in order and item.path.parent.name == "integration"]
     if not positions:
         return

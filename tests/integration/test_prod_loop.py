@@ -1,0 +1,226 @@
+"""The production loop in KILN_PROFILE=prod with every shared state on object storage (``KILN_STATE_ROOT=s3://...``, moto):
+
+serve (a local `bentoml serve` endpoint whose workers ship the prediction log as Parquet objects to S3) -> `<p>_observe`
+in its own process materializes drift windows -> `<p>_drift` evaluated in its own process, its cursor handed from one
+tick to the next as the daemon stores it -> `<p>_retrain` launched from the run request's tags -> the champion gate ->
+the new version answering over HTTP. Each process gets its own cwd, TMPDIR, KILN_HOME, DAGSTER_HOME (a copy of the
+instance config: the runs are in Postgres) and pipelines folder: nothing shared on local disk, only S3, Postgres and
+the MLflow server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import httpx
+import polars as pl
+import pytest
+import yaml
+
+from kiln.spec import spec_data
+from tests.conftest import FRAUD_SPEC, free_port
+from tests.integration.conftest import BUCKET, upload_sources
+
+NAME = "loop"
+STATE_PREFIX = "loop-state"
+DAYS = 3
+ROWS = 3000
+BATCH = 600  # rows per window: above drift.min_samples (500)
+
+# `<p>_observe` as a job run of its own, on the instance of DAGSTER_HOME (Postgres), the code rebuilt from the env.
+OBSERVE = """
+import json, sys
+import dagster as dg
+from kiln.spec import load_specs
+from platform_defs.definitions import build_definitions
+
+defs = build_definitions(load_specs(), "prod")
+with dg.DagsterInstance.get() as instance:
+    result = defs.resolve_job_def(sys.argv[1] + "_observe").execute_in_process(instance=instance, raise_on_error=False)
+    rows = [e.step_materialization_data.materialization.metadata["new_window_rows"].value
+            for e in result.get_asset_materialization_events() if e.asset_key.path[-1] == "predictions"]
+    print(json.dumps({"success": result.success, "run_id": result.run_id, "new_window_rows": rows}))
+"""
+
+# One tick of `<p>_drift`, as the sensor daemon evaluates it: the stored cursor in, the run request and new cursor out.
+TICK = """
+import json, sys
+import dagster as dg
+from kiln.spec import load_specs
+from platform_defs.definitions import build_definitions
+
+defs = build_definitions(load_specs(), "prod")
+sensor = next(s for s in defs.sensors if s.name == sys.argv[1] + "_drift")
+with dg.DagsterInstance.get() as instance:
+    context = dg.build_sensor_context(instance=instance, cursor=sys.argv[2] or None,
+                                      resources={"storage": defs.resources["storage"]})
+    result = sensor.evaluate_tick(context)
+print(json.dumps({"cursor": result.cursor, "skip": result.skip_message,
+                  "run_requests": [{"run_key": r.run_key, "tags": dict(r.tags)} for r in result.run_requests]}))
+"""
+
+
+def _keys(s3: Any, prefix: str) -> list[str]:
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def _process(work: Path, name: str, spec_file: Path, script: str, *args: str) -> dict[str, Any]:
+    """Run ``script`` in a fresh Python process with its own cwd, TMPDIR, KILN_HOME, DAGSTER_HOME and pipelines folder;
+    the JSON it prints last is its answer."""
+    own = work / name
+    for sub in ("tmp", "home", "dagster", "pipelines"):
+        (own / sub).mkdir(parents=True)
+    shutil.copy(Path(os.environ["DAGSTER_HOME"]) / "dagster.yaml", own / "dagster" / "dagster.yaml")
+    shutil.copy(spec_file, own / "pipelines" / spec_file.name)
+    repo = Path(__file__).resolve().parents[2]
+    env = os.environ | {"TMPDIR": str(own / "tmp"), "KILN_HOME": str(own / "home"), "DAGSTER_HOME": str(own / "dagster"),
+                        "KILN_PIPELINES_DIR": str(own / "pipelines"), "BENTOML_HOME": str(own / "home" / "bentoml"),
+                        "PYTHONPATH": str(repo)}
+    done = subprocess.run([sys.executable, "-c", script, *args], cwd=own, env=env, capture_output=True, text=True,
+                          timeout=600, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, f"{name} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert lines, f"{name} printed no answer:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    answer = json.loads(lines[-1])
+    # nothing of the state store was written on this process's local disk
+    assert not [p for p in own.rglob("*") if set(p.parts) & {"drift", "predictions", "reference", "s3:"}], own
+    return answer
+
+
+def _drifted(day: date, rows: int, seed: int) -> pl.DataFrame:
+    from platform_defs.simulators.fraud import generate_day
+
+    return generate_day(day, rows, seed, 1.0).sample(fraction=1.0, shuffle=True, seed=seed)
+
+
+def test_serve_observe_drift_retrain_gate_serve_with_the_state_root_on_s3(
+        services: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dagster as dg
+
+    from kiln.features import sample_rows
+    from kiln.spec import load_spec
+    from kiln.windows import WINDOW_CURSOR
+    from platform_defs.definitions import build_definitions
+    from platform_defs.lifecycle import ingest, retrain, simulate, source_partitions
+    from resources.serving import ServingResource
+    from tests.results import logged_rows, wait_for_flushed_log, wait_for_logged_rows
+
+    s3, instance = services["s3"], services["instance"]
+    state_root = f"s3://{BUCKET}/{STATE_PREFIX}"
+    monkeypatch.setenv("KILN_STATE_ROOT", state_root)
+    spec_dir = tmp_path / "pipelines"
+    spec_dir.mkdir()
+    data = spec_data(FRAUD_SPEC)
+    data["name"] = NAME
+    data["source"]["path"] = NAME
+    data["serving"].update(port=free_port(), workers=1)
+    data["trainer"]["params"]["num_boost_round"] = 60
+    data["drift"].update(min_samples=500, consecutive_windows=2, cooldown_minutes=60)
+    data["retrain"] = {"min_new_rows": 1000, "consecutive_windows": 2}
+    spec_file = spec_dir / f"{NAME}.yaml"
+    spec_file.write_text(yaml.safe_dump(data, sort_keys=False))
+    monkeypatch.setenv("KILN_PIPELINES_DIR", str(spec_dir))
+    spec = load_spec(spec_file)
+    defs = build_definitions([spec], "prod")
+    serving = ServingResource(state_root=state_root, bentoml_home=os.environ["BENTOML_HOME"])
+    bentoml = serving.bentoml()
+    bentos_before = {str(b.tag) for b in bentoml.bentos.list()}
+    models_before = {str(m.tag) for m in bentoml.models.list()}
+    local = tmp_path / "sim"
+    try:
+        # A champion trained on three days in S3, served by a local `bentoml serve` behind the router.
+        simulate(spec, local, DAYS, ROWS, seed=8, start=date(2026, 1, 1))
+        upload_sources(s3, local, f"sources/{NAME}")
+        assert all(r.success for r in ingest(defs, spec, source_partitions(spec, local), instance, progress=lambda _: None))
+        first = retrain(defs, spec, instance, progress=lambda _: None)
+        assert first.success
+        first_version = first.output_for_node(f"{NAME}__model")["version"]
+        record = serving.state(NAME)
+        assert record is not None and record["model_version"] == first_version
+        # the endpoint's process bookkeeping is local (under KILN_HOME), never a folder named after the s3:// root
+        assert serving.folder(NAME).is_relative_to(Path(os.environ["KILN_HOME"]))
+        assert not (Path.cwd() / "s3:").exists()
+        url = record["url"]
+
+        # Two new labeled days (drifted) arrive in the S3 source and are ingested: rows a retrain can learn from.
+        new_days = simulate(spec, local, 2, ROWS, drift=1.0, seed=9)
+        for path in new_days:
+            s3.upload_file(str(path), BUCKET, f"sources/{NAME}/{path.name}")
+        assert all(r.success for r in ingest(defs, spec, [p.stem for p in new_days], instance, progress=lambda _: None))
+
+        # Drifted traffic, two windows: logged as objects on S3, each observed and ticked in processes of their own.
+        traffic = _drifted(date(2026, 3, 1), 2 * BATCH, seed=21)
+        wait_for_flushed_log(url, NAME)  # the smoke check's rows are shipped before the first window
+        cursor, ticks = "", []
+        for i in range(0, traffic.height, BATCH):
+            logged = logged_rows(state_root, NAME)
+            response = httpx.post(f"{url}/predict", json={"rows": sample_rows(traffic.slice(i, BATCH), spec, n=BATCH)}, timeout=60)
+            assert response.status_code == 200, response.text
+            assert response.json()["model_version"] == first_version
+            wait_for_logged_rows(state_root, NAME, logged + BATCH)
+            observed = _process(tmp_path, f"observe-{i}", spec_file, OBSERVE, NAME)
+            assert observed["success"] and observed["new_window_rows"] and observed["new_window_rows"][0] >= BATCH, observed
+            tick = _process(tmp_path, f"tick-{i}", spec_file, TICK, NAME, cursor)
+            cursor = tick["cursor"] or cursor
+            ticks.append(tick)
+        assert not ticks[0]["run_requests"], ticks[0]  # one drifted window is not yet a streak of two
+        assert len(ticks[1]["run_requests"]) == 1, ticks[1]["skip"]
+        tags = ticks[1]["run_requests"][0]["tags"]
+        assert "drift" in tags["kiln/retrain_signals"].split(",")
+        assert tags["kiln/retrain_reason"].startswith("drift detected")
+
+        # The windows, decisions and log are objects on S3 (listed in moto), written by the endpoint and the processes.
+        stored = _keys(s3, f"{STATE_PREFIX}/")
+        for prefix in (f"predictions/{NAME}/", f"drift/{NAME}/windows/", f"drift/{NAME}/decisions/",
+                       f"drift/{NAME}/retrain_decisions/"):
+            assert any(k.startswith(f"{STATE_PREFIX}/{prefix}") for k in stored), (prefix, stored)
+        assert f"{STATE_PREFIX}/reference/{NAME}/reference.json" in stored
+        windows = sorted(k for k in stored if k.startswith(f"{STATE_PREFIX}/drift/{NAME}/windows/"))
+        decisions = [k for k in stored if k.startswith(f"{STATE_PREFIX}/drift/{NAME}/decisions/")]
+        assert len(windows) == 2 and len(decisions) == 2  # one window per observe run, one decision per tick
+        # each tick read exactly the window observed before it: the cursor crossed the processes
+        read = [json.loads(t["cursor"])[WINDOW_CURSOR] for t in ticks]
+        assert [Path(k).name.startswith(r) for k, r in zip(windows, read)] == [True, True], (windows, read)
+        from kiln.windows import last_retrain_decision
+
+        decision = last_retrain_decision(state_root, NAME)
+        assert decision is not None and decision["launch"] is True and decision["new_labeled_rows"] == 2 * ROWS
+        assert f"{2 * ROWS} new labeled rows" in decision["reason"] and decision["reason"].endswith("retrain launched")
+
+        # `<p>_retrain` launched from the request: trains on the new rows, passes the gate, the new version serves.
+        run = defs.resolve_job_def(f"{NAME}_retrain").execute_in_process(instance=instance, tags=tags, raise_on_error=False)
+        assert run.success
+        assert run.dagster_run.tags["kiln/trigger"] == tags["kiln/trigger"]
+        features = next(e for e in run.get_asset_materialization_events() if e.asset_key == dg.AssetKey([NAME, "features"]))
+        assert features.step_materialization_data.materialization.metadata["dagster/row_count"].value == (DAYS + 2) * ROWS
+        new_version = run.output_for_node(f"{NAME}__model")["version"]
+        assert new_version != first_version
+        gate = next(e for e in run.get_asset_materialization_events() if e.asset_key == dg.AssetKey([NAME, "champion"]))
+        gate_metadata = gate.step_materialization_data.materialization.metadata
+        assert gate_metadata["promoted"].value is True, gate_metadata["reason"].value
+        assert _champion(services) == new_version
+        rows = json.loads(s3.get_object(Bucket=BUCKET, Key=f"{STATE_PREFIX}/reference/{NAME}/sample_rows.json")["Body"].read())[:5]
+        answer = httpx.post(f"{url}/predict", json={"rows": rows}, timeout=30)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["model_version"] == new_version and len(answer.json()["predictions"]) == 5
+    finally:
+        serving.shutdown(NAME)
+        for tag in {str(b.tag) for b in bentoml.bentos.list()} - bentos_before:
+            bentoml.bentos.delete(tag)
+        for tag in {str(m.tag) for m in bentoml.models.list()} - models_before:
+            bentoml.models.delete(tag)
+
+
+def _champion(services: dict[str, Any]) -> str:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=services["mlflow"].url, registry_uri=services["mlflow"].url)
+    return str(client.get_model_version_by_alias(NAME, "champion").version)
