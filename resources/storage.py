@@ -166,12 +166,6 @@ class KilnStorage(dg.ConfigurableResource):
             return storage_path(relative_or_absolute)
         return storage_path(self.source_root) / relative_or_absolute
 
-    def state_dir(self, pipeline: str, kind: str) -> Path:
-        """A local folder for a pipeline's runtime state (endpoints, prediction logs, checkpoints)."""
-        path = Path(self.state_root) / kind / pipeline
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-
 
 def upload_file(local: Path, dest: UPath, sha256: str) -> None:
     """Copy a local file to ``dest`` in one PUT (readers never see half an object), its sha256 as object metadata."""

@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 import yaml
 
+from kiln.paths import checkpoints_dir
+from kiln.state import state_path
 from tests.conftest import REPO, free_port
 from tests.results import check_evaluation, materialization, served_matches_offline
 
@@ -115,7 +117,7 @@ def test_torch_model_trained_logged_registered_and_promoted(world: dict[str, Any
                                rtol=0, atol=1e-6)
     assert str(client.get_model_version_by_alias(PIPELINE, "champion").version) == model["version"]
     assert check_evaluation(result, "champion_gate").passed
-    checkpoints = world["storage"].state_dir(PIPELINE, "checkpoints")
+    checkpoints = state_path(world["storage"].state_root, checkpoints_dir(PIPELINE))
     assert not list(checkpoints.glob("*.pt")), "a registered model leaves no checkpoint behind"
 
 
@@ -171,7 +173,7 @@ def test_sigkill_mid_training_resumes_from_the_checkpoint(world: dict[str, Any],
     (spec_dir / f"{PIPELINE}.yaml").write_text(
         yaml.safe_dump(_spec_data(epochs=CRASH_EPOCHS, patience=CRASH_EPOCHS, batch_size=8, dropout=0.2, seed=11), sort_keys=False))
     spec = load_spec(spec_dir / f"{PIPELINE}.yaml")
-    checkpoints = world["storage"].state_dir(PIPELINE, "checkpoints")
+    checkpoints = state_path(world["storage"].state_root, checkpoints_dir(PIPELINE))
     for old in checkpoints.glob("*.pt"):
         old.unlink()
     code = ("import dagster as dg\n"
