@@ -70,6 +70,8 @@ def read_json(path: Any) -> Any | None:
         text = path.read_text()
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return None
+    except Exception as exc:  # an unreachable store: say which object, not only the client library's words
+        raise OSError(f"state store: could not read {path}: {type(exc).__name__}: {exc}") from exc
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
@@ -88,6 +90,8 @@ def list_keys(folder: Any, after: str | None = None) -> list[str]:
         entries = list(folder.iterdir())
     except (FileNotFoundError, NotADirectoryError):
         return []
+    except Exception as exc:  # an unreachable store: say which bucket and prefix, not only the client library's words
+        raise OSError(f"state store: could not list {folder}: {type(exc).__name__}: {exc}") from exc
     names = sorted({p.name for p in entries if p.name and not p.name.endswith(TMP_SUFFIX)})
     return [n for n in names if after is None or n > after]
 

@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -224,3 +225,234 @@ def _champion(services: dict[str, Any]) -> str:
 
     client = MlflowClient(tracking_uri=services["mlflow"].url, registry_uri=services["mlflow"].url)
     return str(client.get_model_version_by_alias(NAME, "champion").version)
+
+
+# ------------------------------------------------------------------------------------------ faults: S3 unreachable
+# The package's moto server also holds MLflow's artifacts and the other modules' state, so the outages below stop a
+# moto server of their own (own port, own bucket) that is the whole Kiln state store of one pipeline, `loopfault`:
+# its sources, IO-manager storage, state root and the endpoint's prediction log. MLflow stays on the package's server.
+
+FAULT = "loopfault"
+FAULT_BATCH = 150  # rows per request in the fault tests
+
+# `<p>_observe` as above, also printing each step failure's message (the failing run's text a person would read).
+OBSERVE_FAILURES = """
+import json, sys
+import dagster as dg
+from kiln.spec import load_specs
+from platform_defs.definitions import build_definitions
+
+defs = build_definitions(load_specs(), "prod")
+with dg.DagsterInstance.get() as instance:
+    result = defs.resolve_job_def(sys.argv[1] + "_observe").execute_in_process(instance=instance, raise_on_error=False)
+    rows = [e.step_materialization_data.materialization.metadata["new_window_rows"].value
+            for e in result.get_asset_materialization_events() if e.asset_key.path[-1] == "predictions"]
+    failures = [e.step_failure_data.error.to_string() for e in result.all_events
+                if e.is_step_failure and e.step_failure_data.error is not None]
+    print(json.dumps({"success": result.success, "new_window_rows": rows, "failures": failures}))
+"""
+
+
+class OwnS3:
+    """A moto S3 server on a fixed 127.0.0.1 port that a test stops and starts again (moto's buckets live on in this
+    process); stopping drops the server object so that its listening socket closes and connections are refused."""
+
+    def __init__(self) -> None:
+        import uuid
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.bucket = f"kiln-fault-{uuid.uuid4().hex[:10]}"
+        self.server: Any = None
+
+    def start(self) -> None:
+        import boto3
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+        client = boto3.client("s3", endpoint_url=self.url)
+        if self.bucket not in {b["Name"] for b in client.list_buckets()["Buckets"]}:
+            client.create_bucket(Bucket=self.bucket)
+
+    def stop(self) -> None:
+        """Stop the server and wait (bounded) until its port refuses connections: the store is really unreachable."""
+        import gc
+        import socket
+        import time
+
+        if self.server is None:
+            return
+        self.server.stop()
+        self.server = None
+        gc.collect()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    pass
+            except OSError:
+                return
+            assert time.monotonic() < deadline, f"moto on {self.url} still accepts connections after stop()"
+            time.sleep(0.1)
+
+
+def _metrics(url: str, pipeline: str) -> dict[str, float]:
+    """The endpoint's ``kiln_prediction_log_*`` series of ``pipeline`` (through the router's ``/metrics``), summed."""
+    import re
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    found: dict[str, float] = {}
+    for name, labels, value in re.findall(r"^(kiln_prediction_log_\w+)\{([^}]*)\} (\S+)$", text, flags=re.M):
+        if f'pipeline="{pipeline}"' in labels:
+            found[name] = found.get(name, 0.0) + float(value)
+    return found
+
+
+@pytest.fixture(scope="module")
+def fault_world(services: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """`loopfault` trained and served with every Kiln store on an S3 server of its own; yields what the tests need."""
+    from kiln.spec import load_spec
+    from platform_defs.definitions import build_definitions
+    from platform_defs.lifecycle import ingest, retrain, simulate
+    from resources.serving import ServingResource
+
+    own = OwnS3()
+    own.start()
+    work = tmp_path_factory.mktemp("fault")
+    state_root = f"s3://{own.bucket}/{STATE_PREFIX}"
+    spec_dir = work / "pipelines"
+    spec_dir.mkdir()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("KILN_S3_ENDPOINT_URL", own.url)
+        env.setenv("KILN_SOURCE_ROOT", f"s3://{own.bucket}/sources")
+        env.setenv("KILN_STORAGE_PREFIX", f"s3://{own.bucket}/storage")
+        env.setenv("KILN_STATE_ROOT", state_root)
+        env.setenv("KILN_PIPELINES_DIR", str(spec_dir))
+        data = spec_data(FRAUD_SPEC)
+        data["name"] = FAULT
+        data["source"]["path"] = FAULT
+        data["serving"].update(port=free_port(), workers=1)
+        data["trainer"]["params"]["num_boost_round"] = 30
+        spec_file = spec_dir / f"{FAULT}.yaml"
+        spec_file.write_text(yaml.safe_dump(data, sort_keys=False))
+        spec = load_spec(spec_file)
+        defs = build_definitions([spec], "prod")
+        serving = ServingResource(state_root=state_root, bentoml_home=os.environ["BENTOML_HOME"])
+        bentoml = serving.bentoml()
+        bentos_before = {str(b.tag) for b in bentoml.bentos.list()}
+        models_before = {str(m.tag) for m in bentoml.models.list()}
+        try:
+            import boto3
+
+            client = boto3.client("s3", endpoint_url=own.url)
+            local = work / "sim"
+            days = simulate(spec, local, 2, 1500, seed=31, start=date(2026, 1, 1))
+            for path in days:
+                client.upload_file(str(path), own.bucket, f"sources/{FAULT}/{path.name}")
+            instance = services["instance"]
+            assert all(r.success for r in ingest(defs, spec, [p.stem for p in days], instance, progress=lambda _: None))
+            assert retrain(defs, spec, instance, progress=lambda _: None).success
+            record = serving.state(FAULT)
+            assert record is not None
+            yield {"s3": own, "client": client, "state_root": state_root, "spec": spec, "spec_file": spec_file,
+                   "url": record["url"], "work": work}
+        finally:
+            serving.shutdown(FAULT)
+            for tag in {str(b.tag) for b in bentoml.bentos.list()} - bentos_before:
+                bentoml.bentos.delete(tag)
+            for tag in {str(m.tag) for m in bentoml.models.list()} - models_before:
+                bentoml.models.delete(tag)
+            own.stop()
+
+
+def _post(url: str, frame: pl.DataFrame, spec: Any) -> None:
+    from kiln.features import sample_rows
+
+    response = httpx.post(f"{url}/predict", json={"rows": sample_rows(frame, spec, n=frame.height)}, timeout=60)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["predictions"]) == frame.height
+
+
+def test_requests_while_s3_is_down_are_answered_and_their_log_rows_all_reach_s3_when_it_is_back(
+        fault_world: dict[str, Any]) -> None:
+    import time
+
+    from tests.results import logged_rows, wait_for_flushed_log
+
+    own, url, spec, root = fault_world["s3"], fault_world["url"], fault_world["spec"], fault_world["state_root"]
+    traffic = _drifted(date(2026, 3, 2), 6 * FAULT_BATCH, seed=41)
+    wait_for_flushed_log(url, FAULT)
+    _post(url, traffic.slice(0, FAULT_BATCH), spec)  # one request while S3 is up
+    wait_for_flushed_log(url, FAULT)
+    before = logged_rows(root, FAULT)
+    errors_before = _metrics(url, FAULT).get("kiln_prediction_log_flush_errors_total", 0.0)
+
+    own.stop()
+    try:
+        for i in range(1, 6):  # five requests while S3 is down: every one answered, from the loaded model
+            _post(url, traffic.slice(i * FAULT_BATCH, FAULT_BATCH), spec)
+        deadline = time.monotonic() + 60  # the shipper tried S3 and failed: the rows are spilled, not yet shipped
+        down = _metrics(url, FAULT)
+        while down.get("kiln_prediction_log_flush_errors_total", 0.0) <= errors_before \
+                or down.get("kiln_prediction_log_spilled_rows", 0.0) == 0:
+            assert time.monotonic() < deadline, f"no failed flush and spill while S3 was down: {down}"
+            time.sleep(0.2)
+            down = _metrics(url, FAULT)
+        assert down["kiln_prediction_log_flushed_rows_total"] == before, down  # nothing reached S3 meanwhile
+    finally:
+        own.start()
+
+    flushed = wait_for_flushed_log(url, FAULT, timeout_s=240)  # the backoff retries reach S3 again
+    sent_down = 5 * FAULT_BATCH
+    assert logged_rows(root, FAULT) == before + sent_down
+    after = _metrics(url, FAULT)
+    assert after["kiln_prediction_log_flushed_rows_total"] + after.get("kiln_prediction_log_dropped_rows_total", 0.0) \
+        == after["kiln_prediction_log_rows_total"], after
+    assert after.get("kiln_prediction_log_dropped_rows_total", 0.0) == 0, after
+    assert flushed == after["kiln_prediction_log_flushed_rows_total"]
+
+
+def test_observe_fails_naming_the_bucket_and_key_while_s3_is_down_and_then_makes_exactly_one_window(
+        fault_world: dict[str, Any]) -> None:
+    from urllib.parse import unquote
+
+    from kiln.windows import load_windows
+    from tests.results import logged_rows, wait_for_flushed_log
+
+    own, url, spec, root = fault_world["s3"], fault_world["url"], fault_world["spec"], fault_world["state_root"]
+    work, spec_file = fault_world["work"], fault_world["spec_file"]
+    wait_for_flushed_log(url, FAULT)
+    first = _process(work, "fault-observe-0", spec_file, OBSERVE_FAILURES, FAULT)  # everything logged so far: one window
+    assert first["success"] and first["failures"] == [], first
+    windows = load_windows(root, FAULT)
+    assert windows and sum(w["counts"]["n"] for w in windows) == logged_rows(root, FAULT)
+
+    new = 2 * FAULT_BATCH  # new log objects on S3
+    traffic = _drifted(date(2026, 3, 3), new, seed=43)
+    logged = logged_rows(root, FAULT)
+    _post(url, traffic.slice(0, FAULT_BATCH), spec)
+    _post(url, traffic.slice(FAULT_BATCH, FAULT_BATCH), spec)
+    wait_for_flushed_log(url, FAULT)
+    assert logged_rows(root, FAULT) == logged + new
+
+    own.stop()
+    try:
+        failed = _process(work, "fault-observe-down", spec_file, OBSERVE_FAILURES, FAULT)
+    finally:
+        own.start()
+    assert not failed["success"] and failed["failures"], failed
+    # the first read of the step (the listing of the windows) names the bucket and the prefix in the URL it could not
+    # reach (URL-encoded there: decoded before matching)
+    text = unquote("\n".join(failed["failures"]))
+    assert own.bucket in text, text
+    assert f"{own.bucket}?list-type=2&prefix={STATE_PREFIX}/drift/{FAULT}/windows/" in text, text
+    assert f"state store: could not list s3://{own.bucket}/{STATE_PREFIX}/drift/{FAULT}/windows" in text, text
+
+    again = _process(work, "fault-observe-back", spec_file, OBSERVE_FAILURES, FAULT)
+    assert again["success"] and again["new_window_rows"] == [new], again
+    after = load_windows(root, FAULT)
+    assert len(after) == len(windows) + 1, [w["window_id"] for w in after]
+    assert after[:-1] == windows  # the earlier windows untouched
+    assert after[-1]["counts"]["n"] == new and after[-1]["since"] == windows[-1]["until"]
+    assert sum(w["counts"]["n"] for w in after) == logged_rows(root, FAULT)  # no row in two windows, none in none
