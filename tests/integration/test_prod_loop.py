@@ -35,7 +35,8 @@ DAYS = 3
 ROWS = 3000
 BATCH = 600  # rows per window: above drift.min_samples (500)
 
-# `<p>_observe` as a job run of its own, on the instance of DAGSTER_HOME (Postgres), the code rebuilt from the env.
+# `<p>_observe` as a job run of its own, on the instance of DAGSTER_HOME (Postgres), the code rebuilt from the env;
+# it prints the new window's rows and each step failure's message (the failing run's text a person would read).
 OBSERVE = """
 import json, sys
 import dagster as dg
@@ -47,7 +48,9 @@ with dg.DagsterInstance.get() as instance:
     result = defs.resolve_job_def(sys.argv[1] + "_observe").execute_in_process(instance=instance, raise_on_error=False)
     rows = [e.step_materialization_data.materialization.metadata["new_window_rows"].value
             for e in result.get_asset_materialization_events() if e.asset_key.path[-1] == "predictions"]
-    print(json.dumps({"success": result.success, "run_id": result.run_id, "new_window_rows": rows}))
+    failures = [e.step_failure_data.error.to_string() for e in result.all_events
+                if e.is_step_failure and e.step_failure_data.error is not None]
+    print(json.dumps({"success": result.success, "run_id": result.run_id, "new_window_rows": rows, "failures": failures}))
 """
 
 # One tick of `<p>_drift`, as the sensor daemon evaluates it: the stored cursor in, the run request and new cursor out.
@@ -235,23 +238,6 @@ def _champion(services: dict[str, Any]) -> str:
 FAULT = "loopfault"
 FAULT_BATCH = 150  # rows per request in the fault tests
 
-# `<p>_observe` as above, also printing each step failure's message (the failing run's text a person would read).
-OBSERVE_FAILURES = """
-import json, sys
-import dagster as dg
-from kiln.spec import load_specs
-from platform_defs.definitions import build_definitions
-
-defs = build_definitions(load_specs(), "prod")
-with dg.DagsterInstance.get() as instance:
-    result = defs.resolve_job_def(sys.argv[1] + "_observe").execute_in_process(instance=instance, raise_on_error=False)
-    rows = [e.step_materialization_data.materialization.metadata["new_window_rows"].value
-            for e in result.get_asset_materialization_events() if e.asset_key.path[-1] == "predictions"]
-    failures = [e.step_failure_data.error.to_string() for e in result.all_events
-                if e.is_step_failure and e.step_failure_data.error is not None]
-    print(json.dumps({"success": result.success, "new_window_rows": rows, "failures": failures}))
-"""
-
 
 class OwnS3:
     """A moto S3 server on a fixed 127.0.0.1 port that a test stops and starts again (moto's buckets live on in this
@@ -423,7 +409,7 @@ def test_observe_fails_naming_the_bucket_and_key_while_s3_is_down_and_then_makes
     own, url, spec, root = fault_world["s3"], fault_world["url"], fault_world["spec"], fault_world["state_root"]
     work, spec_file = fault_world["work"], fault_world["spec_file"]
     wait_for_flushed_log(url, FAULT)
-    first = _process(work, "fault-observe-0", spec_file, OBSERVE_FAILURES, FAULT)  # everything logged so far: one window
+    first = _process(work, "fault-observe-0", spec_file, OBSERVE, FAULT)  # everything logged so far: one window
     assert first["success"] and first["failures"] == [], first
     windows = load_windows(root, FAULT)
     assert windows and sum(w["counts"]["n"] for w in windows) == logged_rows(root, FAULT)
@@ -438,7 +424,7 @@ def test_observe_fails_naming_the_bucket_and_key_while_s3_is_down_and_then_makes
 
     own.stop()
     try:
-        failed = _process(work, "fault-observe-down", spec_file, OBSERVE_FAILURES, FAULT)
+        failed = _process(work, "fault-observe-down", spec_file, OBSERVE, FAULT)
     finally:
         own.start()
     assert not failed["success"] and failed["failures"], failed
@@ -449,7 +435,7 @@ def test_observe_fails_naming_the_bucket_and_key_while_s3_is_down_and_then_makes
     assert f"{own.bucket}?list-type=2&prefix={STATE_PREFIX}/drift/{FAULT}/windows/" in text, text
     assert f"state store: could not list s3://{own.bucket}/{STATE_PREFIX}/drift/{FAULT}/windows" in text, text
 
-    again = _process(work, "fault-observe-back", spec_file, OBSERVE_FAILURES, FAULT)
+    again = _process(work, "fault-observe-back", spec_file, OBSERVE, FAULT)
     assert again["success"] and again["new_window_rows"] == [new], again
     after = load_windows(root, FAULT)
     assert len(after) == len(windows) + 1, [w["window_id"] for w in after]
