@@ -19,6 +19,7 @@ import dagster as dg
 from resources.mlflow import CHECKSUM_TAG, MlflowResource
 
 KILL_MARKER_ENV = "KILN_TEST_KILL_MARKER"
+PIPELINE_ENV = "KILN_TEST_PIPELINE"  # the pipeline of `pipeline_retrain` (its spec in KILN_PIPELINES_DIR)
 PAUSE_S = 180.0  # bounded: a step nobody kills fails after this
 
 
@@ -54,15 +55,24 @@ class PausingMlflowResource(MlflowResource):
 
 def fraud_retrain() -> dg.JobDefinition:
     """`fraud_retrain` of the prod Definitions (executor from ``KILN_EXECUTOR``), pausing for the kill when asked."""
+    return _retrain("fraud")
+
+
+def pipeline_retrain() -> dg.JobDefinition:
+    """`<p>_retrain` of the prod Definitions for the pipeline named by ``KILN_TEST_PIPELINE``."""
+    return _retrain(os.environ[PIPELINE_ENV])
+
+
+def _retrain(pipeline: str) -> dg.JobDefinition:
     from kiln.spec import load_specs
     from platform_defs.component import pipeline_definitions
     from platform_defs.profiles import executor, resources
 
-    specs = [s for s in load_specs() if s.name == "fraud"]
+    specs = [s for s in load_specs() if s.name == pipeline]
     prod = resources("prod")
     marker = os.environ.get(KILL_MARKER_ENV)
     if marker:
         prod["mlflow"] = PausingMlflowResource(tracking_uri=dg.EnvVar("MLFLOW_TRACKING_URI"), marker=marker)
     merged = dg.Definitions.merge(*[pipeline_definitions(s) for s in specs])
     defs = dg.Definitions.merge(merged, dg.Definitions(resources=prod, executor=executor("prod")))
-    return defs.resolve_job_def("fraud_retrain")
+    return defs.resolve_job_def(f"{pipeline}_retrain")

@@ -442,3 +442,114 @@ def test_observe_fails_naming_the_bucket_and_key_while_s3_is_down_and_then_makes
     assert after[:-1] == windows  # the earlier windows untouched
     assert after[-1]["counts"]["n"] == new and after[-1]["since"] == windows[-1]["until"]
     assert sum(w["counts"]["n"] for w in after) == logged_rows(root, FAULT)  # no row in two windows, none in none
+
+
+# ------------------------------------------------------------------ fault: a training step killed mid-checkpoint
+CKPT = "loopckpt"  # the breast_cancer torch pipeline under another name, its checkpoints on S3
+CKPT_STATE = "ckpt-state"
+KILL_AT_EPOCH = 3  # the step is killed once the checkpoint pointer on S3 names this epoch or a later one
+
+
+def _pointer(s3: Any) -> dict[str, Any] | None:
+    """The torch checkpoint pointer of `loopckpt` on S3 (``<stem>.latest.json``), or None before the first epoch."""
+    keys = [k for k in _keys(s3, f"{CKPT_STATE}/checkpoints/{CKPT}/") if k.endswith(".latest.json")]
+    if not keys:
+        return None
+    [key] = keys
+    body = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    return {"key": key, **json.loads(body)}
+
+
+def test_a_training_step_killed_mid_checkpoint_is_reexecuted_from_the_last_complete_checkpoint_on_s3(
+        services: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`<p>/model` of a torch pipeline runs in its own step process (the multiprocess executor, as a k8s step Job would)
+    with its checkpoints on S3. The process is SIGKILLed once the pointer names epoch >= KILL_AT_EPOCH, and an object of
+    the next epoch is left torn beside it (an upload cut off). Dagster's re-execution from failure runs the step in a
+    new process: it resumes from the pointed-to epoch (not from scratch, not from the torn object), registers the
+    version, and removes the checkpoints."""
+    import signal
+    import threading
+    import time
+
+    import dagster as dg
+    import psutil
+
+    from kiln.spec import load_spec
+    from platform_defs.definitions import build_definitions
+    from platform_defs.lifecycle import ingest, retrain, simulate
+    from tests.conftest import REPO
+    from tests.integration import prod_jobs
+
+    s3, instance = services["s3"], services["instance"]
+    monkeypatch.setenv("KILN_STATE_ROOT", f"s3://{BUCKET}/{CKPT_STATE}")
+    spec_dir = tmp_path / "pipelines"
+    spec_dir.mkdir()
+    monkeypatch.setenv("KILN_PIPELINES_DIR", str(spec_dir))
+    data = spec_data(REPO / "platform_defs" / "pipelines" / "breast_cancer" / "defs.yaml")
+    data["name"] = CKPT
+    data["source"]["path"] = CKPT
+    data["serving"]["port"] = free_port()
+    data["trainer"]["params"].update(epochs=400, patience=400)  # no early stop: the kill lands mid-training
+    spec_file = spec_dir / f"{CKPT}.yaml"
+    spec_file.write_text(yaml.safe_dump(data, sort_keys=False))
+    spec = load_spec(spec_file)
+    defs = build_definitions([spec], "prod")
+    local = tmp_path / "sim"
+    [snapshot] = simulate(spec, local, 1, 400, seed=9)
+    s3.upload_file(str(snapshot), BUCKET, f"sources/{CKPT}/{snapshot.name}")
+    assert all(r.success for r in ingest(defs, spec, [None], instance, progress=lambda _: None))
+    assert retrain(defs, spec, instance, progress=lambda _: None, stages=("features",)).success
+
+    monkeypatch.setenv("KILN_EXECUTOR", "multiprocess")  # the step in its own process, as in a k8s step Job
+    monkeypatch.setenv("KILN_STEP_RETRIES", "0")  # no in-run retry: recovery is the re-execution
+    monkeypatch.setenv(prod_jobs.PIPELINE_ENV, CKPT)
+    job = dg.reconstructable(prod_jobs.pipeline_retrain)
+    started = time.time()
+    killed: dict[str, Any] = {}
+
+    def kill_mid_training() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            pointer = _pointer(s3)
+            if pointer is not None and pointer["epoch"] >= KILL_AT_EPOCH:
+                break
+            time.sleep(0.05)
+        else:
+            return
+        # the step process: a child of this process spawned by the multiprocess executor during this run
+        steps = [c for c in psutil.Process().children() if c.create_time() >= started - 1
+                 and "spawn_main" in " ".join(c.cmdline())]
+        killed["candidates"] = [c.pid for c in steps]
+        if len(steps) == 1:
+            killed["pid"] = steps[0].pid
+            os.kill(steps[0].pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_mid_training, daemon=True)
+    killer.start()
+    failed = dg.execute_job(job, instance=instance, asset_selection=[dg.AssetKey([CKPT, "model"])])
+    killer.join(timeout=30)
+    assert "pid" in killed, f"the model step was not killed mid-training (candidates {killed.get('candidates')})"
+    assert not failed.success
+    [worker] = [e for e in failed.all_events if e.event_type_value == "STEP_WORKER_STARTED"]
+    assert worker.event_specific_data.metadata["pid"].value == str(killed["pid"])
+
+    last = _pointer(s3)  # the last complete checkpoint: what the pointer names now that its writer is dead
+    assert last is not None and KILL_AT_EPOCH <= last["epoch"] < 399, last
+    folder = last["key"].rsplit("/", 1)[0]
+    stem = last["key"].rsplit("/", 1)[1].removesuffix(".latest.json")
+    torn = f"{folder}/{stem}.epoch-{last['epoch'] + 1:06d}.pt"
+    s3.put_object(Bucket=BUCKET, Key=torn, Body=b"PK\x03\x04 cut off mid-upload")
+    assert s3.get_object(Bucket=BUCKET, Key=f"{folder}/{last['object']}")["ContentLength"] == last["bytes"]
+
+    again = dg.execute_job(job, instance=instance,
+                           reexecution_options=dg.ReexecutionOptions.from_failure(failed.run_id, instance))
+    assert again.success, [str(e.message) for e in again.all_events if e.is_failure]
+    [resumed] = [e.materialization for e in again.get_asset_materialization_events()
+                 if e.asset_key == dg.AssetKey([CKPT, "model"])]
+    assert resumed.metadata["training/resumed_from_epoch"].value == last["epoch"]
+    assert resumed.metadata["training/start_epoch"].value == last["epoch"] + 1
+    assert resumed.metadata["training/epochs_run"].value == 400 - last["epoch"] - 1
+    [step_start] = [e for e in again.all_events if e.event_type_value == "STEP_WORKER_STARTED"]
+    assert step_start.event_specific_data.metadata["pid"].value != str(killed["pid"])
+    # registered: the checkpoints (pointer, pointed-to object and the torn one) are gone from S3
+    assert _keys(s3, f"{CKPT_STATE}/checkpoints/{CKPT}/") == []
