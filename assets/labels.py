@@ -39,29 +39,32 @@ def build(spec: PipelineSpec) -> dg.AssetsDefinition:
 
         from assets.metadata import inline_png
         from kiln import paths
-        from kiln.labels import read_labels, realized_windows
+        from kiln.labels import read_labels, realized_in_lookback
         from kiln.reference import load_reference
-        from kiln.state import state_path, write_json
+        from kiln.state import read_json, state_path, write_json
         from kiln.windows import load_windows, read_log_since
 
         assert spec.labels is not None
         state_root = context.resources.storage.state_root
         folder = context.resources.storage.source_dir(spec.labels.path)
+        since = time.time() - spec.labels.lookback_days * 86400.0
         arrived = read_labels(folder, spec)
         calibration = (load_reference(state_root, spec.name) or {}).get("performance")
-        # Every stored window can still get labels, so the whole log is read (as the JSON-lines log was); a labels
-        # lookback would bound this to the objects since hour_cursor(now - lookback).
-        log = read_log_since(state_root, spec.name, 0.0, settle_s=0.0)
-        windows = load_windows(state_root, spec.name)  # every window can still get labels
+        # Only the log objects of the lookback are read (listed from its hour on), so the cost follows the lookback,
+        # not the log's age; windows that ended before it keep the realized numbers they had.
+        log = read_log_since(state_root, spec.name, since, settle_s=0.0)
+        windows = load_windows(state_root, spec.name)
         if arrived is None or calibration is None:
             why = "no label file yet" if arrived is None else "the champion has no score calibration (no estimate to compare)"
             context.log.info(f"{spec.name}/labels: {why}")
             return dg.Output(per_window_frame([], {}), metadata={"labels": 0 if arrived is None else arrived.height, "skipped": why})
         if log is None:
             log = pl.DataFrame(schema={spec.labels.key: pl.String, "_prediction": pl.Float64, "_logged_at": pl.Float64})
-        result = realized_windows(spec, log, arrived, windows, calibration)
+        realized_path = state_path(state_root, paths.realized_file(spec.name))
+        result = realized_in_lookback(spec, log, arrived, windows, calibration, since, read_json(realized_path))
+        result["lookback_days"] = spec.labels.lookback_days
         result["updated_at"] = time.time()
-        write_json(state_path(state_root, paths.realized_file(spec.name)), result)
+        write_json(realized_path, result)
         frame = per_window_frame(windows, result["windows"])
         metric = spec.retrain.metric
         metadata: dict[str, Any] = {

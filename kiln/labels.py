@@ -94,3 +94,18 @@ def realized_windows(spec: PipelineSpec, log: pl.DataFrame, labels: pl.DataFrame
         positives, negatives = labeled_histograms(calibration, rows[PREDICTION].to_numpy(), rows[label].to_numpy().astype(np.int64))
         out["windows"][window["window_id"]] = realized_performance(calibration, positives, negatives)
     return out
+
+
+def realized_in_lookback(spec: PipelineSpec, log: pl.DataFrame, labels: pl.DataFrame, windows: list[dict[str, Any]],
+                         calibration: dict[str, Any], since: float, earlier: dict[str, Any] | None) -> dict[str, Any]:
+    """:func:`realized_windows` over the labels' lookback: the logged rows after ``since`` (epoch seconds) and the
+    windows that end after it. A window that ended before it keeps what ``earlier`` (the last stored result) had for it;
+    a label of a prediction logged before ``since`` matches nothing and is counted as unmatched."""
+    import polars as pl
+
+    recent = [w for w in windows if w["until"] > since]
+    result = realized_windows(spec, log.filter(pl.col(LOGGED_AT) > since), labels, recent, calibration)
+    older = {w["window_id"] for w in windows} - {w["window_id"] for w in recent}
+    kept = {k: v for k, v in ((earlier or {}).get("windows") or {}).items() if k in older}
+    result["windows"] = {**kept, **result["windows"]}
+    return result

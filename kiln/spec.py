@@ -232,6 +232,10 @@ class LabelsSpec(_Strict):
     key: str = Field(description="the column that matches a logged prediction's key (a schema key column)")
     label: str = Field(description="the realized target")
     event_time: str = Field(description="when the label became known (datetime)")
+    lookback_days: float = Field(
+        default=30, gt=0,
+        description="how long a logged prediction can still get its label: `<p>/labels` reads the prediction log of "
+                    "this span only (a label of an older prediction counts as unmatched); older windows keep their realized numbers")
 
 
 RetrainSignal = Literal["drift", "estimated_performance", "realized_performance", "schedule"]
