@@ -21,7 +21,9 @@ Design
   Retries back off exponentially (``retry_initial`` doubling to ``retry_max`` seconds, jittered); the first retry that
   works ships the spilled objects oldest first, then new batches go straight to the store again. A retried object keeps
   its key, so a PUT that worked but whose answer was lost is not duplicated. Spill files survive a restart: a shipper on
-  the same ``spill_dir`` ships them and continues the seq.
+  the same ``spill_dir`` ships them and continues the seq. With ``adopt_dead=True`` (one shipper per worker process, its
+  folder named ``<replica>-<pid>``) a new worker also takes over the spill files of sibling folders whose process is gone
+  (:func:`adopt_dead_spills`), so a killed worker's spilled rows are shipped, under their own keys, by its successor.
 - **Drop policy: oldest first.** Spilled rows are bounded by ``max_spill_rows``: before a batch is spilled, the oldest spill
   files are deleted until it fits (a batch alone larger than the bound is dropped itself). Recent rows are the ones drift
   and performance windows still need; every dropped row is counted.
@@ -48,6 +50,7 @@ import io
 import logging
 import os
 import random
+import re
 import threading
 import time
 import weakref
@@ -152,6 +155,7 @@ class PredictionShipper:
         retry_max: float = 60.0,
         registry: Any = None,
         start: bool = True,
+        adopt_dead: bool = False,
     ) -> None:
         if not spill_dir:
             raise ValueError(f"prediction log of {pipeline!r}: a spill_dir is required (local disk for rows the store cannot take)")
@@ -189,6 +193,8 @@ class PredictionShipper:
         self._delay = retry_initial
         self._failing = False
         self._closed = False
+        if adopt_dead:
+            adopt_dead_spills(self.spill_dir)
         self._next_seq = self._recover()
         self.telemetry = TelemetryCounters()  # the worker's /predict answers, written as deltas by the flusher
         self._telemetry_prefix = telemetry_prefix(root, pipeline)
@@ -493,6 +499,8 @@ class PredictionShipper:
                 log.exception("prediction log of %s: spill file %s is unreadable; it is removed", self.pipeline, path)
                 path.unlink(missing_ok=True)
                 continue
+            while seq in self._spill:  # a file taken over from another worker may share a seq with one of ours
+                seq += 1
             self._spill[seq] = _Spilled(path, key, rows)
             floor = max(floor, seq + 1)
         self._spilled_rows.set(self.spilled_rows)
@@ -503,3 +511,46 @@ class PredictionShipper:
             except ValueError:
                 log.warning("prediction log of %s: %s is not a number; starting from the clock", self.pipeline, saved)
         return max(floor, int(time.time() * 1000))  # no state: epoch ms never repeats an earlier start's names
+
+
+def adopt_dead_spills(spill_dir: Path) -> int:
+    """Move the spill files of dead sibling workers into ``spill_dir`` (ours); returns how many files were taken.
+
+    Siblings are the folders beside ours named like it, ``<replica>-<pid>`` with the same ``<replica>`` (this host or
+    pod), whose pid no longer runs here. Each file keeps its bytes, so it is shipped under the key its writer gave it.
+    A rename is atomic: two workers starting at once never both take a file. An emptied folder is removed."""
+    match = re.fullmatch(r"(.+)-(\d+)", spill_dir.name)
+    if match is None or not spill_dir.parent.is_dir():
+        return 0
+    prefix, own_pid = match.group(1), int(match.group(2))
+    spill_dir.mkdir(parents=True, exist_ok=True)
+    taken = 0
+    for sibling in spill_dir.parent.iterdir():
+        found = re.fullmatch(re.escape(prefix) + r"-(\d+)", sibling.name)
+        if found is None or not sibling.is_dir() or int(found.group(1)) == own_pid or _alive(int(found.group(1))):
+            continue
+        for path in sorted(sibling.glob("*.parquet")):
+            try:
+                os.replace(path, spill_dir / f"{sibling.name}-{path.name}")
+                taken += 1
+            except OSError:  # another worker took it first, or it is being removed
+                continue
+        try:
+            for rest in sibling.iterdir():  # its seq file and unfinished writes
+                rest.unlink(missing_ok=True)
+            sibling.rmdir()
+        except OSError:
+            pass
+    if taken:
+        log.warning("prediction log: took over %d spill file(s) of dead workers beside %s", taken, spill_dir)
+    return taken
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -5,6 +5,7 @@ The S3 cases run against a real S3 API (moto's server on 127.0.0.1), stopped and
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -269,3 +270,46 @@ def test_a_restarted_shipper_continues_the_seq_and_ships_what_the_last_one_spill
 def test_a_shipper_refuses_a_replica_name_that_would_break_the_key(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="replica name 'pod/1'"):
         PredictionShipper(str(tmp_path), PIPELINE, "pod/1", spill_dir=tmp_path / "spill", registry=CollectorRegistry(), start=False)
+
+
+def test_a_new_worker_ships_what_a_killed_sibling_spilled_under_its_keys(s3: S3, tmp_path: Path) -> None:
+    """Workers log to ``<spill root>/<replica>-<pid>``; a worker whose process died leaves its spill files behind. A new
+    worker with ``adopt_dead=True`` takes them over and ships them under the dead worker's keys; a live sibling's
+    folder is left alone."""
+    import subprocess
+    import sys
+
+    from serving.predlog import adopt_dead_spills
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead_pid = int(done.stdout)  # exited: no process has this pid now
+    root = tmp_path / "spill"
+    dead = PredictionShipper(s3.root, PIPELINE, f"pod-a-{dead_pid}", spill_dir=root / f"pod-a-{dead_pid}",
+                             registry=CollectorRegistry(), flush_rows=10_000, flush_seconds=60.0, retry_initial=0.1,
+                             retry_max=0.5)  # S3 is down: what it flushes is spilled
+    dead.append(rows(0, 30, T0))
+    dead.flush()
+    dead.append(rows(30, 12, T0 + HOUR))
+    dead.flush()
+    assert dead.spilled_rows == 42
+    dead.close(timeout=1.0)
+    live = root / f"pod-a-{os.getppid()}"  # a running process: its folder is not taken
+    live.mkdir()
+    (live / "1.parquet").write_bytes(b"not ours")
+    other_host = root / f"pod-b-{dead_pid}"  # another replica's folder (another pod's name): not ours to take
+    other_host.mkdir()
+
+    registry = CollectorRegistry()
+    heir = PredictionShipper(s3.root, PIPELINE, f"pod-a-{os.getpid()}", spill_dir=root / f"pod-a-{os.getpid()}",
+                             registry=registry, flush_rows=10_000, flush_seconds=60.0, retry_initial=0.1, retry_max=0.5,
+                             adopt_dead=True)
+    assert heir.spilled_rows == 42 and not (root / f"pod-a-{dead_pid}").exists()
+    assert (live / "1.parquet").read_bytes() == b"not ours" and other_host.is_dir()
+    s3.start()
+    assert heir.flush()
+    heir.close()
+    keys = list_log_objects(s3.root, PIPELINE, None)
+    assert {parse_key(k)[2] for k in keys} == {f"pod-a-{dead_pid}"}  # shipped under the dead worker's own keys
+    assert sorted(read_log_objects(s3.root, PIPELINE, keys).get_column("id").to_list()) == list(range(42))
+    assert value(registry, "kiln_prediction_log_flushed_rows_total") == 42
+    assert adopt_dead_spills(root / f"pod-a-{os.getpid()}") == 0  # nothing left to take
