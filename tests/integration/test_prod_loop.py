@@ -481,6 +481,10 @@ def test_a_training_step_killed_mid_checkpoint_is_reexecuted_from_the_last_compl
     from tests.integration import prod_jobs
 
     s3, instance = services["s3"], services["instance"]
+    # the package's stores (a module fixture of the fault tests may have pointed the environment at its own S3)
+    monkeypatch.setenv("KILN_S3_ENDPOINT_URL", services["s3_url"])
+    monkeypatch.setenv("KILN_SOURCE_ROOT", f"s3://{BUCKET}/sources")
+    monkeypatch.setenv("KILN_STORAGE_PREFIX", f"s3://{BUCKET}/storage")
     monkeypatch.setenv("KILN_STATE_ROOT", f"s3://{BUCKET}/{CKPT_STATE}")
     spec_dir = tmp_path / "pipelines"
     spec_dir.mkdir()
@@ -576,7 +580,10 @@ def test_a_replica_killed_between_flushes_loses_at_most_its_last_flush_interval_
 
     url, spec, root = fault_world["url"], fault_world["spec"], fault_world["state_root"]
     flush_s = prediction_log_flush_seconds()
-    wait_for_flushed_log(url, FAULT)
+    # Steady state first: after the outages above the shipper may still be backing off (up to a minute between tries),
+    # and until one flush works, new rows wait in memory longer than a flush interval. One request shipped ends that.
+    _post(url, _drifted(date(2026, 3, 6), 20, seed=45), spec)
+    wait_for_flushed_log(url, FAULT, timeout_s=150)
     workers = {int(m.group(1)) for key in list_log_objects(root, FAULT)
                if (m := re.search(r"-(\d+)-\d+\.parquet$", key)) and psutil.pid_exists(int(m.group(1)))}
     assert len(workers) == 1, f"expected the one live worker among the log's replicas: {workers}"
@@ -607,14 +614,15 @@ def test_a_replica_killed_between_flushes_loses_at_most_its_last_flush_interval_
                     answered.update({r["txn_id"]: now for r in batch})
                 else:
                     failed.append(len(batch))
-                time.sleep(0.01)
+                time.sleep(0.1)  # a steady pace: the traffic before the kill spans many flush intervals
 
     sender = threading.Thread(target=client, daemon=True)
     sender.start()
     deadline = time.monotonic() + 60
-    while len(answered) < 600 and time.monotonic() < deadline:  # several flushes of this traffic have happened
+    while not answered and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert len(answered) >= 600, f"only {len(answered)} rows answered before the kill ({failed})"
+    time.sleep(8 * flush_s + 2)  # then traffic for several flush intervals
+    assert len(answered) >= 200, f"only {len(answered)} rows answered before the kill ({failed})"
     os.kill(worker, signal.SIGKILL)
     killed_at = time.monotonic()
     time.sleep(3)
@@ -645,10 +653,11 @@ def test_a_replica_killed_between_flushes_loses_at_most_its_last_flush_interval_
     logged = set(read_log_objects(root, FAULT, list_log_objects(root, FAULT))["txn_id"].to_list()) - before
     assert logged <= set(answered), "a row in the log that was never answered"
     lost = set(answered) - logged
-    assert 0 < len(lost) < len(answered) // 2, (len(lost), len(answered))  # the kill cost rows, but only its last ones
     bound = flush_s + 1.0  # one flush interval, plus one flush's time (a PUT to S3)
+    older = [t for t in answered if answered[t] < killed_at - bound]
+    assert len(older) >= 100, f"too little traffic before the last flush interval to tell: {len(older)} rows"
     too_old = [t for t in lost if answered[t] < killed_at - bound]
-    assert not too_old, f"{len(too_old)} lost rows were answered more than {bound}s before the kill"
+    assert not too_old, f"{len(too_old)} lost rows (of {len(lost)}) were answered more than {bound}s before the kill"
 
     series = _metrics(url, FAULT)
     counted = (series["kiln_prediction_log_rows_total"] - series["kiln_prediction_log_flushed_rows_total"]
