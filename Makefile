@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 LOCK := requirements.lock
 EXTRAS := dev,torch
 
-.PHONY: demo test lint typecheck install ui clean chromium lock
+.PHONY: demo test lint typecheck install ui clean chromium containers lock
 
 # The lock is a constraints file: pip installs exactly its versions of whatever pyproject.toml asks for.
 $(STAMP): pyproject.toml $(LOCK)
@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(BIN)/python -m pip install -q -c $(LOCK) -e ".[$(EXTRAS)]"
 	$(BIN)/python -m pip check
 	$(MAKE) chromium
+	$(MAKE) containers
 	touch $(STAMP)
 
 # Re-resolve pyproject.toml with all extras to the newest versions its ranges allow and rewrite the lock
@@ -31,6 +32,15 @@ chromium:
 	command -v chromium >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; }
+
+# The serving-image tools (`<p>/image`, KILN_ENDPOINT_TARGET=container, tests/integration/test_serving_image.py): Debian's
+# buildah builds, podman + runc run, mmdebstrap makes the base image; installed as chromium is (runc lives in /usr/sbin).
+CONTAINER_TOOLS := podman buildah runc mmdebstrap
+containers:
+	missing=$$(for t in $(CONTAINER_TOOLS); do PATH="$$PATH:/usr/sbin:/sbin" command -v $$t >/dev/null || echo $$t; done); \
+	[ -z "$$missing" ] || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(CONTAINER_TOOLS); }
 
 install: $(STAMP)
 

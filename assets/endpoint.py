@@ -53,6 +53,15 @@ def version_check(spec: PipelineSpec, state_root: str) -> Callable[[str, str], N
     return check
 
 
+def with_image(bento: dict[str, Any], image: dict[str, Any] | None) -> dict[str, Any]:
+    """The bento record plus ``image_ref``, the image `<p>/image` built for this bento (``<ref>`` or ``<ref>@<digest>``;
+    the release manifests reference it). No image (local target, or an image of another bento): the bento alone, and
+    the manifests name the image by convention (``resources.kubernetes.endpoint_image``)."""
+    if not image or not image.get("ref") or str(image.get("bento")) != str(bento["tag"]):
+        return bento
+    return bento | {"image_ref": str(image["ref"]), "image_id": image.get("id"), "image_digest": image.get("digest")}
+
+
 def build(spec: PipelineSpec, *, k8s_api: Callable[[], Any] | None = None,
           release_check: Callable[[str, str], None] | None = None) -> list[Any]:
     """The `<p>/endpoint` asset and its live smoke-test check.
@@ -71,7 +80,8 @@ def build(spec: PipelineSpec, *, k8s_api: Callable[[], Any] | None = None,
 
     @dg.asset(
         **asset_args(spec, "endpoint"),
-        ins={"bento": dg.AssetIn(key(spec.name, "bento"), input_manager_key="json_io_manager")},
+        ins={"bento": dg.AssetIn(key(spec.name, "bento"), input_manager_key="json_io_manager"),
+             "image": dg.AssetIn(key(spec.name, "image"), input_manager_key="json_io_manager")},
         io_manager_key="json_io_manager",
         kinds={"bentoml"},
         required_resource_keys={"serving", "storage", "mlflow"},
@@ -79,11 +89,12 @@ def build(spec: PipelineSpec, *, k8s_api: Callable[[], Any] | None = None,
         description="The served endpoint: URL, model version, bento, health (local: a `bentoml serve` process; prod: a "
                     "Kubernetes release, applied or written for GitOps).",
     )
-    def endpoint(context, bento: Any):
+    def endpoint(context, bento: Any, image: Any = None):
         from kiln.settings import current_profile
         from resources.mlflow import verify_checksum
 
         verify_checksum(context.resources.mlflow, spec.name, str(bento["model_version"]))  # refuse a changed artifact
+        bento = with_image(bento, image)
         # Prod: the release objects (versioned Deployments/Services, stable Service, HTTPRoute) applied through the
         # Kubernetes API (kubernetes) or only written (gitops); KILN_ENDPOINT_TARGET=local: `bentoml serve` below.
         # The release serves the champion only: this step has no challenger bento (canary/shadow need one).
@@ -111,13 +122,15 @@ def build(spec: PipelineSpec, *, k8s_api: Callable[[], Any] | None = None,
         serving: ServingResource = context.resources.serving
         record = serving.deploy(spec.name, bento["tag"], bento["model_tag"], bento["model_version"], spec.serving.port)
         record["healthy"] = healthy(record["url"])
+        # the image `<p>/image` built, else the bento itself (`bentoml serve`; serving/images.py flavors it)
+        record["image"] = bento.get("image_ref") or record["bento"]
         return dg.Output(
             record,
             metadata={
                 "url": dg.MetadataValue.url(record["url"]),
                 "model_version": record["model_version"],
                 "bento": record["bento"],
-                "image": record["bento"],  # locally the bento is the image definition (serving/images.py flavors it)
+                "image": record["image"],
                 "pid": record["pid"],
                 "healthy": record["healthy"],
                 "reused": record["reused"],

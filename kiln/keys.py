@@ -1,8 +1,8 @@
-"""The asset-key contract (ARCHITECTURE.md): every pipeline ``<p>`` has these eight assets."""
+"""The asset-key contract (ARCHITECTURE.md): every pipeline ``<p>`` has these nine assets."""
 
 from __future__ import annotations
 
-STAGES = ("raw", "validated", "features", "model", "champion", "bento", "endpoint", "predictions")
+STAGES = ("raw", "validated", "features", "model", "champion", "bento", "image", "endpoint", "predictions")
 EXTRA_STAGES = ("quarantine", "labels")  # beyond the contract: rejected rows with their reasons; delayed labels (spec labels:)
 
 

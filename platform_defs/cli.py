@@ -182,7 +182,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     prepare_local_env()
     spec = _spec(args.pipeline)
     defs = build_definitions([spec])
-    result = retrain(defs, spec, dg.DagsterInstance.get(), stages=("bento", "endpoint"))
+    result = retrain(defs, spec, dg.DagsterInstance.get(), stages=("bento", "image", "endpoint"))
     if not result.success:
         return 1
     state = _endpoint_state(spec)

@@ -14,9 +14,10 @@ from pathlib import Path
 import dagster as dg
 from pydantic import BaseModel, ConfigDict, Field
 
-from assets import bento, champion, endpoint, features, labels, model, predictions, raw, validated
+from assets import bento, champion, endpoint, features, image, labels, model, predictions, raw, validated
 from kiln.keys import key
 from kiln.spec import NAME_PATTERN, PipelineSpec, SpecError, pipeline_name_of
+from platform_defs.lifecycle import RETRAIN_STAGES
 from sensors import drift, new_data
 
 
@@ -31,6 +32,7 @@ def pipeline_definitions(spec: PipelineSpec) -> dg.Definitions:
         model.build(spec),
         champion.build(spec),
         bento.build(spec),
+        image.build(spec),
         endpoint_parts[0],
         predictions.build(spec),
         *([labels.build(spec)] if spec.labels is not None else []),
@@ -38,7 +40,7 @@ def pipeline_definitions(spec: PipelineSpec) -> dg.Definitions:
     checks = [*validated_parts[1:], *endpoint_parts[1:]]
     retrain_job = dg.define_asset_job(
         f"{spec.name}_retrain",
-        selection=dg.AssetSelection.assets(*[key(spec.name, s) for s in ("features", "model", "champion", "bento", "endpoint")]),
+        selection=dg.AssetSelection.assets(*[key(spec.name, s) for s in RETRAIN_STAGES]),
         description="Retrain, gate, package and roll the endpoint to the champion.",
         tags={"kiln/pipeline": spec.name, "kiln/retrain": spec.name},  # deploy/dagster.yaml: one retrain per pipeline
     )
@@ -111,7 +113,7 @@ def _scaffold_text(name: str, request: dg.ScaffoldRequest[KilnPipelineScaffoldPa
 class KilnPipeline(dg.Component):
     """One Kiln ML pipeline, from source files to a monitored endpoint; the attributes are the pipeline spec.
 
-    Builds the assets raw -> validated -> features -> model -> champion -> bento -> endpoint -> predictions (group
+    Builds the assets raw -> validated -> features -> model -> champion -> bento -> image -> endpoint -> predictions (group
     ``<name>``), their contract checks and champion gate, the new-data and drift sensors and the retrain job.
     The folder name is the pipeline name.
     """

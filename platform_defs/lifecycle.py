@@ -12,7 +12,7 @@ from typing import Any
 from kiln.spec import PipelineSpec
 
 Progress = Callable[[str], None]
-RETRAIN_STAGES = ("features", "model", "champion", "bento", "endpoint")
+RETRAIN_STAGES = ("features", "model", "champion", "bento", "image", "endpoint")
 SNAPSHOT_STEM = "snapshot"  # the one file `simulate` writes for an unpartitioned source
 
 
@@ -190,7 +190,7 @@ def ingest(defs: Any, spec: PipelineSpec, partitions: list[str] | list[str | Non
 
 def retrain(defs: Any, spec: PipelineSpec, instance: Any, progress: Progress = print, stages: tuple[str, ...] = RETRAIN_STAGES,
             log_level: str = "DEBUG") -> Any:
-    """Materialize features -> model -> champion -> bento -> endpoint (with their checks) in one run."""
+    """Materialize features -> model -> champion -> bento -> image -> endpoint (with their checks) in one run."""
     import dagster as dg
 
     selection = dg.AssetSelection.assets(*[[spec.name, s] for s in stages])

@@ -3,7 +3,7 @@
 The champion history is kept on MLflow model versions: `<p>/champion` tags each promoted version with
 ``kiln.previous_champion`` (the version it replaced). A rollback moves the alias, tags the restored version with who,
 why and from which version, records a `<p>/champion` materialization of the restored version (so Dagster's lineage
-shows it), and materializes `<p>/bento` and `<p>/endpoint` from it with their live smoke test.
+shows it), and materializes `<p>/bento`, `<p>/image` and `<p>/endpoint` from it with their live smoke test.
 """
 
 from __future__ import annotations
@@ -93,12 +93,12 @@ def rollback(spec: PipelineSpec, defs: Any, instance: Any, to: str | None = None
         return dg.Output(record, metadata={"version": version, "previous_version": str(current.version),
                                            "rolled_back_by": user, "rollback_reason": reason})
 
-    wanted = {dg.AssetKey(key(spec.name, s)) for s in ("bento", "endpoint")}
+    wanted = {dg.AssetKey(key(spec.name, s)) for s in ("bento", "image", "endpoint")}
     downstream = [a for a in defs.assets if wanted & set(a.keys)]
     checks = [c for c in defs.asset_checks if {k.asset_key for k in c.check_keys} <= wanted]
     result = dg.materialize(
         [champion, *downstream, *checks],
-        selection=dg.AssetSelection.assets(*[key(spec.name, s) for s in ("champion", "bento", "endpoint")]),
+        selection=dg.AssetSelection.assets(*[key(spec.name, s) for s in ("champion", "bento", "image", "endpoint")]),
         instance=instance,
         resources=defs.resources,
         raise_on_error=False,

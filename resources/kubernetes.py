@@ -184,8 +184,9 @@ def _version_selector(spec: PipelineSpec, version: Version) -> dict[str, str]:
 
 
 def release_images(spec: PipelineSpec, bentos: Mapping[Version, Mapping[str, Any]]) -> dict[Version, str]:
-    """The image of each version's bento record (``{"tag": ...}``), as :func:`endpoint_image` names it."""
-    return {str(version): endpoint_image(spec, str(bento["tag"])) for version, bento in bentos.items()}
+    """The image of each version's bento record: the ``image_ref`` `<p>/image` pushed (``<registry>/<name>:<tag>@<digest>``)
+    when the record carries one, else the name :func:`endpoint_image` gives its ``tag``."""
+    return {str(version): str(bento.get("image_ref") or endpoint_image(spec, str(bento["tag"]))) for version, bento in bentos.items()}
 
 
 def gateway_parents() -> list[dict[str, Any]] | None:
@@ -293,7 +294,7 @@ def endpoint_record(spec: PipelineSpec, bento: Mapping[str, Any], state_root: st
     """Prod `<p>/endpoint`: render the Deployment + Service for the bento's image, write them as YAML, return the record."""
     import yaml
 
-    image = endpoint_image(spec, str(bento["tag"]))
+    image = str(bento.get("image_ref") or endpoint_image(spec, str(bento["tag"])))
     manifests = [serialize(m) for m in endpoint_manifests(spec, image, model_version=str(bento["model_version"]))]
     path = state_path(state_root, paths.k8s_manifests_file(spec.name))
     path.parent.mkdir(parents=True, exist_ok=True)

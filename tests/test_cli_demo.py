@@ -81,7 +81,7 @@ def test_demo_prints_one_line_per_step_and_the_failing_rules(demo: dict[str, Any
     detail = "\n".join(lines[failed_at + 1: failed_at + 4])
     assert f"blocking: check {NAME}/validated:quality_contract failed" in detail
     assert re.search(r"amount: range  3 rows \(0\.2%\)  e\.g\. -50\.0, -50\.0, -50\.0", detail), detail
-    for stage in ("features", "model", "champion", "bento", "endpoint"):
+    for stage in ("features", "model", "champion", "bento", "image", "endpoint"):
         _step_line(out, "ok", stage)
     assert f"{NAME}: 1 of 2 partition(s) failed validation; training on the rest" in out
     assert re.search(rf"{NAME}: endpoint live at http://127\.0\.0\.1:\d+ serving model version 1", out)

@@ -25,7 +25,7 @@ from tests.conftest import REPO
 VENV_BIN = Path(sys.executable).parent
 DG = VENV_BIN / "dg"
 PIPELINES = ("breast_cancer", "fraud")
-STAGES = ["raw", "validated", "features", "model", "champion", "bento", "endpoint", "predictions"]
+STAGES = ["raw", "validated", "features", "model", "champion", "bento", "image", "endpoint", "predictions"]
 
 
 @pytest.fixture()

@@ -12,7 +12,7 @@ import dagster as dg
 from tests.conftest import REPO
 
 HEAVY = ["torch", "lightgbm", "mlflow", "bentoml", "great_expectations", "polars", "pandas", "numpy", "dagster_aws", "dagster_k8s"]
-STAGES = ["raw", "validated", "features", "model", "champion", "bento", "endpoint", "predictions"]
+STAGES = ["raw", "validated", "features", "model", "champion", "bento", "image", "endpoint", "predictions"]
 
 
 def _env() -> dict[str, str]:
@@ -39,7 +39,8 @@ def test_fraud_follows_the_asset_key_contract() -> None:
     assert upstream["model"] == {"features"}
     assert upstream["champion"] == {"model", "features"}
     assert upstream["bento"] == {"champion"}
-    assert upstream["endpoint"] == {"bento"}
+    assert upstream["image"] == {"bento"}
+    assert upstream["endpoint"] == {"bento", "image"}
     assert upstream["predictions"] == {"endpoint"}
     checks = {(c.asset_key.to_user_string(), c.name) for c in graph.asset_check_keys}
     assert {("fraud/raw", "schema_contract"), ("fraud/validated", "quality_contract"),

@@ -64,7 +64,8 @@ def test_every_step_of_every_real_pipeline_renders_a_valid_cpu_job(prod: None) -
     tags = k8s.step_tags(k8s.plan_definitions(specs))
     assert set(jobs) == set(tags)
     for spec in specs:
-        steps = {f"{spec.name}__{s}" for s in ("raw", "validated", "features", "model", "champion", "bento", "endpoint", "predictions")}
+        steps = {f"{spec.name}__{s}"
+                 for s in ("raw", "validated", "features", "model", "champion", "bento", "image", "endpoint", "predictions")}
         assert steps <= set(jobs), f"{spec.name}: missing step jobs {steps - set(jobs)}"
         model = _container(jobs[f"{spec.name}__model"])
         assert model["resources"]["limits"]["cpu"] == spec.trainer.resources.cpu

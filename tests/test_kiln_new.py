@@ -17,7 +17,7 @@ import yaml
 from platform_defs.cli import main
 from tests.conftest import REPO
 
-STAGES = ["raw", "validated", "features", "model", "champion", "bento", "endpoint", "predictions"]
+STAGES = ["raw", "validated", "features", "model", "champion", "bento", "image", "endpoint", "predictions"]
 
 
 @pytest.fixture()

@@ -21,7 +21,7 @@ import yaml
 
 from tests.conftest import REPO, free_port
 
-STAGES = ["raw", "validated", "features", "model", "champion", "bento", "endpoint", "predictions"]
+STAGES = ["raw", "validated", "features", "model", "champion", "bento", "image", "endpoint", "predictions"]
 BIN = Path(sys.executable).parent
 
 # Prints what the UI would show for the code location: asset keys with group and parents, checks, sensors, jobs.
@@ -79,7 +79,8 @@ def test_new_spec_file_adds_a_whole_pipeline(tmp_path: Path) -> None:
     assert parents["model"] == ["payments/features"]
     assert parents["champion"] == ["payments/features", "payments/model"]
     assert parents["bento"] == ["payments/champion"]
-    assert parents["endpoint"] == ["payments/bento"]
+    assert parents["image"] == ["payments/bento"]
+    assert sorted(parents["endpoint"]) == ["payments/bento", "payments/image"]
     assert parents["predictions"] == ["payments/endpoint"]
     assert not [k for k, a in found["assets"].items() if k.startswith("payments/") and any(p.startswith("fraud/") for p in a["parents"])]
 

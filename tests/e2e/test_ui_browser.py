@@ -25,9 +25,9 @@ from tests.conftest import FRAUD_SPEC, REPO, free_port
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
 ARTIFACTS = REPO / "test-artifacts"
-CONTRACT = ("raw", "validated", "features", "model", "champion", "bento", "endpoint", "predictions")
+CONTRACT = ("raw", "validated", "features", "model", "champion", "bento", "image", "endpoint", "predictions")
 EDGES = {("raw", "validated"), ("validated", "features"), ("features", "model"), ("model", "champion"), ("features", "champion"),
-         ("champion", "bento"), ("bento", "endpoint"), ("endpoint", "predictions")}
+         ("champion", "bento"), ("bento", "image"), ("image", "endpoint"), ("bento", "endpoint"), ("endpoint", "predictions")}
 PARTITION = "2026-01-01"
 STARTUP_S = 240
 RUN_S = 240
