@@ -178,7 +178,6 @@ def serve_until_ready(bento_tag: str, model_tag: str) -> None:
     scratch = Path(tempfile.mkdtemp(prefix="kiln-bare-serve-", dir="/tmp"))
     env = os.environ | {"KILN_MODEL_TAG": model_tag, "KILN_PREDICTION_LOG_ROOT": str(scratch / "state"),
                         "KILN_PREDICTION_LOG_SPILL_DIR": str(scratch / "spill"),
-                        "KILN_LANE_PORT": str(free_port()), "KILN_LANE_HOST": "127.0.0.1", "KILN_HANDOFF_DIR": str(scratch),
                         "KILN_WORKERS": str(os.cpu_count() or 1), "BENTOML_DO_NOT_TRACK": "True"}
     cmd = [sys.executable, "-m", "bentoml", "serve", bento_tag, "--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

@@ -200,13 +200,3 @@ def access_log() -> bool:
     """``KILN_ACCESS_LOG=1``: BentoML access logs on."""
     return env("KILN_ACCESS_LOG") == "1"
 
-
-def lane() -> tuple[str, int] | None:
-    """``KILN_LANE_HOST``/``KILN_LANE_PORT``: the router's private /predict lane into the workers (None: no lane)."""
-    port = env("KILN_LANE_PORT")
-    return (env("KILN_LANE_HOST", "127.0.0.1"), int(port)) if port else None
-
-
-def handoff_dir() -> str | None:
-    """``KILN_HANDOFF_DIR``: where a backend's workers take connections the router hands over (None: no handoff)."""
-    return env("KILN_HANDOFF_DIR") or None

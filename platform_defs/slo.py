@@ -58,9 +58,8 @@ def quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
 def endpoint_sli(text: str, path: str = PREDICT_PATH) -> dict[str, Any]:
     """Requests, availability (share of non-5xx answers) and p95 latency of ``path`` from a ``/metrics`` answer.
 
-    Kiln's ``kiln_requests_total{status}`` and ``kiln_request_duration_seconds`` count every ``/predict``, whichever
-    way it came (BentoML's route or the router's lane, see serving.service); BentoML's ``bentoml_service_request_*``
-    series, which see only the first, are read for an endpoint that has no Kiln series.
+    Kiln's ``kiln_requests_total{status}`` and ``kiln_request_duration_seconds`` count every ``/predict`` answer once
+    (serving.service); BentoML's ``bentoml_service_request_*`` series are read for an endpoint that has no Kiln series.
     """
     families = parse_metrics(text)
     total = errors = 0.0

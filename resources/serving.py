@@ -1,5 +1,7 @@
 """Local endpoints: a router on the public port (serving/router.py) in front of `bentoml serve` backends,
-rolled without downtime, with canary/shadow challengers; started, health-checked, replaced and stopped."""
+rolled without downtime, with canary/shadow challengers routed by :func:`kiln.release.route_table` (the table the
+Kubernetes HTTPRoute is rendered from); started, health-checked, replaced, judged from the backends' own ``/metrics``
+and stopped."""
 
 from __future__ import annotations
 
@@ -60,7 +62,11 @@ class ServingResource(dg.ConfigurableResource):
             return Path(self.local_root)
         if "://" in self.state_root:
             return settings.kiln_home() / "serving"
-        return Path(self.state_root)
+        from kiln.state import state_path
+
+        local = state_path(self.state_root, "")  # a folder root: the state store's local form is a plain Path
+        assert isinstance(local, Path), local
+        return local
 
     def folder(self, pipeline: str) -> Path:
         """The local bookkeeping folder of a pipeline's endpoint processes (created on first use)."""
@@ -136,7 +142,6 @@ class ServingResource(dg.ConfigurableResource):
             "router_pid": router_pid,
             "backend_pid": backend["pid"],
             "backend_url": backend["url"],
-            "backend_lane_url": backend.get("lane_url"),
             "bento": bento_tag,
             "model_tag": model_tag,
             "model_version": model_version,
@@ -156,22 +161,27 @@ class ServingResource(dg.ConfigurableResource):
         return PipelineSpec.from_json(self.bentoml().models.get(model_tag).info.metadata["kiln_spec"])
 
     def start_backend(self, pipeline: str, bento_tag: str, model_tag: str, model_version: str) -> dict[str, Any]:
-        """Start `bentoml serve` for a bento on a free internal port and wait until it is ready."""
+        """Start `bentoml serve` for a bento on a free internal port and wait until it is ready; with
+        ``KILN_ENDPOINT_TARGET=container``, run the bento's image (built by `<p>/image`) with podman instead."""
         spec = self.served_spec(model_tag)
         workers = spec.serving.workers or os.cpu_count() or 1
         port = free_port(self.host)
-        lane_port = free_port(self.host)
         url = f"http://{self.host}:{port}"
+        if settings.endpoint_target() == "container":
+            from resources import containers
+
+            try:
+                started = containers.serve_bento(pipeline, bento_tag, port, self.host, settings.api_key(),
+                                                 self.prediction_log_env(pipeline), READY_TIMEOUT_S)
+            except containers.ContainerError as exc:
+                raise EndpointError(str(exc)) from exc
+            return {"url": started["url"], "pid": None, "container": started["container"], "image": started["image"],
+                    "port": port, "version": model_version, "bento": bento_tag, "model_tag": model_tag,
+                    "log": f"podman logs {started['container']}", "workers": workers}
         log_path = self.folder(pipeline) / f"server-{port}.log"
-        # Where the workers take client connections from the router (serving.handoff): a short path (AF_UNIX limit).
-        handoff_base = "/tmp" if len(tempfile.gettempdir()) > 60 else tempfile.gettempdir()
-        sweep_handoff_dirs(handoff_base)
-        handoff_dir = tempfile.mkdtemp(prefix=HANDOFF_PREFIX, dir=handoff_base)
+        home = self.backend_home(pipeline, port)
         env = os.environ | {
-            "KILN_LANE_PORT": str(lane_port),  # the router's /predict lane into the workers (serving.service)
-            "KILN_HANDOFF_DIR": handoff_dir,
-            "KILN_LANE_HOST": self.host,
-            "BENTOML_HOME": self.bentoml_home,
+            "BENTOML_HOME": str(home),
             "KILN_MODEL_TAG": model_tag,
             **self.prediction_log_env(pipeline),
             "KILN_WORKERS": str(workers),
@@ -184,12 +194,24 @@ class ServingResource(dg.ConfigurableResource):
                 proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             self._wait_ready(pipeline, proc, url, log_path)
         except BaseException:
-            remove_handoff_dir(handoff_dir)
+            remove_backend_home(str(home))
             raise
-        # workers and max_batch_rows size the router's coalescing of /predict requests (serving.router.Coalescer)
-        return {"url": url, "lane_url": f"http://{self.host}:{lane_port}", "pid": proc.pid, "port": port, "version": model_version,
-                "bento": bento_tag, "model_tag": model_tag, "log": str(log_path), "workers": workers,
-                "max_batch_rows": spec.serving.max_batch_rows, "handoff_dir": handoff_dir}
+        return {"url": url, "pid": proc.pid, "port": port, "version": model_version, "bento": bento_tag, "model_tag": model_tag,
+                "log": str(log_path), "workers": workers, "bentoml_home": str(home)}
+
+    def backend_home(self, pipeline: str, port: int) -> Path:
+        """A ``BENTOML_HOME`` of the backend's own, ``<folder>/backends/bentoml-<port>``, with the store's ``models`` and
+        ``bentos`` linked in. BentoML keeps a server's Prometheus files under its home and empties that folder when a
+        server starts: with one home per backend, each backend's ``/metrics`` holds its own numbers, and a challenger
+        starting next to the champion does not wipe the champion's."""
+        home = self.folder(pipeline) / BACKEND_HOMES / f"{BACKEND_HOME_PREFIX}{port}"
+        remove_backend_home(str(home))  # a leftover of a backend that had this port before
+        home.mkdir(parents=True)
+        for sub in ("models", "bentos"):
+            shared = Path(self.bentoml_home) / sub
+            shared.mkdir(parents=True, exist_ok=True)
+            (home / sub).symlink_to(shared.resolve(), target_is_directory=True)
+        return home
 
     def _wait_ready(self, pipeline: str, proc: subprocess.Popen[bytes], url: str, log_path: Path, path: str = "/readyz") -> None:
         what = "the router" if "serving.router" in proc.args else "bentoml serve"  # type: ignore[operator]
@@ -226,7 +248,29 @@ class ServingResource(dg.ConfigurableResource):
         return {"pipeline": pipeline, "admin_token": secrets.token_hex(16), "champion": None, "challenger": None, "mode": "none",
                 "share": 0.0, "key_column": None, "arm_log": str(self.folder(pipeline) / "arms.jsonl")}
 
+    def routes(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The route table (:func:`kiln.release.route_table`) of a router config's champion, challenger, mode and share,
+        as the router reads it: served backends by role with weights of 100, and the mirror (shadow) target."""
+        from kiln.release import ReleaseError, route_table
+
+        champion, challenger = config.get("champion"), config.get("challenger")
+        if not champion:
+            return {"mode": "none", "backends": [], "mirror": None}
+        spec = self.served_spec(champion["model_tag"])
+        release = spec.serving.release.model_copy(update={"mode": config.get("mode") or "none",
+                                                          "challenger_share": float(config.get("share") or 0.0)})
+        spec = spec.model_copy(update={"serving": spec.serving.model_copy(update={"release": release})})
+        try:
+            table = route_table(spec, str(champion["version"]), str(challenger["version"]) if challenger else None)
+        except ReleaseError as exc:
+            raise EndpointError(str(exc)) from None
+        from serving.router import routes_config
+
+        return routes_config(table)
+
     def write_router_config(self, pipeline: str, config: dict[str, Any]) -> None:
+        """Write the router's config with its route table (atomically, readable by this user only)."""
+        config["routes"] = self.routes(config)
         path = self.router_config_path(pipeline)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(config, indent=2))
@@ -292,9 +336,13 @@ class ServingResource(dg.ConfigurableResource):
         return record
 
     def challenger_report(self, pipeline: str) -> dict[str, Any]:
-        """Live per-arm numbers from the router: requests, server errors, error rate, p50/p99 ms, mean score."""
+        """The router's state (routes, live per-arm counts) and ``versions``: each served version's numbers from its
+        backend's own ``/metrics`` (:func:`backend_numbers`: requests, server errors, error rate, p50/p99 ms, mean score)."""
         self.router_call(pipeline, "/_kiln/flush")
-        return self.router_call(pipeline, "/_kiln/state")
+        state = self.router_call(pipeline, "/_kiln/state")
+        state["versions"] = {str(u["version"]): backend_numbers(u["url"], str(u["version"]))
+                             for u in (state.get("champion"), state.get("challenger")) if u}
+        return state
 
     def promote_challenger(self, pipeline: str) -> dict[str, Any]:
         """The challenger becomes the served champion (zero downtime); the old champion is drained and stopped."""
@@ -310,8 +358,7 @@ class ServingResource(dg.ConfigurableResource):
             stop_backend(old)
         record = dict(self.state(pipeline) or {})
         record.pop("challenger", None)
-        record.update(backend_pid=challenger["pid"], backend_url=challenger["url"], backend_lane_url=challenger.get("lane_url"),
-                      bento=challenger["bento"],
+        record.update(backend_pid=challenger["pid"], backend_url=challenger["url"], bento=challenger["bento"],
                       model_tag=challenger["model_tag"], model_version=challenger["version"], log=challenger["log"],
                       started_at=time.time(), reused=False)
         self._write_record(pipeline, record)
@@ -337,14 +384,16 @@ class ServingResource(dg.ConfigurableResource):
 
         Aborts when its server-error rate exceeds ``max_error_rate`` or its p99 latency exceeds ``max_p99_ratio`` times the
         champion's; promotes when neither holds after ``min_requests``. (Model quality is the champion gate's job.)
+        The numbers are each version's own, from its backend's ``/metrics`` (``kiln_requests_total`` and
+        ``kiln_request_duration_seconds`` by ``model_version``): the same series a cluster's Prometheus scrapes.
         """
         state = self.challenger_report(pipeline)
         champion, challenger = state.get("champion"), state.get("challenger")
         if not challenger:
             return {"action": "none", "reason": "no challenger"}
-        arms = state["arms"]
-        ours = arms.get(f"challenger:{challenger['version']}", {})
-        theirs = arms.get(f"champion:{champion['version']}", {}) if champion else {}
+        versions = state["versions"]
+        ours = versions.get(str(challenger["version"]), {})
+        theirs = versions.get(str(champion["version"]), {}) if champion else {}
         decision: dict[str, Any] = {"challenger": ours, "champion": theirs}
         if ours.get("requests", 0) < min_requests:
             return decision | {"action": "wait", "reason": f"{ours.get('requests', 0)} of {min_requests} requests seen"}
@@ -433,48 +482,77 @@ def _reap(pid: int, wait_s: float = 0.0) -> None:
         time.sleep(0.05)
 
 
-HANDOFF_PREFIX = "kiln-h-"
+BACKEND_HOMES = "backends"
+BACKEND_HOME_PREFIX = "bentoml-"
 
 
 def stop_backend(upstream: dict[str, Any] | None) -> None:
-    """Stop a backend started by :meth:`ServingResource.start_backend` and remove its handoff folder."""
+    """Stop a backend started by :meth:`ServingResource.start_backend` and remove its own ``BENTOML_HOME``."""
     if upstream:
+        if upstream.get("container"):
+            from resources.containers import stop_container
+
+            stop_container(str(upstream["container"]))
         stop(upstream.get("pid"))
-        remove_handoff_dir(upstream.get("handoff_dir"))
+        remove_backend_home(upstream.get("bentoml_home"))
 
 
-def remove_handoff_dir(folder: str | None) -> None:
-    """Remove a backend's handoff folder (only one Kiln made: named ``kiln-h-*``); the sockets in it die with the backend."""
+def remove_backend_home(home: str | None) -> None:
+    """Remove a backend's own BentoML home (only one Kiln made: ``backends/bentoml-<port>``; the linked store stays)."""
     import shutil
 
-    if folder and os.path.basename(folder).startswith(HANDOFF_PREFIX) and not os.path.islink(folder):
-        shutil.rmtree(folder, ignore_errors=True)
+    if not home:
+        return
+    path = Path(home)
+    if path.name.startswith(BACKEND_HOME_PREFIX) and path.parent.name == BACKEND_HOMES and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)  # removes the links to models/ and bentos/, never what they point to
 
 
-def sweep_handoff_dirs(base: str, min_age_s: float = 600.0) -> list[str]:
-    """Remove the handoff folders of backends that are gone: every ``<pid>.sock`` in them names a dead process
-    (a stopped or killed ``bentoml serve`` leaves its folder behind). Folders younger than ``min_age_s`` are kept
-    (their workers may not have started yet), and so is anything that is not ours to remove."""
-    removed: list[str] = []
+def backend_numbers(url: str, version: str, timeout: float = 10.0) -> dict[str, Any]:
+    """One model version's numbers from a backend's own ``/metrics``: ``requests``, ``server_errors``,
+    ``client_errors``, ``error_rate``, ``rows``, ``mean_score`` and ``p50_ms``/``p99_ms`` (the upper edge of the
+    latency bucket the quantile falls in). Empty when the backend does not answer."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
     try:
-        names = [n for n in os.listdir(base) if n.startswith(HANDOFF_PREFIX)]
-    except OSError:
-        return removed
-    for name in names:
-        folder = os.path.join(base, name)
-        try:
-            if not os.path.isdir(folder) or os.path.islink(folder) or os.stat(folder).st_uid != os.getuid():
+        text = httpx.get(f"{url}/metrics", timeout=timeout).text
+    except httpx.HTTPError:
+        return {}
+    by_status: dict[int, float] = {}
+    buckets: dict[float, float] = {}
+    score_sum = score_count = rows = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.labels.get("model_version") != version:
                 continue
-            if time.time() - os.stat(folder).st_mtime < min_age_s:
-                continue
-            pids = [n.removesuffix(".sock") for n in os.listdir(folder)]
-        except OSError:
-            continue
-        if not all(p.isdigit() for p in pids) or any(pid_alive(int(p)) for p in pids):
-            continue
-        remove_handoff_dir(folder)
-        removed.append(folder)
-    return removed
+            if sample.name == "kiln_requests_total":
+                status = int(sample.labels.get("status", "0"))
+                by_status[status] = by_status.get(status, 0.0) + sample.value
+            elif sample.name == "kiln_request_duration_seconds_bucket":
+                edge = float(sample.labels["le"])
+                buckets[edge] = buckets.get(edge, 0.0) + sample.value
+            elif sample.name == "kiln_predicted_rows_total":
+                rows += sample.value
+            elif sample.name == "kiln_prediction_score_sum":
+                score_sum += sample.value
+            elif sample.name == "kiln_prediction_score_count":
+                score_count += sample.value
+    requests = int(sum(by_status.values()))
+    errors = int(sum(n for s, n in by_status.items() if s >= 500))
+    total = buckets.get(float("inf"), 0.0)
+
+    def quantile(q: float) -> float | None:
+        if not total:
+            return None
+        edge = next(e for e in sorted(buckets) if buckets[e] >= q * total)
+        return None if edge == float("inf") else edge * 1000
+
+    return {
+        "requests": requests, "server_errors": errors, "client_errors": int(sum(n for s, n in by_status.items() if 400 <= s < 500)),
+        "error_rate": errors / requests if requests else 0.0, "rows": int(rows),
+        "mean_score": score_sum / score_count if score_count else None, "p50_ms": quantile(0.5), "p99_ms": quantile(0.99),
+    }
 
 
 def tail(path: Path, lines: int = 30) -> str:

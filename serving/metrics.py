@@ -1,7 +1,9 @@
 """Kiln's own Prometheus series for an endpoint, next to BentoML's built-in ``bentoml_service_*`` ones at ``/metrics``.
 
-Created inside the server worker (after BentoML has set ``PROMETHEUS_MULTIPROC_DIR``), so every worker's
-counts reach the one ``/metrics`` answer. Names are listed in :mod:`serving.service`.
+Created inside each server process (after BentoML has set ``PROMETHEUS_MULTIPROC_DIR``), through prometheus_client's
+public API in its multiprocess mode, so every worker's counts reach the one ``/metrics`` answer: the front service's
+workers count ``/predict`` answers, the model service's workers count scored batches. Names are listed in
+:mod:`serving.service`.
 """
 
 from __future__ import annotations
@@ -37,17 +39,13 @@ class EndpointMetrics:
         ).labels(**self.values)
         self._status: dict[int, Any] = {}
 
-    def request(self, status: int, seconds: float, count: int = 1) -> None:
-        """``count`` requests answered ``status`` in ``seconds`` each (a combined request from the router counts for all
-        the client requests in it; 0 counts nothing)."""
-        if count < 1:
-            return
+    def request(self, status: int, seconds: float) -> None:
+        """One ``/predict`` request answered ``status`` in ``seconds``."""
         counter = self._status.get(status)
         if counter is None:
             counter = self._status[status] = self.requests.labels(**self.values, status=str(status))
-        counter.inc(count)
-        for _ in range(count):  # a combined request answered in `seconds` took that long for each request in it
-            self.latency.observe(seconds)
+        counter.inc()
+        self.latency.observe(seconds)
 
     def batch(self, requests: int, predictions: Any) -> None:
         """Record a scored batch: its requests, its rows and each of its scores."""

@@ -1,13 +1,17 @@
-"""Turn a `/predict` request body into typed rows, or a client error that names the field.
+"""Turn a `/predict` request body into typed rows, or a client error that names the field and the row.
 
 Two paths, one contract. Most requests are small (a few rows), and for them building polars series per column
 costs more than the checks themselves, so :func:`parse_request` first tries the *fast path*: orjson decodes the
 body and a checker generated once per spec validates the values of each column in plain Python, keeping them as
-typed lists that the batcher (:mod:`serving.batching`) turns into one frame per batch. Anything the fast path does
-not accept outright (a large request, any broken rule, any odd value) goes to the *full path*, which decides: keys
-are checked with set unions and ``map(len, ...)``, value types with ``set(map(type, ...))``, and null, range and
-category rules with polars expressions over the whole request, and its error names the field and the reason.
-So the fast path can only ever say yes; every no, and its message, comes from the full path.
+typed lists that the batcher (:mod:`serving.batching`) turns into one frame per batch (:func:`frame_of`). Anything
+the fast path does not accept outright (a large request, any broken rule, any odd value) goes to the *full path*,
+which decides: keys are checked with set unions and ``map(len, ...)``, value types with ``set(map(type, ...))``, and
+null, range and category rules with polars expressions over the whole request, and its error names the row, the field
+and the reason (``rows[3].amount: ...``). So the fast path can only ever say yes; every no, and its message, comes
+from the full path.
+
+:func:`row_model` is the same contract as a pydantic model (types, ranges, allowed values, string lengths): the typed
+``@bentoml.api`` of :mod:`serving.service` takes it, so ``/docs.json`` lists every input column with its limits.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import repeat
 from operator import itemgetter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from kiln.spec import ColumnSpec, PipelineSpec
 
@@ -53,8 +57,33 @@ class RequestError(ValueError):
         self.status = status
 
 
-def _reject_constant(token: str) -> float:
-    raise RequestError(f"body: {token} is not valid JSON (numbers must be finite)")
+class _NonFinite:
+    """A ``NaN``/``Infinity``/``-Infinity`` token the standard parser met: kept in place, so the error can name where."""
+
+    __slots__ = ("token",)
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+
+def _reject_non_finite(payload: Any) -> None:
+    """Raise for the first non-finite token, naming ``rows[i].column`` when it is a row's value (else the body)."""
+    rows = payload.get("rows") if isinstance(payload, dict) else None
+    if isinstance(rows, list):
+        for i, row in enumerate(rows):
+            if isinstance(row, dict):
+                for column, value in row.items():
+                    if isinstance(value, _NonFinite):
+                        raise RequestError(f"rows[{i}].{column}: {value.token} is not valid JSON (numbers must be finite)")
+    stack = [payload]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, _NonFinite):
+            raise RequestError(f"body: {value.token} is not valid JSON (numbers must be finite)")
+        if isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +93,6 @@ class Rows:
     count: int
     columns: dict[str, list[Any]] | None = None
     frame: pl.DataFrame | None = None
-    requests: int = 1  # client requests behind these rows (several when the router combined them)
 
 
 def parse_request(body: bytes, spec: PipelineSpec, max_rows: int, unknown_category: str = "reject") -> Rows:
@@ -93,11 +121,11 @@ def _decode(body: bytes) -> Any:
     except orjson.JSONDecodeError:
         pass  # big integers, 1e400, lone surrogates, deep nesting...: the standard parser decides and words the error
     try:
-        return json.loads(body, parse_constant=_reject_constant)
-    except RequestError:
-        raise
+        payload = json.loads(body, parse_constant=_NonFinite)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise RequestError(f"body: not valid JSON: {str(exc)[:200]}") from None
+    _reject_non_finite(payload)  # orjson refused the body: a NaN/Infinity token may be why
+    return payload
 
 
 def parse_body(body: bytes, spec: PipelineSpec, max_rows: int, unknown_category: str = "reject") -> pl.DataFrame:
@@ -127,18 +155,21 @@ def parse_rows(rows: Any, spec: PipelineSpec, max_rows: int, unknown_category: s
     if not rows:
         raise RequestError("rows: empty; send at least one row")
     if len(rows) > max_rows:
-        raise RequestError(f"rows: {len(rows)} rows exceed the limit of {max_rows}", status=413)
+        raise RequestError(f"rows: {len(rows)} rows exceed the limit of {max_rows} (serving.max_batch_rows)", status=413)
     if set(map(type, rows)) != {dict}:
-        raise RequestError("rows: every row must be an object of column: value")
+        i = next(i for i, row in enumerate(rows) if type(row) is not dict)
+        raise RequestError(f"rows[{i}]: every row must be an object of column: value, got {TYPE_NAMES.get(type(rows[i]), 'a value')}")
     expected = spec.input_columns
     seen = set().union(*rows)
     extra = sorted(map(str, seen.difference(expected)))
     if extra:
-        raise RequestError(f"rows: unknown column(s) {extra[:10]}; expected {expected}")
+        i = next(i for i, row in enumerate(rows) if not row.keys() <= set(expected))
+        raise RequestError(f"rows[{i}]: unknown column(s) {extra[:10]}; expected {expected}")
     width = len(expected)
     if min(map(len, rows)) != width:
         missing = sorted(c for c in expected if c not in seen) or [c for c in expected if not all(map(dict.__contains__, rows, repeat(c)))]
-        raise RequestError(f"rows: missing column(s) {missing}")
+        i = next(i for i, row in enumerate(rows) if len(row) != width)
+        raise RequestError(f"rows[{i}]: missing column(s) {missing}")
     columns: dict[str, Any] = {}
     for name in expected:
         col = spec.schema_[name]
@@ -146,8 +177,9 @@ def parse_rows(rows: Any, spec: PipelineSpec, max_rows: int, unknown_category: s
         types = set(map(type, values))
         wrong = types - ACCEPTED_TYPES[col.dtype]
         if wrong:
-            got = ", ".join(sorted(TYPE_NAMES.get(t, t.__name__) for t in wrong))
-            raise RequestError(f"{name}: expected {col.dtype}, got {got}")
+            i = next(i for i, v in enumerate(values) if type(v) in wrong)
+            got = TYPE_NAMES.get(type(values[i]), type(values[i]).__name__)
+            raise RequestError(f"rows[{i}].{name}: expected {col.dtype}, got {got}")
         nulls = values.count(None)
         if col.dtype in ("str", "datetime"):
             _text_errors(name, values, spec.serving.max_string_chars)
@@ -162,13 +194,34 @@ def parse_rows(rows: Any, spec: PipelineSpec, max_rows: int, unknown_category: s
             raise
         except (TypeError, ValueError, OverflowError, pl.exceptions.PolarsError) as exc:
             reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-            raise RequestError(f"{name}: expected {col.dtype}: {reason}") from None
+            raise RequestError(f"rows[{_unconvertible(values, col.dtype)}].{name}: expected {col.dtype}: {reason}") from None
         if series.null_count() != nulls:
-            raise RequestError(f"{name}: expected {col.dtype}: a value does not convert")
+            i = next((i for i, (v, s) in enumerate(zip(values, series.to_list())) if v is not None and s is None), 0)
+            raise RequestError(f"rows[{i}].{name}: expected {col.dtype}: {values[i]!r} does not convert")
         columns[name] = series
     frame = pl.DataFrame(columns)
     _check_rules(frame, spec, unknown_category)
     return frame
+
+
+def _unconvertible(values: list[Any], dtype: str) -> int:
+    """The index of the first value of a column that does not convert to ``dtype`` (0 when none is found alone)."""
+    for i, v in enumerate(values):
+        if v is None:
+            continue
+        if dtype == "int" and not INT64[0] <= v <= INT64[1]:
+            return i
+        if dtype == "float":
+            try:
+                float(v)
+            except (OverflowError, TypeError, ValueError):
+                return i
+        if dtype == "datetime":
+            try:
+                iso_datetime(v)
+            except (TypeError, ValueError):
+                return i
+    return 0
 
 
 def iso_datetime(text: str) -> datetime:
@@ -203,7 +256,7 @@ def _datetimes(name: str, values: list[Any]) -> pl.Series:
                 parsed.append(None if v is None else iso_datetime(v))
             except ValueError as exc:
                 if "outside the supported range" in str(exc):
-                    raise RequestError(f"{name}: row {i}: {exc}") from None
+                    raise RequestError(f"rows[{i}].{name}: {exc}") from None
                 raise polars_error from None
         return pl.Series(name, parsed, dtype=pl.Datetime("us"))
     if getattr(series.dtype, "time_zone", None):  # offsets become naive UTC, as on the fast path
@@ -211,7 +264,7 @@ def _datetimes(name: str, values: list[Any]) -> pl.Series:
     outside = ~series.is_between(MIN_TIMESTAMP, MAX_TIMESTAMP) & series.is_not_null()
     if outside.any():
         i = int(outside.arg_true()[0])
-        raise RequestError(f"{name}: row {i}: {values[i]!r} is outside the supported range of timestamps")
+        raise RequestError(f"rows[{i}].{name}: {values[i]!r} is outside the supported range of timestamps")
     return series
 
 
@@ -253,14 +306,15 @@ def _check_rules(frame: pl.DataFrame, spec: PipelineSpec, unknown_category: str)
     for (name, bad), flag in zip(found.items(), flags, strict=True):
         if bad:
             col = spec.schema_[name]
-            first = frame.filter(flag)[name][0]
+            i = int(frame.select(flag.arg_true().first()).item())
+            first = frame[name][i]
             rule = (
                 "must not be null" if first is None
                 else "must be a finite number" if isinstance(first, float) and not math.isfinite(first)
                 else f"is not an allowed category (one of {col.allowed})" if col.allowed is not None
                 else f"must be within [{_num(col.min, '-inf')}, {_num(col.max, 'inf')}]"
             )
-            raise RequestError(f"{name}: {bad} row(s) break the contract: {first!r} {rule}")
+            raise RequestError(f"rows[{i}].{name}: {first!r} {rule} ({bad} row(s) break the contract)")
 
 
 def _num(value: float | None, unbounded: str) -> str:
@@ -309,9 +363,9 @@ def _text_errors(name: str, values: list[Any], max_chars: int) -> None:
     for i, v in enumerate(values):
         if type(v) is str and (len(v) > max_chars or not (v.isascii() or _encodable(v))):
             if len(v) > max_chars:
-                raise RequestError(f"{name}: row {i}: text of {len(v)} characters exceeds the limit of {max_chars} "
+                raise RequestError(f"rows[{i}].{name}: text of {len(v)} characters exceeds the limit of {max_chars} "
                                    f"(serving.max_string_chars)")
-            raise RequestError(f"{name}: row {i}: not valid Unicode text (a lone surrogate)")
+            raise RequestError(f"rows[{i}].{name}: not valid Unicode text (a lone surrogate)")
 
 
 def _checker(col: ColumnSpec, reject_unknown: bool, max_chars: int) -> Callable[[list[Any]], list[Any] | None]:
@@ -424,3 +478,70 @@ def _schema(spec: PipelineSpec) -> dict[str, Any]:
         _SCHEMAS.clear()
     _SCHEMAS[id(spec)] = (spec, schema)
     return schema
+
+
+# ------------------------------------------------------------------------------------- the contract as a pydantic model
+def _model_name(spec: PipelineSpec) -> str:
+    return "".join(part[:1].upper() + part[1:] for part in spec.name.replace("-", "_").split("_") if part) + "Row"
+
+
+def row_model(spec: PipelineSpec) -> type[Any]:
+    """A pydantic model of one request row: every input column (by its name), typed, with its limits.
+
+    Numbers carry the spec's ``min``/``max``, categories their ``allowed`` values (``unknown_category: reject``), text
+    ``serving.max_string_chars``; datetimes are ISO 8601 text. It describes the contract (OpenAPI, typed clients);
+    :func:`parse_request` enforces it first, with the error messages a client gets."""
+    from pydantic import ConfigDict, Field, create_model
+
+    reject = spec.serving.unknown_category == "reject"
+    longest = spec.serving.max_string_chars
+    fields: dict[str, Any] = {}
+    for i, name in enumerate(spec.input_columns):
+        col = spec.schema_[name]
+        limits: dict[str, Any] = {}
+        kind: Any
+        if col.dtype in ("float", "int"):
+            kind = float if col.dtype == "float" else int
+            low, high = col.min, col.max
+            if col.dtype == "int":
+                low = INT64[0] if low is None else max(int(math.ceil(low)), INT64[0])
+                high = INT64[1] if high is None else min(int(math.floor(high)), INT64[1])
+            else:
+                limits["allow_inf_nan"] = False
+            if low is not None:
+                limits["ge"] = low
+            if high is not None:
+                limits["le"] = high
+        elif col.dtype == "bool":
+            kind = bool
+        elif col.allowed is not None and reject:
+            kind = Literal[tuple(col.allowed)]  # type: ignore[valid-type]
+        else:
+            kind = str
+            limits["max_length"] = longest
+            if col.dtype == "datetime":
+                limits["json_schema_extra"] = {"format": "date-time"}
+        if col.nullable:
+            kind = kind | None
+        described = f"{col.dtype}{', nullable' if col.nullable else ''}{', key' if col.key else ''}"
+        fields[f"c{i}"] = (kind, Field(alias=name, description=described, **limits))
+    return create_model(_model_name(spec), __config__=ConfigDict(extra="forbid", populate_by_name=False), **fields)  # type: ignore[call-overload,no-any-return]
+
+
+def example_row(spec: PipelineSpec) -> dict[str, Any]:
+    """One valid request row for the spec (a value inside every column's limits): what a worker scores once at start,
+    so that its first client does not pay for lazy initialisation."""
+    row: dict[str, Any] = {}
+    for name in spec.input_columns:
+        col = spec.schema_[name]
+        if col.dtype in ("float", "int"):
+            low = col.min if col.min is not None else (min(0.0, col.max) if col.max is not None else 0.0)
+            value = math.ceil(low) if col.dtype == "int" else float(low)
+            row[name] = value if col.max is None or value <= col.max else col.max
+        elif col.dtype == "bool":
+            row[name] = False
+        elif col.dtype == "datetime":
+            row[name] = "2000-01-01T00:00:00"
+        else:
+            row[name] = col.allowed[0] if col.allowed else "example"
+    return row

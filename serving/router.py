@@ -1,37 +1,32 @@
-"""The router: a small HTTP process (:mod:`serving.proxy` on uvloop) that owns an endpoint's public port.
+"""The local router: a thin aiohttp server that owns an endpoint's public port and forwards to `bentoml serve` backends.
 
-It proxies every request to the pipeline's current backend (a `bentoml serve` process on an internal
-port), so a deploy can start a new backend, switch the router to it and stop the old one without the
-public URL ever refusing a request (zero-downtime roll). With a challenger it runs a release:
+Locally the public port belongs to this router for good, so a deploy can start a new backend, switch the router to
+it and stop the old one without the public URL ever refusing a request (zero-downtime roll). It parses no HTTP itself:
+aiohttp's server takes the client requests and an ``aiohttp.ClientSession`` (a pooled, keep-alive client) sends them
+on. Where a request goes is the *route table* of :func:`kiln.release.route_table` (the same table the Kubernetes
+HTTPRoute is rendered from), written into the router's config by ``ServingResource``:
 
-- ``canary``: a stable, hash-based share of requests (hash of ``X-Kiln-Request-Key`` or of the first
-  row's key column) is served by the challenger;
-- ``shadow``: every ``/predict`` is mirrored to the challenger and its answer is logged, never served.
+- ``none``: the champion serves everything;
+- ``canary``: a stable share of ``POST /predict`` requests (the challenger's weight of 100; the share of a request is
+  a hash of its first row's key column, else of its body, :func:`share_of`) is served by the challenger;
+- ``shadow``: every ``POST /predict`` is also sent to the challenger (the mirror); its answer is counted and logged,
+  never served.
 
-Concurrent ``POST /predict`` requests to the same arm are *coalesced* (:class:`Coalescer`): while the backend is
-busy with one combined request, arrivals queue, and the next upstream request carries all their rows (up to the
-spec's ``serving.max_batch_rows``); each client gets its own slice of the predictions, answered exactly as the
-backend would answer it alone. The backend then parses, validates and scores one request per batch instead of one
-per client request, and the router makes one upstream round trip for many. If a combined request is refused (one
-client's rows are invalid) or fails, each of its requests is sent again on its own, so every client gets its own
-answer: a 4xx naming its own field, never a neighbour's.
+The router drops every ``X-Kiln-*`` header a client sends (internal headers are never a client's), passes the
+client's ``X-Request-ID`` on (or makes one) and logs each 5xx with it, and adds ``X-Kiln-Arm`` to every answer. The
+backends validate, authorize and count requests themselves (:mod:`serving.service`); per-version numbers for a release
+decision come from their own ``/metrics`` (``ServingResource.judge_challenger``). The router also keeps live counts
+per arm (requests, errors, latency, scores) for ``/_kiln/state`` and logs both arms' answers as JSON lines
+(``arm_log``).
 
-With one champion and no release running, a client's keep-alive connection is *handed over* to a champion worker once
-the router has answered its first ``POST /predict`` (:mod:`serving.handoff`): the worker answers the connection's
-later requests itself (a third less CPU per request than proxying them), and gives the connection back for anything
-that is the router's business. Every reload of the configuration first calls the handed connections back, and
-``/_kiln/reload`` answers once they are back, so a roll, canary, shadow or promotion routes every later request.
-
-Both arms are logged (arm, model version, status, latency, predictions) as JSON lines for the gate, and
-counted in memory for ``/_kiln/arms``. Configuration is a JSON file written by ``ServingResource``;
-``POST /_kiln/reload`` (loopback only, ``X-Kiln-Admin`` token from that file) makes the router re-read it.
-On SIGTERM the router stops the backends it fronts.
+Configuration is a JSON file written by ``ServingResource``; ``POST /_kiln/reload`` (loopback only, ``X-Kiln-Admin``
+token from that file) makes the router re-read it. Requests already sent to a backend finish there; ``/_kiln/state``
+says how many are still in flight per backend URL, so ``ServingResource.drain`` stops an old backend only once none
+is. On SIGTERM the router stops accepting, lets in-flight requests finish, and stops the backends it fronts.
 
 Series at the router's ``/metrics`` (appended to the champion backend's own): ``kiln_router_requests_total``
-``{arm, model_version, status}`` (the requests the router answered itself, not those on handed-over
-connections), ``kiln_router_request_duration_seconds{arm}``, and the coalescing counts
-``kiln_router_combined_requests_total{arm}`` (upstream requests that carried several client requests) and
-``kiln_router_coalesced_requests_total{arm}`` (client requests answered from them).
+``{arm, model_version, status}`` and ``kiln_router_request_duration_seconds{arm}`` (``/predict`` requests forwarded,
+mirrored ones included as arm ``challenger``).
 """
 
 from __future__ import annotations
@@ -40,26 +35,34 @@ import argparse
 import asyncio
 import hmac
 import json
+import logging
 import os
 import signal
 import time
+import uuid
 import zlib
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kiln import settings
 from kiln.process import pid_alive
-from serving.handoff import BackendChannels
-from serving.proxy import HOP_HEADERS, JSON_HEADERS, Request, Response, ServerProtocol, Upstream, close_idle
+from serving.requests import MAX_BODY_BYTES  # the backends' limit: a larger body gets 413 here, never reaches them
 
-PROTECTED = ("/predict", "/metadata")
+if TYPE_CHECKING:
+    from kiln.release import RouteTable
+
+log = logging.getLogger("kiln.router")
+
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 FLUSH_EVERY_S = 1.0
 FLUSH_ROWS = 200
 WARMUP_REQUESTS = 10
-RESCAN_S = 5.0  # how often to look for a champion's worker channels while it has none
-DEFAULT_BATCH_ROWS = 1000  # an upstream record without the spec's serving.max_batch_rows (written by an older Kiln)
+UPSTREAM_TIMEOUT_S = 60.0
+BODY_TIMEOUT_S = 20.0  # the longest wait for the rest of a request's announced body
+RETRIES = 3  # a connection refused or reset before any answer is retried on the (possibly new) upstream
+# Hop-by-hop headers (RFC 9110 7.6.1) and the ones aiohttp sets itself: never forwarded in either direction.
+HOP_HEADERS = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+                         "transfer-encoding", "upgrade", "host", "content-length"})
 
 
 def share_of(key: str) -> float:
@@ -67,18 +70,22 @@ def share_of(key: str) -> float:
     return zlib.crc32(key.encode("utf-8", "replace")) / 2**32
 
 
-def request_key(headers: dict[bytes, bytes], body: bytes, key_column: str | None) -> str:
-    """The request's routing key: ``X-Kiln-Request-Key``, else the first row's key column, else the body itself."""
-    given = headers.get(b"x-kiln-request-key")
-    if given:
-        return given.decode("latin-1")
+def request_key(body: bytes, key_column: str | None) -> str:
+    """The request's routing key: the first row's key column, else the body itself (its first 4 KB)."""
     if key_column:
         try:
-            rows = json.loads(body)["rows"]
+            import orjson
+
+            rows = orjson.loads(body)["rows"]
             return str(rows[0][key_column])
         except (ValueError, KeyError, IndexError, TypeError):
             pass
-    return body.decode("latin-1")
+    return body[:4096].decode("latin-1")
+
+
+def forwarded_headers(headers: Any) -> list[tuple[str, str]]:
+    """A client's request headers as sent to a backend: no hop-by-hop header and no ``X-Kiln-*`` header."""
+    return [(k, v) for k, v in headers.items() if k.lower() not in HOP_HEADERS and not k.lower().startswith("x-kiln-")]
 
 
 class ArmStats:
@@ -115,207 +122,226 @@ class ArmStats:
         }
 
 
-INTERNAL_HEADERS = frozenset({b"x-kiln-requests"})  # headers only the router sets towards its backends
+def routes_config(table: RouteTable) -> dict[str, Any]:
+    """A route table (:func:`kiln.release.route_table`) as the router's config holds it (JSON): served backends by role
+    with their weights of 100, and the mirror (shadow) target."""
+    return {
+        "mode": table.mode,
+        "backends": [{"role": b.role, "version": b.version, "name": b.name, "weight": b.weight} for b in table.backends],
+        "mirror": {"role": table.mirror.role, "version": table.mirror.version, "name": table.mirror.name} if table.mirror else None,
+    }
+
+
+class Upstream:
+    """Where one routed request goes: the arm and the backend record (``url``, ``version``, ...) of the config."""
+
+    def __init__(self, arm: str, record: dict[str, Any]) -> None:
+        self.arm = arm
+        self.record = record
+
+    @property
+    def url(self) -> str:
+        return str(self.record["url"])
+
+    @property
+    def version(self) -> str:
+        return str(self.record.get("version", ""))
+
+
+class Routes:
+    """The route table of the router's config: served arms with weights of 100 and the mirror (shadow) target."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        table = config.get("routes") or {}
+        self.mode = str(table.get("mode") or config.get("mode") or "none")
+        by_role = {"champion": config.get("champion"), "challenger": config.get("challenger")}
+        self.backends: list[tuple[Upstream, int]] = []
+        for backend in table.get("backends") or ([{"role": "champion", "weight": 100}] if by_role["champion"] else []):
+            record = by_role.get(backend["role"])
+            if record:
+                self.backends.append((Upstream(backend["role"], record), int(backend["weight"])))
+        mirror = table.get("mirror")
+        record = by_role.get(mirror["role"]) if mirror else None
+        self.mirror = Upstream(mirror["role"], record) if mirror and record else None
+        self.key_column = config.get("key_column")
+
+    def pick(self, request_path: str, method: str, body: bytes) -> Upstream | None:
+        """The upstream that serves a request: by weight for ``POST /predict`` (a stable key share), else the champion."""
+        if not self.backends:
+            return None
+        if len(self.backends) == 1 or request_path != "/predict" or method != "POST":
+            return next((u for u, _ in self.backends if u.arm == "champion"), self.backends[0][0])
+        point = share_of(request_key(body, self.key_column)) * 100
+        edge = 0.0
+        for upstream, weight in sorted(self.backends, key=lambda b: b[0].arm != "challenger"):  # challenger first
+            edge += weight
+            if point < edge:
+                return upstream
+        return self.backends[-1][0]
+
+
+class RouterMetrics:
+    """The router's own Prometheus series (one process, its own registry)."""
+
+    def __init__(self) -> None:
+        import prometheus_client as prom
+
+        self.registry = prom.CollectorRegistry()
+        self.requests = prom.Counter("kiln_router_requests", "Requests forwarded to /predict by arm", ["arm", "model_version", "status"],
+                                     registry=self.registry)
+        self.latency = prom.Histogram("kiln_router_request_duration_seconds", "Upstream /predict time by arm", ["arm"],
+                                      registry=self.registry,
+                                      buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
+
+    def observe(self, arm: str, version: str, status: int, seconds: float) -> None:
+        self.requests.labels(arm, version, str(status)).inc()
+        self.latency.labels(arm).observe(seconds)
+
+    def render(self) -> bytes:
+        import prometheus_client as prom
+
+        return bytes(prom.generate_latest(self.registry))
 
 
 class Router:
-    """Routes requests to the arms' backends. ``config_path`` holds the upstreams and release settings (see ``ServingResource``)."""
+    """Routes requests to the arms' backends. ``config_path`` holds the upstreams and route table (see ``ServingResource``)."""
 
     def __init__(self, config_path: Path) -> None:
         self.config_path = config_path
         self.config: dict[str, Any] = {}
+        self.routes = Routes({})
         self.generation = 0
-        self.upstreams: dict[str, Upstream] = {}
         self.in_flight: dict[str, int] = {}
         self.arms: dict[str, ArmStats] = {}
         self.buffer: list[str] = []
         self.last_flush = time.monotonic()
         self.tasks: set[asyncio.Task[Any]] = set()
-        self.metrics: RouterMetrics | None = None
-        self.coalescers: dict[str, Coalescer] = {}
-        self.connections: set[ServerProtocol] = set()
-        self.handoff: BackendChannels | None = None  # the champion's workers, while connections are handed to them
-        self.recalling: dict[str, BackendChannels] = {}  # backends giving their connections back (by url)
-        self._rescan_at = 0.0
+        self.metrics = RouterMetrics()
+        self.session: Any = None  # aiohttp.ClientSession, opened in serve()
+        self.max_body = MAX_BODY_BYTES
+        self.stopping: asyncio.Event | None = None  # set by SIGTERM/SIGINT (or stop()): serve() winds down
         self.load()
 
     # configuration -------------------------------------------------------------------------------------------
     def load(self) -> None:
+        """Re-read the config file; later requests follow the new route table, requests in flight finish where they are."""
         self.flush()
-        self.recall()
         before = self._arm_upstreams()
-        self.config = json.loads(self.config_path.read_text())
+        config = json.loads(self.config_path.read_text())
+        routes = Routes(config)
+        self.config, self.routes = config, routes
         self.generation += 1
         after = self._arm_upstreams()
         # An arm's live numbers belong to one backend: a new backend (even of the same version) starts from zero.
         self.arms = {k: v for k, v in self.arms.items() if k in after and before.get(k) == after[k]}
-        live = {u.get(k) for arm in ("champion", "challenger") if (u := self.config.get(arm)) for k in ("url", "lane_url")}
-        for url in [u for u in self.upstreams if u not in live]:  # in-flight requests keep their connection; idle ones go
-            self.upstreams.pop(url).close()
-
-    # connection handoff (serving.handoff) -------------------------------------------------------------------------
-    def recall(self) -> None:
-        """Ask the champion's workers for the connections handed to them (before the routing changes)."""
-        if self.handoff is not None:
-            url = str((self.config.get("champion") or {}).get("url", ""))
-            self.handoff.recall()
-            if not self.handoff.recalled.is_set():
-                self.recalling[url] = self.handoff
-            self.handoff = None
-
-    async def recalled(self, timeout: float = 10.0) -> None:
-        """Wait (bounded) until every recalled connection is back with the router."""
-        deadline = time.monotonic() + timeout
-        for url, channels in list(self.recalling.items()):
-            try:
-                await asyncio.wait_for(channels.recalled.wait(), max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
-                pass
-            channels.close()
-            self.recalling.pop(url, None)
-
-    def hand_over(self, protocol: ServerProtocol, request: Request, response: Response) -> bool:
-        """After a connection's ``POST /predict`` is answered: with one champion and nothing else to route (no canary, no
-        shadow), hand the client's connection to a champion worker, which answers its next requests itself."""
-        if request.path != "/predict" or response.status != 200 or self.config.get("challenger"):
-            return False
-        champion = self.config.get("champion") or {}
-        folder = champion.get("handoff_dir")
-        if not folder:
-            return False
-        now = time.monotonic()
-        if self.handoff is None or self.handoff.folder != folder or (not self.handoff.channels and now > self._rescan_at):
-            if self.handoff is not None:
-                self.handoff.close()
-            self.handoff = BackendChannels(folder, asyncio.get_running_loop(), self.adopt)
-            self._rescan_at = now + RESCAN_S  # workers without channels (yet): look again later, not per request
-        return bool(self.handoff.channels) and protocol.detach(self.handoff.hand)
-
-    def adopt(self, sock: Any, prefix: bytes) -> None:
-        """A connection given back by a worker: served here from now on, starting with the request it carried back."""
-        loop = asyncio.get_running_loop()
-        task = loop.create_task(loop.connect_accepted_socket(
-            lambda: ServerProtocol(self.handle, self.connections, prefix=prefix, after=self.hand_over), sock))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
 
     def _arm_upstreams(self) -> dict[str, str]:
         return {f"{arm}:{u['version']}": u["url"] for arm in ("champion", "challenger") if (u := self.config.get(arm))}
 
-    def api_key(self) -> str | None:
-        return settings.api_key()
-
-    def upstream(self, url: str) -> Upstream:
-        pool = self.upstreams.get(url)
-        if pool is None:
-            pool = self.upstreams[url] = Upstream(url)
-        return pool
-
     # requests ------------------------------------------------------------------------------------------------
-    async def handle(self, request: Request) -> Response:
+    async def handle(self, request: Any) -> Any:
         """Answer one request: health, admin and metrics here, everything else from an arm's backend."""
-        if any(name in INTERNAL_HEADERS for name, _ in request.raw_headers):
-            # set only by the router itself (the coalescer's request count): a client's copy is dropped, never trusted
-            kept = [(name, value) for name, value in request.raw_headers if name not in INTERNAL_HEADERS]
-            request = Request(request.method, request.path, request.query, dict(kept), kept, request.body, request.client)
+        from aiohttp import web
+
         path = request.path
         if path == "/livez":
-            return Response(200, JSON_HEADERS, b'{"status":"ok","router":true}')
+            return web.json_response({"status": "ok", "router": True})
         if path.startswith("/_kiln/"):
-            response = self._admin(request)
-            if path == "/_kiln/reload" and response.status == 200:
-                await self.recalled()  # answered once no client connection is left with a backend routed away from
-            return response
-        if path in PROTECTED and not self._authorized(request.headers):
-            return Response(401, JSON_HEADERS, b'{"error":"unauthorized: send the API key as \'Authorization: Bearer <key>\'"}')
+            return await self._admin(request)
         if path == "/metrics":
-            return await self._metrics(request)
-        arm = "champion"
-        challenger = self.config.get("challenger")
-        if challenger and path == "/predict" and request.method == "POST":
-            mode = self.config.get("mode", "none")
-            if mode == "canary":
-                if share_of(request_key(request.headers, request.body, self.config.get("key_column"))) < self.config.get("share", 0):
-                    arm = "challenger"
-            elif mode == "shadow":
-                task = asyncio.get_running_loop().create_task(self._mirror(request))
-                self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
-        if path == "/predict" and request.method == "POST":
-            response = await self._predict(arm, request)
-        else:
-            response = await self._forward(arm, request)
-        response.headers.append((b"x-kiln-arm", arm.encode()))
+            return await self._metrics()
+        refused = self._refuse_before_reading(request)
+        if refused is not None:
+            return refused
+        try:
+            body = await asyncio.wait_for(request.read(), BODY_TIMEOUT_S)
+        except TimeoutError:  # a client that announced more than it sends: answer and close, never hold the connection
+            response = web.json_response({"error": f"body: not received within {BODY_TIMEOUT_S:.0f}s "
+                                                   f"(Content-Length {request.content_length})"}, status=408)
+            response.force_close()
+            return response
+        rid = request.headers.get("X-Request-ID") or uuid.uuid4().hex
+        headers = [*((k, v) for k, v in forwarded_headers(request.headers) if k.lower() != "x-request-id"), ("X-Request-ID", rid)]
+        upstream = self.routes.pick(path, request.method, body)
+        if path == "/predict" and request.method == "POST" and self.routes.mirror is not None:
+            task = asyncio.get_running_loop().create_task(self._mirror(self.routes.mirror, request.path_qs, headers, body))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        response = await self._forward(upstream, request.method, request.path_qs, headers, body, served=True)
+        if response.status >= 500:
+            log.error("%s %s answered %d (request id %s)", request.method, path, response.status, rid)
         return response
 
-    async def _predict(self, arm: str, request: Request) -> Response:
-        """``POST /predict`` through the arm's coalescer when the body is a plain ``{"rows": [...]}``, else on its own."""
-        upstream = self.config.get(arm) or self.config.get("champion") or {}
-        rows = combinable_rows(request.body) if upstream.get("lane_url") else None  # only the lane counts combined requests
-        if rows is None:
-            return await self._forward(arm, request)
-        coalescer = self.coalescers.get(arm)
-        if coalescer is None:
-            coalescer = self.coalescers[arm] = Coalescer(self, arm)
-        return await coalescer.submit(request, rows)
+    def _refuse_before_reading(self, request: Any) -> Any:
+        """413 for a declared body over the limit and 415 for an encoded body, answered before any of it is read (aiohttp
+        would otherwise decompress it, or read up to the limit first); None when the request may go on."""
+        from aiohttp import web
 
-    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
-        key = self.api_key()
-        if not key:
-            return True
-        given = headers.get(b"x-api-key", b"").decode("latin-1")
-        auth = headers.get(b"authorization", b"").decode("latin-1")
-        if auth[:7].lower() == "bearer ":
-            given = auth[7:].strip()
-        return hmac.compare_digest(given.encode(), key.encode())
+        if request.content_length is not None and request.content_length > self.max_body:
+            response = web.json_response({"error": f"body: Content-Length {request.content_length} exceeds the limit of "
+                                                   f"{self.max_body} bytes; send fewer rows per request"}, status=413)
+            response.force_close()  # the unread body would otherwise be taken for the next request
+            return response
+        encoding = request.headers.get("Content-Encoding", "").strip().lower()
+        if encoding and encoding != "identity":
+            response = web.json_response({"error": f"Content-Encoding: {encoding[:40]!r} is not accepted; send plain JSON"},
+                                         status=415)
+            response.force_close()
+            return response
+        return None
 
-    # proxying ------------------------------------------------------------------------------------------------
-    async def _forward(self, arm: str, request: Request, body: bytes | None = None, record: bool = True) -> Response:
-        """Send the request to an arm's upstream; on a refused or reset connection retry on the (possibly new) upstream.
+    async def _send(self, upstream: Upstream, method: str, target: str, headers: list[tuple[str, str]],
+                    body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+        """One request to a backend: its status, headers (no hop-by-hop) and body; counted in flight for the drain."""
+        url = upstream.url
+        self.in_flight[url] = self.in_flight.get(url, 0) + 1
+        try:
+            async with self.session.request(method, url + target, headers=headers, data=body if body else None,
+                                            skip_auto_headers=("Content-Type",), allow_redirects=False) as answer:
+                content = await answer.read()
+                kept = [(k, v) for k, v in answer.headers.items() if k.lower() not in HOP_HEADERS]
+                return answer.status, kept, content
+        finally:
+            self.in_flight[url] -= 1
+            if not self.in_flight[url]:
+                del self.in_flight[url]
 
-        ``record=False``: a combined request, whose client requests the :class:`Coalescer` records one by one."""
-        target = request.path.encode("latin-1") + (b"?" + request.query if request.query else b"")
-        content = request.body if body is None else body
-        for attempt in range(3):
-            upstream = self.config.get(arm) or self.config.get("champion")
-            if not upstream:
-                return Response(503, JSON_HEADERS, b'{"error":"no backend is serving yet"}')
-            url = upstream["url"]
-            # /predict takes the backend's lane (same answer, no BentoML middleware); everything else its HTTP route.
-            via = (upstream.get("lane_url") or url) if request.path == "/predict" else url
-            self.in_flight[url] = self.in_flight.get(url, 0) + 1
+    async def _forward(self, upstream: Upstream | None, method: str, target: str, headers: list[tuple[str, str]],
+                       body: bytes, served: bool) -> Any:
+        """Send a request to its upstream; a refused or reset connection is retried on the route table's current one."""
+        import aiohttp
+        from aiohttp import web
+
+        path = target.split("?", 1)[0]
+        for attempt in range(RETRIES):
+            if upstream is None:
+                return web.json_response({"error": "no backend is serving yet"}, status=503)
             started = time.perf_counter()
             try:
-                answer = await self.upstream(via).request(request.method, target, request.raw_headers, content)
-            except (OSError, TimeoutError) as exc:  # ConnectionError is an OSError
-                if attempt < 2:
+                status, kept, content = await self._send(upstream, method, target, headers, body)
+            except (aiohttp.ClientConnectionError, TimeoutError) as exc:  # refused, reset, or no answer in time
+                if attempt < RETRIES - 1 and not isinstance(exc, TimeoutError):
                     await asyncio.sleep(0.05)
+                    upstream = self.routes.pick(path, method, body) if served else self.routes.mirror  # after a reload
                     continue
-                return Response(503, JSON_HEADERS, json.dumps({"error": f"backend unavailable: {exc}"}).encode())
-            finally:
-                self.in_flight[url] -= 1
-            if request.path == "/predict" and record:
-                self._record(arm if self.config.get(arm) else "champion", upstream["version"], answer.status,
-                             time.perf_counter() - started, answer.body, served=True)
-            answer.headers = [kv for kv in answer.headers if kv[0] not in HOP_HEADERS]
-            return answer
+                return web.json_response({"error": f"backend unavailable: {type(exc).__name__}: {str(exc)[:200]}"}, status=503)
+            if path == "/predict":
+                self._record(upstream, status, time.perf_counter() - started, content, served)
+            response = web.Response(status=status, body=content, headers=kept)
+            response.headers["X-Kiln-Arm"] = upstream.arm
+            return response
         raise AssertionError("unreachable")
 
-    async def _mirror(self, request: Request) -> None:
-        """Shadow: the challenger scores the same request; its answer is logged and dropped."""
-        challenger = self.config.get("challenger")
-        if not challenger:
-            return
+    async def _mirror(self, upstream: Upstream, target: str, headers: list[tuple[str, str]], body: bytes) -> None:
+        """Shadow: the challenger scores the same request; its answer is counted and logged, never served."""
         try:
-            await self._predict("challenger", request)
+            await self._forward(upstream, "POST", target, headers, body, served=False)
         except Exception:  # noqa: BLE001 - a failing shadow must never affect the served answer
-            self.arms.setdefault(f"challenger:{challenger['version']}", ArmStats()).add(599, 0.0, None)
+            self.arms.setdefault(f"challenger:{upstream.version}", ArmStats()).add(599, 0.0, None)
 
-    def _record(self, arm: str, version: str, status: int, seconds: float, content: bytes, served: bool) -> None:
-        if self.metrics is None:
-            self.metrics = RouterMetrics()
-        self.metrics.observe(arm, version, status, seconds)
-        if self.config.get("mode", "none") == "none" or not self.config.get("challenger"):
+    def _record(self, upstream: Upstream, status: int, seconds: float, content: bytes, served: bool) -> None:
+        self.metrics.observe(upstream.arm, upstream.version, status, seconds)
+        if self.routes.mode == "none" or not self.config.get("challenger"):
             return
         predictions = None
         if status == 200:
@@ -323,18 +349,11 @@ class Router:
                 predictions = json.loads(content)["predictions"]
             except (ValueError, KeyError, TypeError):
                 predictions = None
-        served = served and not (arm == "challenger" and self.config.get("mode") == "shadow")
-        self.arms.setdefault(f"{arm}:{version}", ArmStats()).add(status, seconds, predictions)
-        self.buffer.append(json.dumps({"ts": time.time(), "arm": arm, "model_version": version, "status": status,
+        self.arms.setdefault(f"{upstream.arm}:{upstream.version}", ArmStats()).add(status, seconds, predictions)
+        self.buffer.append(json.dumps({"ts": time.time(), "arm": upstream.arm, "model_version": upstream.version, "status": status,
                                        "latency_ms": round(seconds * 1000, 3), "served": served, "predictions": predictions}))
         if len(self.buffer) >= FLUSH_ROWS or time.monotonic() - self.last_flush > FLUSH_EVERY_S:
             self.flush()
-
-    def observe_combined(self, arm: str, requests: int) -> None:
-        if self.metrics is None:
-            self.metrics = RouterMetrics()
-        self.metrics.combined.labels(arm).inc()
-        self.metrics.coalesced.labels(arm).inc(requests)
 
     def flush(self) -> None:
         self.last_flush = time.monotonic()
@@ -347,214 +366,96 @@ class Router:
             fh.write("\n".join(self.buffer) + "\n")
         self.buffer.clear()
 
-    async def _metrics(self, request: Request) -> Response:
-        answer = await self._forward("champion", request, body=b"")
-        content = answer.body
-        if self.metrics is not None:
-            content = content.rstrip(b"\n") + b"\n" + self.metrics.render()
-        return Response(answer.status, [kv for kv in answer.headers if kv[0] == b"content-type"], content)
+    async def _metrics(self) -> Any:
+        """The champion backend's ``/metrics`` with the router's own series appended."""
+        from aiohttp import web
+
+        champion = self.routes.pick("/metrics", "GET", b"")
+        response = await self._forward(champion, "GET", "/metrics", [], b"", served=True)
+        if response.status != 200:
+            return response
+        content = bytes(response.body).rstrip(b"\n") + b"\n" + self.metrics.render()
+        return web.Response(status=200, body=content, content_type="text/plain", charset="utf-8")
 
     # admin ---------------------------------------------------------------------------------------------------
-    def _admin(self, request: Request) -> Response:
+    async def _admin(self, request: Any) -> Any:
+        from aiohttp import web
+
         token = str(self.config.get("admin_token", ""))
-        given = request.headers.get(b"x-kiln-admin", b"").decode("latin-1")
-        if request.client not in LOOPBACK or not token or not hmac.compare_digest(given.encode(), token.encode()):
-            return Response(403, JSON_HEADERS, b'{"error":"admin endpoints are for the local ServingResource only"}')
+        given = request.headers.get("X-Kiln-Admin", "")
+        if request.remote not in LOOPBACK or not token or not hmac.compare_digest(given.encode(), token.encode()):
+            return web.json_response({"error": "admin endpoints are for the local ServingResource only"}, status=403)
         path = request.path
         if path == "/_kiln/reload" and request.method == "POST":
             try:
                 self.load()
-            except (OSError, ValueError) as exc:
-                return Response(400, JSON_HEADERS, json.dumps({"error": f"config: {exc}"}).encode())
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                return web.json_response({"error": f"config: {exc}"}, status=400)
         elif path == "/_kiln/flush":
             self.flush()
         elif path != "/_kiln/state":
-            return Response(404, JSON_HEADERS, b'{"error":"unknown admin path"}')
-        state = {
+            return web.json_response({"error": "unknown admin path"}, status=404)
+        return web.json_response({
             "generation": self.generation,
             "champion": self.config.get("champion"),
             "challenger": self.config.get("challenger"),
-            "mode": self.config.get("mode", "none"),
+            "mode": self.routes.mode,
             "share": self.config.get("share", 0),
-            # a backend still holding handed-over connections counts as busy: ServingResource.drain waits for them
-            "in_flight": {**self.in_flight, **{u: self.in_flight.get(u, 0) + 1 for u in self.recalling}},
+            "weights": {u.arm: w for u, w in self.routes.backends},
+            "mirror": self.routes.mirror.arm if self.routes.mirror else None,
+            "in_flight": dict(self.in_flight),
             "arms": {k: v.summary() for k, v in self.arms.items()},
-        }
-        return Response(200, JSON_HEADERS, json.dumps(state).encode())
+        })
 
     # lifetime ------------------------------------------------------------------------------------------------
+    def app(self) -> Any:
+        """The aiohttp application: every path to :meth:`handle`; aiohttp's own errors (413, bad requests) as JSON."""
+        from aiohttp import web
+
+        @web.middleware
+        async def json_errors(request: Any, handler: Any) -> Any:
+            try:
+                return await handler(request)
+            except web.HTTPException as exc:
+                if exc.status < 400:
+                    raise
+                return web.json_response({"error": f"{request.path}: {exc.reason}"}, status=exc.status)
+
+        app = web.Application(client_max_size=self.max_body, middlewares=[json_errors])
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
     async def serve(self, host: str, port: int, ready: asyncio.Event | None = None) -> None:
         """Serve until SIGTERM/SIGINT; then stop accepting, let in-flight requests finish, and stop the backends."""
+        import aiohttp
+        from aiohttp import web
+
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30), auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(total=UPSTREAM_TIMEOUT_S), cookie_jar=aiohttp.DummyCookieJar())
+        # auto_decompress=False: an encoded request body reaches `handle` as sent and gets its 415 there (aiohttp would
+        # otherwise decode gzip itself and refuse an encoding it has no decoder for with a bare 400)
+        runner = web.AppRunner(self.app(), handle_signals=False, access_log=None, shutdown_timeout=10.0,
+                               auto_decompress=False)
+        await runner.setup()
+        await web.TCPSite(runner, host, port, backlog=2048, reuse_address=True).start()
         loop = asyncio.get_running_loop()
-        connections = self.connections
-        server = await loop.create_server(lambda: ServerProtocol(self.handle, connections, after=self.hand_over), host, port,
-                                          backlog=2048, reuse_address=True)
-        stop = asyncio.Event()
+        stop = self.stopping = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        sweeper = loop.create_task(close_idle(connections, stop))
         if ready is not None:
             ready.set()
-        await stop.wait()
-        server.close()
-        deadline = time.monotonic() + 10
-        while any(self.in_flight.values()) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        for task in [*self.tasks, sweeper]:
-            task.cancel()
-        for conn in list(connections):
-            if conn.transport is not None:
-                conn.transport.close()
-        for pool in self.upstreams.values():
-            pool.close()
-        self.flush()
-        stop_backends(self.config)
-
-
-def combinable_rows(body: bytes) -> list[Any] | None:
-    """The rows of a body that is exactly ``{"rows": [<one or more rows>]}`` (what a combined request can carry)."""
-    import orjson
-
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    if type(payload) is not dict or len(payload) != 1:
-        return None
-    rows = payload.get("rows")
-    return rows if type(rows) is list and rows else None
-
-
-class Coalescer:
-    """Combines concurrent ``/predict`` requests to one arm into one upstream request per batch.
-
-    A request arriving while fewer than ``in_flight_limit`` combined requests are out goes at once (with whatever else
-    is queued); otherwise it queues, and when an upstream answer comes back everything queued goes as the next
-    request, up to the spec's ``max_batch_rows`` rows. No timer: an idle endpoint adds no delay, a busy one batches by
-    itself. The backend answers a combined request with one prediction per row in order; each client gets its own
-    slice as ``{"predictions": [...], "model_version": ...}``, the backend's own answer for its rows alone. A combined
-    request that is refused or fails is not answered to anyone: each of its requests is sent again alone.
-    """
-
-    def __init__(self, router: Router, arm: str) -> None:
-        self.router = router
-        self.arm = arm
-        self.queue: deque[tuple[Request, list[Any], asyncio.Future[Response]]] = deque()
-        self.in_flight = 0
-
-    def _upstream(self) -> dict[str, Any]:
-        return self.router.config.get(self.arm) or self.router.config.get("champion") or {}
-
-    async def submit(self, request: Request, rows: list[Any]) -> Response:
-        future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
-        self.queue.append((request, rows, future))
-        self._dispatch()
-        return await future
-
-    def _dispatch(self) -> None:
-        upstream = self._upstream()
-        limit = int(upstream.get("max_batch_rows") or DEFAULT_BATCH_ROWS)
-        in_flight_limit = max(1, int(upstream.get("workers") or 1))
-        while self.queue and self.in_flight < in_flight_limit:
-            batch = [self.queue.popleft()]
-            rows = len(batch[0][1])
-            while self.queue and rows + len(self.queue[0][1]) <= limit:
-                rows += len(self.queue[0][1])
-                batch.append(self.queue.popleft())
-            self.in_flight += 1
-            task = asyncio.get_running_loop().create_task(self._send(batch))
-            self.router.tasks.add(task)
-            task.add_done_callback(self.router.tasks.discard)
-
-    async def _send(self, batch: list[tuple[Request, list[Any], asyncio.Future[Response]]]) -> None:
         try:
-            if len(batch) == 1:
-                await self._alone(batch[0][0], batch[0][2])
-                return
-            started = time.perf_counter()
-            try:
-                answers, version = await self._combined(batch)
-            except Exception:  # noqa: BLE001 - whatever went wrong with the combined request, each one is sent alone
-                answers, version = None, ""
-            if answers is None:
-                await asyncio.gather(*(self._alone(request, future) for request, _, future in batch))
-                return
-            seconds = time.perf_counter() - started
-            self.router.observe_combined(self.arm, len(batch))
-            for (_, _, future), answer in zip(batch, answers, strict=True):
-                self.router._record(self.arm if self.router.config.get(self.arm) else "champion", version, answer.status,
-                                    seconds, answer.body, served=True)
-                if not future.done():
-                    future.set_result(answer)
+            await stop.wait()
         finally:
-            self.in_flight -= 1
-            self._dispatch()
-
-    async def _alone(self, request: Request, future: asyncio.Future[Response]) -> None:
-        try:
-            answer = await self.router._forward(self.arm, request)
-        except Exception as exc:  # noqa: BLE001 - handed to the waiting client, as a direct call would raise it
-            if not future.done():
-                future.set_exception(exc)
-            return
-        if not future.done():
-            future.set_result(answer)
-
-    async def _combined(self, batch: list[tuple[Request, list[Any], asyncio.Future[Response]]]) -> tuple[list[Response] | None, str]:
-        """One upstream request for the batch: each client's answer and the model version that answered, or None when
-        the backend did not answer 200 with one prediction per row."""
-        import orjson
-
-        first = batch[0][0]
-        body = orjson.dumps({"rows": [row for _, rows, _ in batch for row in rows]})
-        headers = [*first.raw_headers, (b"x-kiln-requests", b"%d" % len(batch))]
-        combined = Request("POST", "/predict", b"", first.headers, headers, body, first.client)
-        answer = await self.router._forward(self.arm, combined, record=False)
-        if answer.status != 200:
-            return None, ""
-        content = orjson.loads(answer.body)
-        predictions = content.get("predictions")
-        if type(predictions) is not list or len(predictions) != sum(len(rows) for _, rows, _ in batch):
-            return None, ""
-        answers, offset = [], 0
-        for _, rows, _ in batch:
-            part = dict(content, predictions=predictions[offset:offset + len(rows)])
-            offset += len(rows)
-            answers.append(Response(200, list(answer.headers), orjson.dumps(part)))
-        return answers, str(content.get("model_version", ""))
-
-
-class RouterMetrics:
-    """The router's own Prometheus series (one process, its own registry)."""
-
-    def __init__(self) -> None:
-        import prometheus_client as prom
-
-        self.registry = prom.CollectorRegistry()
-        self.requests = prom.Counter("kiln_router_requests", "Requests proxied to /predict by arm", ["arm", "model_version", "status"],
-                                     registry=self.registry)
-        self.latency = prom.Histogram("kiln_router_request_duration_seconds", "Upstream /predict time by arm", ["arm"],
-                                      registry=self.registry,
-                                      buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
-
-        self.combined = prom.Counter("kiln_router_combined_requests", "Upstream /predict requests that carried several "
-                                     "client requests (coalesced)", ["arm"], registry=self.registry)
-        self.coalesced = prom.Counter("kiln_router_coalesced_requests", "Client /predict requests answered from a combined "
-                                      "upstream request", ["arm"], registry=self.registry)
-        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
-
-    def observe(self, arm: str, version: str, status: int, seconds: float) -> None:
-        children = self._children.get((arm, version, status))
-        if children is None:  # labels() takes a lock and builds a key: once per label set, not per request
-            children = self._children[(arm, version, status)] = (self.requests.labels(arm, version, str(status)),
-                                                                  self.latency.labels(arm))
-        children[0].inc()
-        children[1].observe(seconds)
-
-    def render(self) -> bytes:
-        import prometheus_client as prom
-
-        return bytes(prom.generate_latest(self.registry))
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            await runner.cleanup()  # stops accepting, waits (bounded) for the requests being answered
+            for task in list(self.tasks):
+                task.cancel()
+            await self.session.close()
+            self.flush()
+            stop_backends(self.config)
 
 
 def stop_backends(config: dict[str, Any]) -> None:
@@ -577,14 +478,15 @@ def stop_backends(config: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Kiln endpoint router (proxy, roll, canary, shadow)")
+    parser = argparse.ArgumentParser(description="Kiln endpoint router (roll, canary, shadow)")
     parser.add_argument("--config", required=True, type=Path)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     router = Router(args.config)
     try:
-        import uvloop  # the event loop uvicorn would pick: libuv, faster per request than asyncio's default
+        import uvloop  # libuv: faster per request than asyncio's default loop
     except ImportError:
         asyncio.run(router.serve(args.host, args.port))
     else:

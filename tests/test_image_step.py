@@ -5,6 +5,7 @@ manifests. tests/integration/test_serving_image.py builds and runs a real image.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,9 @@ def _context(tmp_path: Path) -> Any:
 
     from resources.serving import ServingResource
 
+    # the session's BentoML store (tests/conftest.py): bentoml binds its store once per process, on first import
     return dg.build_asset_context(resources={
-        "serving": ServingResource(state_root=str(tmp_path / "state"), bentoml_home=str(tmp_path / "bentoml"))})
+        "serving": ServingResource(state_root=str(tmp_path / "state"), bentoml_home=os.environ["BENTOML_HOME"])})
 
 
 def test_image_mode_per_profile_and_target() -> None:

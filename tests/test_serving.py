@@ -1,5 +1,6 @@
 """A live endpoint (router + `bentoml serve`) for a small pipeline: strict input, fuzzing, metrics, API-key auth,
-a zero-downtime roll under a concurrent client, canary share and shadow mirroring."""
+HTTP rules in front of /predict, OpenAPI and a typed client, batching, a zero-downtime roll under a concurrent client,
+canary share and shadow mirroring, release decisions from the backends' own metrics."""
 
 from __future__ import annotations
 
@@ -199,19 +200,25 @@ def _series(text: str, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{") or line.startswith(name + " "))
 
 
-def test_concurrent_requests_are_coalesced_and_each_gets_its_own_answer(world: dict[str, Any]) -> None:
-    """The router combines concurrent /predict requests into one backend request; every client still gets exactly the
-    answer it gets alone, a bad request its own 4xx naming its field, and the backend counts client requests."""
+def _sample(text: str, sample: str) -> float:
+    """The value of one exact sample (name and label set) in a /metrics text (0 when absent)."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(sample + " "))
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(world: dict[str, Any]) -> None:
+    """Concurrent /predict requests share scored batches (BentoML's adaptive batching in the model service); every
+    client still gets exactly the answer it gets alone, a bad request its own 4xx naming its row and field, every
+    answer is counted once and every scored request sits in exactly one batch."""
     from concurrent.futures import ThreadPoolExecutor
 
     url = world["url"]
-    rows = [_row(world, txn_id=f"coalesce-{i}", amount=float(5 + 7 * i)) for i in range(24)]
+    rows = [_row(world, txn_id=f"batch-{i}", amount=float(5 + 7 * i)) for i in range(24)]
     alone = {}
     for row in rows:
         r = _post(url, {"rows": [row]})
         assert r.status_code == 200, r.text
         alone[row["txn_id"]] = r.json()
-    bad = [{"rows": [_row(world, txn_id=f"bad-{i}", country="XX")]} for i in range(4)]
+    bad = [{"rows": [_row(world, txn_id=f"bad-{i}"), _row(world, txn_id=f"bad-{i}", country="XX")]} for i in range(4)]
     bodies = [{"rows": [row]} for row in rows] + bad + [{"rows": rows[:3]}]
     before = httpx.get(f"{url}/metrics", timeout=30).text
 
@@ -226,49 +233,87 @@ def test_concurrent_requests_are_coalesced_and_each_gets_its_own_answer(world: d
     for body, response in answers:
         first = body["rows"][0]
         if first["txn_id"].startswith("bad-"):
-            assert response.status_code == 400 and "country" in response.json()["error"], response.text
+            assert response.status_code == 400 and response.json()["error"].startswith("rows[1].country: "), response.text
             continue
         assert response.status_code == 200, response.text
         if len(body["rows"]) == 1:
             assert response.json() == alone[first["txn_id"]]
         else:
             assert response.json()["predictions"] == [alone[r["txn_id"]]["predictions"][0] for r in body["rows"]]
-    assert _series(after, "kiln_router_combined_requests_total") > _series(before, "kiln_router_combined_requests_total")
     served = sum(1 for body, _ in answers if not body["rows"][0]["txn_id"].startswith("bad-"))
     version = world["serving"].state(NAME)["model_version"]
-    ok = f'kiln_requests_total{{model_version="{version}",pipeline="{NAME}",status="200"}}'
-    counted = [float(line.rsplit(" ", 1)[1]) for text in (before, after) for line in text.splitlines() if line.startswith(ok)]
-    assert len(counted) == 2 and counted[1] - counted[0] == served, (counted, served)
+    labels = f'model_version="{version}",pipeline="{NAME}"'
+
+    def delta(name: str) -> float:
+        return _series(after, name) - _series(before, name)
+
+    def answers_of(status: int) -> float:
+        sample = f'kiln_requests_total{{{labels},status="{status}"}}'
+        return _sample(after, sample) - _sample(before, sample)
+
+    assert answers_of(200) == served and answers_of(400) == len(bad) * 5
+    assert delta("kiln_batch_requests_sum") == served  # each scored request in exactly one batch
+    assert delta("kiln_predicted_rows_total") == served + 5 * 2  # the 3-row request: 2 rows more
 
 
-def test_a_keep_alive_connection_is_handed_to_the_worker_and_answered_the_same(world: dict[str, Any]) -> None:
-    """After the router answers a connection's first POST /predict it hands the client's connection to a worker
-    (serving.handoff): the client gets the same answers and headers, the router counts only that first request, the
-    worker counts them all, and a request that is the router's business (/livez) on that connection is still the router's."""
+def test_http_rules_in_front_of_predict(world: dict[str, Any]) -> None:
+    """405/415/413 where HTTP says so, every 4xx a JSON error, hostile values a 400 naming row and field, and no client
+    X-Kiln-* header trusted (a client's X-Kiln-Requests adds nothing to the counts)."""
     url = world["url"]
-    body = json.dumps({"rows": world["rows"][:3]}).encode()
-    alone = _post(url, None, raw=body)  # a connection of its own: answered by the router
-    assert alone.status_code == 200, alone.text
+    body = json.dumps({"rows": world["rows"][:1]}).encode()
+    for method in ("GET", "PUT", "DELETE"):
+        r = httpx.request(method, f"{url}/predict", headers=AUTH, timeout=30)
+        assert r.status_code == 405 and "POST /predict" in r.json()["error"], (method, r.text)
+    assert httpx.post(f"{url}/metadata", headers=AUTH, timeout=30).status_code == 405
+    r = _post(url, None, raw=body, headers={"Content-Type": "text/plain"})
+    assert r.status_code == 415 and "Content-Type" in r.json()["error"]
+    import gzip
+
+    r = _post(url, None, raw=gzip.compress(body), headers={"Content-Encoding": "gzip"})
+    assert r.status_code == 415 and "Content-Encoding" in r.json()["error"]
+    r = _post(url, None, raw=b'{"rows": ["' + b"x" * (33 * 1024 * 1024) + b'"]}')
+    assert r.status_code == 413 and r.json()["error"]
+    hostile = [
+        ({"ts": "9999-12-31T23:59:59-01:00"}, "rows[1].ts: "),
+        ({"txn_id": "\ud800"}, "rows[1].txn_id: not valid Unicode"),
+        ({"txn_id": "x" * 2000}, "rows[1].txn_id: text of 2000 characters exceeds"),
+        ({"amount": -5.0}, "rows[1].amount: "),
+    ]
+    for change, message in hostile:
+        r = _post(url, {"rows": [_row(world), _row(world, **change)]})
+        assert r.status_code == 400 and r.json()["error"].startswith(message), (change, r.text[:300])
+    raw = json.dumps({"rows": [_row(world)]}).encode().replace(str(_row(world)["txn_id"]).encode(), b"\xed\xa0\x80", 1)
+    r = _post(url, None, raw=raw)
+    assert r.status_code == 400 and "not valid Unicode" in r.json()["error"], r.text
     version = world["serving"].state(NAME)["model_version"]
     ok = f'kiln_requests_total{{model_version="{version}",pipeline="{NAME}",status="200"}}'
-    before = httpx.get(f"{url}/metrics", timeout=30).text
-    with httpx.Client(timeout=30, headers={**AUTH, "Content-Type": "application/json"}) as http:
-        answers = [http.post(f"{url}/predict", content=body) for _ in range(10)]
-        middle = httpx.get(f"{url}/metrics", timeout=30).text
-        livez = http.get(f"{url}/livez")
-        bad = http.post(f"{url}/predict", content=json.dumps({"rows": [_row(world, country="XX")]}).encode())
-        wrong_key = http.post(f"{url}/predict", content=body, headers={"Authorization": "Bearer wrong"})
-        last = http.post(f"{url}/predict", content=body)
-    for response in [*answers, last]:
-        assert response.status_code == 200 and response.json() == alone.json(), response.text
-        assert response.headers["x-kiln-arm"] == "champion" and response.headers["x-kiln-model-version"] == version
-    assert livez.status_code == 200 and livez.json() == {"status": "ok", "router": True}
-    assert bad.status_code == 400 and "country" in bad.json()["error"]
-    assert wrong_key.status_code == 401 and "unauthorized" in wrong_key.json()["error"]
-    routed = _series(middle, "kiln_router_requests_total") - _series(before, "kiln_router_requests_total")
-    served = [float(line.rsplit(" ", 1)[1]) for text in (before, middle) for line in text.splitlines() if line.startswith(ok)]
-    assert routed == 1, routed  # the connection's first request; the other nine went straight to the worker
-    assert served[1] - served[0] == 10, served
+    before = _sample(httpx.get(f"{url}/metrics", timeout=30).text, ok)
+    r = _post(url, None, raw=body, headers={"X-Kiln-Requests": "1000", "X-Kiln-Arm": "challenger", "X-Request-ID": "req-42"})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "req-42" and r.headers["x-kiln-arm"] == "champion"
+    assert _sample(httpx.get(f"{url}/metrics", timeout=30).text, ok) - before == 1
+    assert len(_post(url, None, raw=body).headers["x-request-id"]) == 32  # none given: one made for the request
+
+
+def test_openapi_lists_every_column_with_its_limits_and_a_typed_client_works(world: dict[str, Any]) -> None:
+    import bentoml
+
+    spec = world["spec"]
+    backend = world["serving"].router_config(NAME)["champion"]["url"]
+    docs = httpx.get(f"{world['url']}/docs.json", timeout=30).json()
+    assert "/predict" in docs["paths"]
+    schemas = docs["components"]["schemas"]
+    row = next(s for s in schemas.values() if set(s.get("properties", {})) == set(spec.input_columns))
+    props = row["properties"]
+    assert props["amount"]["minimum"] == spec.schema_["amount"].min and props["amount"]["maximum"] == spec.schema_["amount"].max
+    assert props["country"]["enum"] == spec.schema_["country"].allowed
+    assert props["txn_id"]["maxLength"] == spec.serving.max_string_chars and props["ts"]["format"] == "date-time"
+    assert row["additionalProperties"] is False and set(row["required"]) == set(spec.input_columns)
+    client = bentoml.SyncHTTPClient(backend, token=API_KEY)
+    try:
+        typed = client.predict(rows=world["rows"][:2])
+    finally:
+        client.close()
+    assert typed == _post(world["url"], {"rows": world["rows"][:2]}).json()
 
 
 def test_roll_to_a_new_version_under_load_has_no_failed_request(world: dict[str, Any]) -> None:
@@ -277,8 +322,8 @@ def test_roll_to_a_new_version_under_load_has_no_failed_request(world: dict[str,
 
     serving, url = world["serving"], world["url"]
     before = serving.state(NAME)
-    old_handoff = serving.router_config(NAME)["champion"]["handoff_dir"]
-    assert os.path.isdir(old_handoff)
+    old_home = serving.router_config(NAME)["champion"]["bentoml_home"]  # the backend's own BENTOML_HOME
+    assert os.path.isdir(old_home)
     results: list[tuple[int, str | None]] = []
     errors: list[str] = []
     stop = threading.Event()
@@ -313,7 +358,7 @@ def test_roll_to_a_new_version_under_load_has_no_failed_request(world: dict[str,
     after = serving.state(NAME)
     assert after["model_version"] != before["model_version"] and after["url"] == before["url"]
     assert after["router_pid"] == before["router_pid"] and not pid_alive(before["backend_pid"])
-    assert not os.path.exists(old_handoff) and os.path.isdir(serving.router_config(NAME)["champion"]["handoff_dir"])
+    assert not os.path.exists(old_home) and os.path.isdir(serving.router_config(NAME)["champion"]["bentoml_home"])
     assert not errors, errors[:3]
     statuses = {s for s, _ in results}
     versions = [v for _, v in results]
@@ -351,10 +396,14 @@ def test_canary_share_and_shadow_never_served(world: dict[str, Any]) -> None:
 
         report = serving.challenger_report(NAME)
         assert report["mode"] == "canary" and report["arms"][f"challenger:{previous['model_version']}"]["requests"] > 0
+        assert report["weights"] == {"champion": 70, "challenger": 30}
+        canary_served = sum(v == previous["model_version"] for v in arms.values()) + sum(
+            arms[k] == previous["model_version"] for k in list(arms)[:40])
+        assert report["versions"][previous["model_version"]]["requests"] == canary_served  # the backend's own count
 
-        canary_handoff = serving.router_config(NAME)["challenger"]["handoff_dir"]
+        canary_home = serving.router_config(NAME)["challenger"]["bentoml_home"]
         shadow = serving.deploy_challenger(NAME, previous["bento"], previous["model_tag"], previous["model_version"], mode="shadow")
-        assert not os.path.exists(canary_handoff)
+        assert not os.path.exists(canary_home)
         assert not pid_alive(challenger["challenger"]["pid"])  # the canary backend was replaced
         m = 100
         for i in range(m):
@@ -376,9 +425,8 @@ def test_canary_share_and_shadow_never_served(world: dict[str, Any]) -> None:
     assert len(shadow_rows) >= m and all(e["predictions"] for e in shadow_rows if e["status"] == 200)
     assert {e["arm"] for e in log} == {"champion", "challenger"}
 
-    shadow_handoff = serving.router_config(NAME)["challenger"]["handoff_dir"]
     serving.abort_challenger(NAME)
-    assert not pid_alive(shadow["challenger"]["pid"]) and not os.path.exists(shadow_handoff)
+    assert not pid_alive(shadow["challenger"]["pid"])
     assert _post(url, {"rows": world["rows"][:1]}).json()["model_version"] == champion["model_version"]
 
     # Promote from live metrics: a canary with full share that answers without errors is promoted, the old champion stops.
@@ -387,6 +435,7 @@ def test_canary_share_and_shadow_never_served(world: dict[str, Any]) -> None:
         assert _post(url, {"rows": world["rows"][:1]}).status_code == 200
     decision = serving.judge_challenger(NAME, min_requests=20, max_p99_ratio=20.0)  # a noisy shared machine
     assert decision["action"] == "promote", decision
+    assert decision["challenger"]["requests"] == 30 and decision["challenger"]["server_errors"] == 0  # its /metrics
     assert serving.state(NAME)["model_version"] == previous["model_version"]
     assert not pid_alive(champion["backend_pid"])
     assert _post(url, {"rows": world["rows"][:1]}).json()["model_version"] == previous["model_version"]

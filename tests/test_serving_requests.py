@@ -1,4 +1,4 @@
-"""Pure request validation (serving/requests.py), the serving spec options and the router's routing key."""
+"""Pure request validation (serving/requests.py), its pydantic contract, the serving spec options and the router's routing key."""
 
 from __future__ import annotations
 
@@ -93,9 +93,9 @@ def test_serving_release_options_validate(spec: PipelineSpec, tmp_path: Path) ->
 
 def test_routing_key_is_stable_and_spread() -> None:
     body = json.dumps({"rows": [ROW]}).encode()
-    assert request_key({}, body, "txn_id") == "t1"
-    assert request_key({b"x-kiln-request-key": b"abc"}, body, "txn_id") == "abc"
-    assert request_key({}, b"not json", "txn_id") == "not json"
+    assert request_key(body, "txn_id") == "t1"
+    assert request_key(body, None) == body.decode()
+    assert request_key(b"not json", "txn_id") == "not json"
     shares = [share_of(f"key-{i}") for i in range(10_000)]
     assert shares[:5] == [share_of(f"key-{i}") for i in range(5)]
     assert abs(sum(s < 0.1 for s in shares) / len(shares) - 0.1) < 0.015
@@ -137,7 +137,7 @@ def test_timestamps_with_and_without_offsets_mixed_in_one_request_parse_alike_on
     # Neither rule accepts a value: refused, naming the column, on both paths.
     bad = [ROW, ROW | {"ts": "2026-01-01T10:00:00Z"}, ROW | {"ts": "yesterday"}]
     for body in (_body(bad), _body(bad * FAST_ROWS)):
-        with pytest.raises(RequestError, match=r"^ts: expected datetime"):
+        with pytest.raises(RequestError, match=r"^rows\[2\]\.ts: expected datetime"):
             parse_request(body, spec, 1000)
 
 
@@ -172,10 +172,11 @@ def test_fast_path_never_accepts_what_the_full_path_refuses(spec: PipelineSpec, 
     from serving.requests import parse_request
 
     with pytest.raises(RequestError) as full:
-        parse_body(_body([row]), spec, 10)
+        parse_body(_body([ROW, row]), spec, 10)
     with pytest.raises(RequestError) as fast:
         parse_request(_body([ROW, row]), spec, 10)
     assert str(fast.value).split(":")[0] == str(full.value).split(":")[0] and fast.value.status == full.value.status
+    assert str(fast.value).startswith("rows[1]"), str(fast.value)  # the row that breaks the contract, by index
 
 
 def test_large_requests_and_mixed_batches_keep_request_order(spec: PipelineSpec) -> None:
@@ -196,6 +197,18 @@ def test_non_json_numbers_and_junk_get_400_on_the_fast_entry(spec: PipelineSpec)
         with pytest.raises(RequestError) as caught:
             parse_request(raw, spec, 10)
         assert caught.value.status == 400 and "body" in str(caught.value) or "rows" in str(caught.value)
+
+
+@pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity"])
+def test_a_non_finite_token_is_named_by_row_and_column(spec: PipelineSpec, token: str) -> None:
+    from serving.requests import parse_request
+
+    rows = _body([ROW, ROW | {"txn_id": "t2"}]).decode()
+    raw = rows.replace('"amount": 12.5', f'"amount": {token}', 2).replace(f'"amount": {token}', '"amount": 12.5', 1)
+    with pytest.raises(RequestError, match=rf"^rows\[1\]\.amount: {token} is not valid JSON \(numbers must be finite\)$"):
+        parse_request(raw.encode(), spec, 10)
+    with pytest.raises(RequestError, match=rf"^body: {token} is not valid JSON"):  # outside a row: the body is named
+        parse_request(('{"rows": ' + rows[len('{"rows": '):-1] + ', "x": ' + token + "}").encode(), spec, 10)
 
 
 def test_small_batches_get_the_same_features_and_matrix_as_large_frames(spec: PipelineSpec, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -226,10 +239,10 @@ def test_small_batches_get_the_same_features_and_matrix_as_large_frames(spec: Pi
 
 
 HOSTILE = [
-    ("ts_far_future_with_offset", {"ts": "9999-12-31T23:59:59-01:00"}, "ts: row 1: '9999-12-31T23:59:59-01:00' is outside"),
-    ("ts_year_one_with_offset", {"ts": "0001-01-01T00:00:00+01:00"}, "ts: row 1: '0001-01-01T00:00:00+01:00' is outside"),
-    ("lone_surrogate_in_text", {"txn_id": "\ud800"}, "txn_id: row 1: not valid Unicode text"),
-    ("ten_megabyte_text", {"txn_id": "x" * 10_000_000}, "txn_id: row 1: text of 10000000 characters exceeds the limit of 1024"),
+    ("ts_far_future_with_offset", {"ts": "9999-12-31T23:59:59-01:00"}, "rows[1].ts: '9999-12-31T23:59:59-01:00' is outside"),
+    ("ts_year_one_with_offset", {"ts": "0001-01-01T00:00:00+01:00"}, "rows[1].ts: '0001-01-01T00:00:00+01:00' is outside"),
+    ("lone_surrogate_in_text", {"txn_id": "\ud800"}, "rows[1].txn_id: not valid Unicode text"),
+    ("ten_megabyte_text", {"txn_id": "x" * 10_000_000}, "rows[1].txn_id: text of 10000000 characters exceeds the limit of 1024"),
 ]
 
 
@@ -254,4 +267,154 @@ def test_raw_surrogate_bytes_are_a_400(spec: PipelineSpec) -> None:
     body = json.dumps({"rows": [ROW]}).encode().replace(ROW["txn_id"].encode(), b"\xed\xa0\x80", 1)
     with pytest.raises(RequestError) as raised:
         parse_request(body, spec, 1000)
-    assert raised.value.status == 400 and str(raised.value) == "txn_id: row 0: not valid Unicode text (a lone surrogate)"
+    assert raised.value.status == 400 and str(raised.value) == "rows[0].txn_id: not valid Unicode text (a lone surrogate)"
+
+
+def test_row_model_is_the_contract_with_its_limits(spec: PipelineSpec) -> None:
+    """The pydantic row model (OpenAPI of /predict) accepts what parse_rows accepts and carries every limit."""
+    import pydantic
+
+    from serving.requests import row_model
+
+    model = row_model(spec)
+    schema = model.model_json_schema()
+    assert list(schema["properties"]) == spec.input_columns and schema["additionalProperties"] is False
+    amount = spec.schema_["amount"]
+    assert (schema["properties"]["amount"]["minimum"], schema["properties"]["amount"]["maximum"]) == (amount.min, amount.max)
+    assert schema["properties"]["country"]["enum"] == spec.schema_["country"].allowed
+    assert schema["properties"]["txn_id"]["maxLength"] == spec.serving.max_string_chars
+    age = schema["properties"]["customer_age"]["anyOf"]
+    assert {"type": "null"} in age and age[0]["minimum"] == spec.schema_["customer_age"].min
+    assert model.model_validate(ROW).model_dump(by_alias=True) == ROW | {"distance_from_home_km": 3.0}
+    for bad in (ROW | {"country": "ZZ"}, ROW | {"amount": -1}, ROW | {"colour": "red"}, ROW | {"txn_id": "x" * 1025}):
+        with pytest.raises(pydantic.ValidationError):
+            model.model_validate(bad)
+        with pytest.raises(RequestError):
+            parse_rows([bad], spec, 10)
+
+
+class _FakeService:
+    """What Front needs of KilnService: the spec and limits, the key, the version, metadata and the answer count."""
+
+    def __init__(self, spec: PipelineSpec) -> None:
+        self.spec, self.api_key, self.max_rows, self.unknown_category = spec, "k", 10, "reject"
+        self.version_header = b"7"
+        self.counted: list[tuple[int, int]] = []
+
+    def answered(self, status: int, seconds: float, rows: int = 0) -> None:
+        self.counted.append((status, rows))
+
+    def metadata(self) -> dict[str, Any]:
+        return {"pipeline": self.spec.name}
+
+
+def _call(spec: PipelineSpec, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None,
+          inner_status: int = 200) -> tuple[int, dict[bytes, bytes], Any, _FakeService, list[Any]]:
+    """One request through Front with a stand-in app behind it: status, headers, JSON body, the service, the app's calls."""
+    import asyncio
+
+    from serving.service import VALIDATED, Front
+
+    service = _FakeService(spec)
+    calls: list[Any] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        message = await receive()
+        calls.append((scope["headers"], message["body"], VALIDATED.get()))
+        content = json.dumps({"predictions": [0.5], "model_version": "7"} if inner_status == 200 else {"error": "boom"}).encode()
+        await send({"type": "http.response.start", "status": inner_status, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": content})
+
+    sent: list[dict[str, Any]] = []
+    chunks = [body[i:i + 1000] for i in range(0, len(body), 1000)] or [b""]
+
+    async def receive() -> dict[str, Any]:
+        if chunks:
+            chunk = chunks.pop(0)
+            return {"type": "http.request", "body": chunk, "more_body": bool(chunks)}
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    raw = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    scope = {"type": "http", "method": method, "path": path, "root_path": "", "headers": raw}
+    asyncio.run(Front(app, service=lambda: service)(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    content = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], dict(start["headers"]), json.loads(content), service, calls
+
+
+AUTH = {"Authorization": "Bearer k", "Content-Type": "application/json"}
+
+
+def test_front_lets_valid_rows_through_once_validated_without_client_kiln_headers(spec: PipelineSpec) -> None:
+    body = _body([ROW, ROW])
+    status, headers, answer, service, calls = _call(spec, "POST", "/predict", body,
+                                                    AUTH | {"X-Kiln-Requests": "1000", "X-Request-ID": "req-1"})
+    assert status == 200 and answer["model_version"] == "7"
+    assert headers[b"x-kiln-model-version"] == b"7" and headers[b"x-request-id"] == b"req-1"
+    [(inner_headers, inner_body, validated)] = calls
+    assert inner_body == body and validated is not None and validated.count == 2  # the app reads the same body, parsed once
+    assert not [k for k, _ in inner_headers if k.startswith(b"x-kiln-")]
+    assert service.counted == [(200, 2)]  # counted once, with its rows
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "headers", "status", "message"),
+    [
+        ("GET", "/predict", b"", AUTH, 405, "method not allowed: POST /predict"),
+        ("PUT", "/predict", _body([ROW]), AUTH, 405, "method not allowed"),
+        ("POST", "/predict", _body([ROW]), {"Content-Type": "application/json"}, 401, "unauthorized"),
+        ("POST", "/predict", _body([ROW]), AUTH | {"Authorization": "Bearer wrong"}, 401, "unauthorized"),
+        ("POST", "/predict", _body([ROW]), AUTH | {"Content-Type": "text/plain"}, 415, "body: Content-Type 'text/plain'"),
+        ("POST", "/predict", _body([ROW]), AUTH | {"Content-Encoding": "gzip"}, 415, "body: Content-Encoding 'gzip'"),
+        ("POST", "/predict", _body([ROW]), AUTH | {"Content-Length": str(64 * 1024 * 1024)}, 413, "body: more than"),
+        ("POST", "/predict", _body([ROW] * 11), AUTH, 413, "rows: 11 rows exceed the limit of 10"),
+        ("POST", "/predict", _body([ROW, ROW | {"amount": "x"}]), AUTH, 400, "rows[1].amount: expected float, got string"),
+        ("POST", "/predict", b'{"rows": [NaN]}', AUTH, 400, "body: NaN is not valid JSON"),
+        ("POST", "/metadata", b"", AUTH, 405, "method not allowed: GET /metadata"),
+        ("GET", "/metadata", b"", {}, 401, "unauthorized"),
+    ],
+)
+def test_front_refuses_bad_requests_itself_with_a_json_error(spec: PipelineSpec, method: str, path: str, body: bytes,
+                                                            headers: dict[str, str], status: int, message: str) -> None:
+    got, answer_headers, answer, service, calls = _call(spec, method, path, body, headers)
+    assert got == status and answer["error"].startswith(message), answer
+    assert not calls and answer_headers[b"content-type"] == b"application/json"
+    assert len(answer_headers[b"x-request-id"]) == 32
+    assert service.counted == ([(status, 0)] if path == "/predict" else [])
+
+
+def test_front_body_limit_counts_the_bytes_sent_not_said(spec: PipelineSpec, monkeypatch: pytest.MonkeyPatch) -> None:
+    import serving.service as service_module
+
+    monkeypatch.setattr(service_module, "MAX_BODY_BYTES", 3000)  # Kiln's own module constant, read per call
+    status, _, answer, _, calls = _call(spec, "POST", "/predict", b" " * 5000 + _body([ROW]), AUTH)
+    assert status == 413 and answer["error"].startswith("body: more than 3000 bytes") and not calls
+
+
+def test_front_logs_a_5xx_with_its_request_id_and_serves_metadata(spec: PipelineSpec, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("ERROR", logger="serving.service"):
+        status, headers, _, service, _ = _call(spec, "POST", "/predict", _body([ROW]), AUTH | {"X-Request-ID": "r-500"},
+                                               inner_status=500)
+    assert status == 500 and headers[b"x-request-id"] == b"r-500" and service.counted == [(500, 0)]
+    assert any("r-500" in r.getMessage() and "500" in r.getMessage() for r in caplog.records)
+    status, _, answer, service, _ = _call(spec, "GET", "/metadata", b"", {"X-API-Key": "k"})
+    assert status == 200 and answer == {"pipeline": spec.name} and service.counted == []
+    status, headers, _, service, calls = _call(spec, "GET", "/livez", b"", {"X-Request-ID": "bad id with spaces"})
+    assert status == 200 and len(calls) == 1 and service.counted == [] and headers[b"x-request-id"] != b"bad id with spaces"
+
+
+def test_example_row_keeps_every_rule_of_the_contract(spec: PipelineSpec) -> None:
+    """The row a worker warms up with is valid, also for bounds that exclude 0 and fractional int bounds."""
+    from serving.requests import example_row
+
+    assert parse_rows([example_row(spec)], spec, 1).height == 1
+    data = spec_data(FRAUD_SPEC)
+    data["schema"]["amount"].update(min=-20.5, max=-3.25)
+    data["schema"]["txns_last_24h"].update(min=2.5, max=9)
+    odd = PipelineSpec.model_validate(data)
+    row = example_row(odd)
+    assert row["amount"] == -20.5 and row["txns_last_24h"] == 3
+    assert parse_rows([row], odd, 1).height == 1

@@ -52,7 +52,7 @@ def live(kiln_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     try:
         yield {"spec": spec, "serving": serving, "kiln_home": kiln_home}
     finally:
-        serving.shutdown(spec.name)  # router, backends and their handoff folders
+        serving.shutdown(spec.name)  # the router and the backends it fronts
         os.environ.pop("KILN_PIPELINES_DIR", None)
 
 

@@ -42,9 +42,6 @@ def test_a_model_tag_is_required_inside_a_bento(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.delenv("KILN_MODEL_TAG", raising=False)
     with pytest.raises(RuntimeError, match="KILN_MODEL_TAG is not set"):
         settings.model_tag()
-    monkeypatch.setenv("KILN_LANE_PORT", "4100")
-    monkeypatch.delenv("KILN_LANE_HOST", raising=False)
-    assert settings.lane() == ("127.0.0.1", 4100)
 
 
 def _environment_reads(path: Path) -> list[str]:
