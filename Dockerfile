@@ -44,10 +44,11 @@ RUN cp requirements.lock serving/ \
  && python -P -c "from serving.lock import pinned; print('bentos pin', *pinned(['polars', 'lightgbm']))"
 
 FROM ${PYTHON_IMAGE} AS runtime
-# LightGBM's wheel links OpenMP at run time; nothing else is installed and apt lists are removed.
+# LightGBM's wheel links OpenMP at run time; buildah builds serving images in `<p>/image`'s step pod (chroot isolation,
+# vfs storage: see kiln/steps.py IMAGE_BUILD_CONFIG); nothing else is installed and apt lists are removed.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libgomp1 \
+ && apt-get install -y --no-install-recommends libgomp1 buildah \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --gid 10001 kiln \
  && useradd --uid 10001 --gid kiln --create-home --home-dir /home/kiln kiln \

@@ -22,6 +22,22 @@ GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedu
 # Label set on GPU nodes by NVIDIA GPU feature discovery (GPU operator); override with KILN_GPU_NODE_SELECTOR.
 DEFAULT_GPU_NODE_SELECTOR = "nvidia.com/gpu.present=true"
 STEP_DEFAULT = {"cpu": "500m", "memory": "1Gi"}
+# `<p>/image` builds and pushes the serving image with buildah inside its step pod (no Docker daemon, no privileged
+# pod): chroot isolation (no nested user namespaces or mounts), the vfs storage driver (no overlay or fuse mounts) on
+# an emptyDir sized for the base and the bento's packages, as root in the container with the capabilities buildah's
+# chroot runs of RUN instructions need (the user switch, file ownership and the chroot) and no privilege escalation.
+IMAGE_STEP = {"cpu": "1", "memory": "2Gi", "ephemeral_storage": "10Gi"}
+BUILDAH_STORAGE = "/var/lib/containers"
+IMAGE_BUILD_CONFIG: dict[str, Any] = {
+    "container_config": {
+        "env": [{"name": "STORAGE_DRIVER", "value": "vfs"}, {"name": "BUILDAH_ISOLATION", "value": "chroot"}],
+        "security_context": {"run_as_user": 0, "run_as_non_root": False, "allow_privilege_escalation": False,
+                             "capabilities": {"drop": ["ALL"],
+                                              "add": ["CHOWN", "DAC_OVERRIDE", "FOWNER", "SETUID", "SETGID", "SYS_CHROOT"]}},
+        "volume_mounts": [{"name": "buildah-storage", "mount_path": BUILDAH_STORAGE}],
+    },
+    "pod_spec_config": {"volumes": [{"name": "buildah-storage", "empty_dir": {"size_limit": IMAGE_STEP["ephemeral_storage"]}}]},
+}
 
 
 class K8sConfigError(ValueError):
@@ -62,6 +78,8 @@ def stage_resources(spec: PipelineSpec, stage: str) -> tuple[str, str, int]:
     if stage == "model":
         res = spec.trainer.resources
         return res.cpu, res.memory, res.gpu
+    if stage == "image":
+        return IMAGE_STEP["cpu"], IMAGE_STEP["memory"], 0
     return STEP_DEFAULT["cpu"], STEP_DEFAULT["memory"], 0
 
 
@@ -142,7 +160,13 @@ def k8s_config(cpu: str, memory: str, gpu: int = 0, extra: Mapping[str, Any] | N
 def op_tags(spec: PipelineSpec, stage: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """``op_tags`` of a stage's asset: its `dagster-k8s/config` (harmless outside Kubernetes)."""
     cpu, memory, gpu = stage_resources(spec, stage)
-    return {K8S_CONFIG_TAG: k8s_config(cpu, memory, gpu, extra_step_config() if extra is None else extra)}
+    user = extra_step_config() if extra is None else dict(extra)
+    if stage == "image":  # buildah's pod settings first, the user's config merged over them
+        user = _deep_merge(IMAGE_BUILD_CONFIG, user)
+        user = _deep_merge(user, {"container_config": {"resources": {
+            "requests": {"ephemeral-storage": IMAGE_STEP["ephemeral_storage"]},
+            "limits": {"ephemeral-storage": IMAGE_STEP["ephemeral_storage"]}}}})
+    return {K8S_CONFIG_TAG: k8s_config(cpu, memory, gpu, user)}
 
 
 def pool(spec: PipelineSpec, stage: str) -> str | None:

@@ -422,3 +422,26 @@ def test_prod_executor_is_k8s_unless_kiln_executor_picks_a_local_one(prod: None,
     monkeypatch.setenv("KILN_EXECUTOR", "kubernetes")
     with pytest.raises(ValueError, match="KILN_EXECUTOR: 'kubernetes' is not one of k8s, multiprocess, in_process"):
         executor("prod")
+
+
+def test_the_image_step_pod_runs_buildah_unprivileged_on_vfs(prod: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`<p>/image` builds in its own step pod: chroot isolation and the vfs driver on an emptyDir (no mounts, no nested
+    user namespaces), root in the container with a fixed capability set and no privilege escalation or privileged
+    mode; every other step keeps the run's non-root settings. The user's KILN_K8S_STEP_CONFIG still merges in."""
+    monkeypatch.setenv("KILN_K8S_STEP_CONFIG", json.dumps({"container_config": {"env": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}]}}))
+    objects = k8s.render_all()
+    assert k8s.validate_objects(objects) == {}
+    pod = objects["jobs/fraud__image.yaml"]["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    assert env["STORAGE_DRIVER"] == "vfs" and env["BUILDAH_ISOLATION"] == "chroot" and env["HTTPS_PROXY"] == "http://proxy:3128"
+    context = container["securityContext"]
+    assert context["runAsUser"] == 0 and context["allowPrivilegeEscalation"] is False and not context.get("privileged")
+    assert context["capabilities"]["drop"] == ["ALL"] and "SYS_ADMIN" not in context["capabilities"]["add"]
+    [mount] = [m for m in container["volumeMounts"] if m["name"] == "buildah-storage"]
+    [volume] = [v for v in pod["volumes"] if v["name"] == "buildah-storage"]
+    assert mount["mountPath"] == "/var/lib/containers" and volume["emptyDir"]["sizeLimit"] == "10Gi"
+    assert container["resources"]["limits"]["ephemeral-storage"] == "10Gi"
+    other = objects["jobs/fraud__bento.yaml"]["spec"]["template"]["spec"]["containers"][0]
+    assert "securityContext" not in other or other["securityContext"].get("runAsUser") != 0
+    assert "STORAGE_DRIVER" not in {e["name"] for e in other.get("env", [])}
