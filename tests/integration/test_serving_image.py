@@ -71,7 +71,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         assert trained.success, "\n".join(lines)
         local = resources("local")
         yield {"spec": spec, "image": trained.output_for_node(f"{NAME}__image"), "bento": trained.output_for_node(f"{NAME}__bento"),
-               "state_root": local["storage"].state_root, "mlflow": local["mlflow"]}
+               "state_root": local["storage"].state_root, "mlflow": local["mlflow"], "defs": defs, "instance": instance,
+               "serving": local["serving"]}
     finally:
         os.environ.clear()
         os.environ.update(saved)
@@ -162,3 +163,33 @@ def test_the_endpoint_record_references_the_image(built: dict[str, Any]) -> None
     bento, image = built["bento"], built["image"]
     assert with_image(bento, image)["image_ref"] == image["ref"]
     assert "image_ref" not in with_image(bento, image | {"bento": "kiln-other:v1"})  # an image of another bento is not used
+
+
+def test_the_endpoint_step_serves_the_image_behind_the_router(built: dict[str, Any]) -> None:
+    """`<p>/endpoint` with KILN_ENDPOINT_TARGET=container: the router on the public port, the backend a podman container
+    of the image (no `bentoml serve` process on the host); its live smoke test passes; shutdown stops the container."""
+    from platform_defs.lifecycle import retrain
+    from resources import containers
+
+    lines: list[str] = []
+    served = retrain(built["defs"], built["spec"], built["instance"], progress=lines.append, stages=("endpoint",))
+    serving = built["serving"]
+    try:
+        assert served.success, "\n".join(lines)
+        record = served.output_for_node(f"{NAME}__endpoint")
+        champion = serving.router_config(NAME)["champion"]
+        assert champion["pid"] is None and champion["image"] == built["image"]["image"]
+        assert containers.container_state(champion["container"]) is not None  # running under podman
+        answer = httpx.post(f"{record['url']}/predict", json={"rows": _rows(built)},
+                            headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["X-Kiln-Model-Version"] == built["bento"]["model_version"]
+    finally:
+        serving.shutdown(NAME)
+    assert containers.container_state(champion["container"]) is None
+
+
+def _rows(built: dict[str, Any]) -> list[dict[str, Any]]:
+    from kiln.reference import load_sample_rows
+
+    return load_sample_rows(built["state_root"], NAME)[:5]
