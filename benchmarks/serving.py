@@ -157,51 +157,16 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def endpoint_processes(record: dict[str, Any] | None, port: int) -> list[Any]:
-    """Kiln's endpoint processes: every pid in its endpoint record (any ``pid``/``*_pid`` key, nested ones included),
-    every process listening on its public port, and all their descendants (BentoML's arbiter and workers)."""
-    import psutil
+    """Kiln's endpoint processes: the pids of its endpoint record, the process on its public port, their descendants."""
+    from kiln.process import recorded_processes
 
-    pids: set[int] = set()
-
-    def collect(value: Any) -> None:
-        if isinstance(value, dict):
-            for key, item in value.items():
-                if (key == "pid" or str(key).endswith("_pid")) and isinstance(item, int) and item > 0:
-                    pids.add(item)
-                else:
-                    collect(item)
-        elif isinstance(value, list):
-            for item in value:
-                collect(item)
-
-    collect(record)
-    for proc in psutil.process_iter():
-        try:
-            if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in proc.net_connections("tcp")):
-                pids.add(proc.pid)
-        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
-            continue
-    found: dict[int, Any] = {}
-    for pid in pids:
-        try:
-            root = psutil.Process(pid)
-            for proc in [root, *root.children(recursive=True)]:
-                found[proc.pid] = proc
-        except psutil.NoSuchProcess:
-            continue
-    return list(found.values())
+    return recorded_processes([record], port)
 
 
 def rss_mb(procs: list[Any]) -> float:
-    import psutil
+    from kiln.process import rss_bytes
 
-    total = 0
-    for proc in procs:
-        try:
-            total += proc.memory_info().rss
-        except psutil.NoSuchProcess:
-            continue
-    return total / 2**20
+    return rss_bytes(procs) / 2**20
 
 
 # ---------------------------------------------------------------------------------------------------- the benchmark

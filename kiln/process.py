@@ -1,10 +1,13 @@
-"""Whether a process is alive: one answer for every part of Kiln that starts, watches or stops servers."""
+"""Whether a process is alive, and which processes serve an endpoint: one answer for every part of Kiln (and its tests
+and benchmarks) that starts, watches, measures or stops servers."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 PROC = Path("/proc")
 
@@ -40,3 +43,55 @@ def _state(pid: int) -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return ""
     return out.stdout.strip()[:1] or None
+
+
+def recorded_processes(records: Iterable[Any], port: int | None = None) -> list[Any]:
+    """The processes of an endpoint (``psutil.Process`` objects): every pid in its records (any ``pid``/``*_pid`` key,
+    nested ones included: an endpoint record, a router config), every process listening on ``port``, and all their
+    descendants (BentoML's arbiter and workers). Gone processes are left out."""
+    import psutil
+
+    pids: set[int] = set()
+
+    def collect(value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if (key == "pid" or str(key).endswith("_pid")) and isinstance(item, int) and item > 0:
+                    pids.add(item)
+                else:
+                    collect(item)
+        elif isinstance(value, list):
+            for item in value:
+                collect(item)
+
+    for record in records:
+        collect(record)
+    if port is not None:
+        for proc in psutil.process_iter():
+            try:
+                if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in proc.net_connections("tcp")):
+                    pids.add(proc.pid)
+            except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+                continue
+    found: dict[int, Any] = {}
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            for proc in [root, *root.children(recursive=True)]:
+                found[proc.pid] = proc
+        except psutil.NoSuchProcess:
+            continue
+    return list(found.values())
+
+
+def rss_bytes(processes: Iterable[Any]) -> int:
+    """The summed resident memory of ``psutil.Process`` objects (a process gone meanwhile counts 0)."""
+    import psutil
+
+    total = 0
+    for proc in processes:
+        try:
+            total += proc.memory_info().rss
+        except psutil.NoSuchProcess:
+            continue
+    return total

@@ -519,6 +519,8 @@ def adopt_dead_spills(spill_dir: Path) -> int:
     Siblings are the folders beside ours named like it, ``<replica>-<pid>`` with the same ``<replica>`` (this host or
     pod), whose pid no longer runs here. Each file keeps its bytes, so it is shipped under the key its writer gave it.
     A rename is atomic: two workers starting at once never both take a file. An emptied folder is removed."""
+    from kiln.process import pid_alive
+
     match = re.fullmatch(r"(.+)-(\d+)", spill_dir.name)
     if match is None or not spill_dir.parent.is_dir():
         return 0
@@ -527,7 +529,7 @@ def adopt_dead_spills(spill_dir: Path) -> int:
     taken = 0
     for sibling in spill_dir.parent.iterdir():
         found = re.fullmatch(re.escape(prefix) + r"-(\d+)", sibling.name)
-        if found is None or not sibling.is_dir() or int(found.group(1)) == own_pid or _alive(int(found.group(1))):
+        if found is None or not sibling.is_dir() or int(found.group(1)) == own_pid or pid_alive(int(found.group(1))):
             continue
         for path in sorted(sibling.glob("*.parquet")):
             try:
@@ -545,12 +547,3 @@ def adopt_dead_spills(spill_dir: Path) -> int:
         log.warning("prediction log: took over %d spill file(s) of dead workers beside %s", taken, spill_dir)
     return taken
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

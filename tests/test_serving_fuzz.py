@@ -40,6 +40,7 @@ import httpx
 import pytest
 import yaml
 
+from kiln.process import rss_bytes
 from kiln.spec import spec_data
 from tests.conftest import FRAUD_SPEC, free_port
 
@@ -593,59 +594,11 @@ def metric_total(url: str, name: str, **labels: str) -> float:
 
 # ---------------------------------------------------------------------------------------------------- memory
 def endpoint_processes(serving: Any, url: str) -> list[Any]:
-    """The endpoint's processes: every pid recorded for it (``serving.state(NAME)``: any ``pid``/``*_pid`` key, nested
-    ones included, and the router config's when the resource has one), every process listening on the endpoint's
-    port, and all their descendants (BentoML's arbiter and workers). Processes of other pipelines are never included."""
-    import psutil
+    """The endpoint's processes (:func:`kiln.process.recorded_processes`): every pid of its endpoint record and router
+    config, every process listening on its port, and their descendants. Processes of other pipelines are never included."""
+    from kiln.process import recorded_processes
 
-    pids: set[int] = set()
-
-    def collect(value: Any) -> None:
-        if isinstance(value, dict):
-            for key, item in value.items():
-                if (key == "pid" or str(key).endswith("_pid")) and isinstance(item, int) and item > 0:
-                    pids.add(item)
-                else:
-                    collect(item)
-        elif isinstance(value, list):
-            for item in value:
-                collect(item)
-
-    collect(serving.state(NAME))
-    config = getattr(serving, "router_config", None)
-    if callable(config):
-        try:
-            collect(config(NAME))
-        except (OSError, ValueError, KeyError):
-            pass
-    port = _host_port(url)[1]
-    for proc in psutil.process_iter():
-        try:
-            if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in proc.net_connections("tcp")):
-                pids.add(proc.pid)
-        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
-            continue
-    found: dict[int, Any] = {}
-    for pid in pids:
-        try:
-            root = psutil.Process(pid)
-            for proc in [root, *root.children(recursive=True)]:
-                found[proc.pid] = proc
-        except psutil.NoSuchProcess:
-            continue
-    return list(found.values())
-
-
-def rss_bytes(procs: list[Any]) -> int:
-    import psutil
-
-    total = 0
-    for proc in procs:
-        try:
-            total += proc.memory_info().rss
-        except psutil.NoSuchProcess:
-            continue
-    return total
+    return recorded_processes([serving.state(NAME), serving.router_config(NAME)], _host_port(url)[1])
 
 
 # ---------------------------------------------------------------------------------------------------- the two passes
