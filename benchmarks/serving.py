@@ -10,7 +10,9 @@ retrain -> a live local Kiln endpoint, one worker), then serves the champion's r
 - **bentoml**: a plain BentoML service written the way BentoML's MLflow example shows: the registered model imported
   with ``bentoml.mlflow.import_model``, a ``@bentoml.service`` (one worker) that loads it with
   ``bentoml.mlflow.load_model`` and one ``@bentoml.api`` taking a pandas DataFrame (the feature row, as records) and
-  returning the model's predictions; no validation, no feature code either.
+  returning the model's predictions; no validation, no feature code either;
+- **kiln-backend** (for comparison only, not in BENCH or the goals): the champion's `bentoml serve` reached directly,
+  without the local router in front, as a Kubernetes Service reaches an endpoint pod.
 
 Before measuring, the three answers for the row are compared (the same model: the same probability to 1e-9).
 Load comes from a separate process (asyncio + aiohttp, keep-alive connections), one row per request. A shared
@@ -50,7 +52,9 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 FRAUD_SPEC = REPO / "platform_defs" / "pipelines" / "fraud" / "defs.yaml"
 CONNECTIONS = 16
 READY_S = 180.0
-SERVERS = ("kiln", "mlflow", "bentoml")
+SERVERS = ("kiln", "mlflow", "bentoml", "kiln-backend")
+# kiln-backend: the champion's `bentoml serve` reached directly, as a Kubernetes Service reaches a pod (no local router
+# there); printed for comparison, not part of BENCH or the goals.
 GOALS = {"vs_mlflow": 4.0, "vs_bentoml": 1.5, "p99_ms": 25.0, "rss_growth": 0.10}
 PLAIN_MODEL = "fraud-plain"
 
@@ -282,9 +286,11 @@ def run(args: argparse.Namespace, home: Path) -> int:
                        json.dumps({"dataframe_split": {"columns": columns, "data": [feature_row]}}).encode()),
             "bentoml": (f"http://127.0.0.1:{bento_port}/predict",
                         json.dumps({"input_df": [dict(zip(columns, feature_row, strict=True))]}).encode()),
+            "kiln-backend": (f"{serving.router_config('fraud')['champion']['url']}/predict", json.dumps({"rows": [row]}).encode()),
         }
         same = same_answers(targets)
-        print(f"one row, three servers: kiln {same['kiln']:.12f}, mlflow {same['mlflow']:.12f}, bentoml {same['bentoml']:.12f} "
+        print(f"one row, four targets: kiln {same['kiln']:.12f}, mlflow {same['mlflow']:.12f}, bentoml {same['bentoml']:.12f}, "
+              f"kiln-backend {same['kiln-backend']:.12f} "
               f"({'the same model' if same['agree'] else 'ANSWERS DIFFER'})", flush=True)
 
         for url, body in targets.values():
@@ -294,7 +300,8 @@ def run(args: argparse.Namespace, home: Path) -> int:
             r = rounds[-1]
             print(f"  round {i + 1}: kiln {r['kiln']['rps']:.0f} rps (p99 {r['kiln']['p99_ms']:.1f} ms), mlflow {r['mlflow']['rps']:.0f}, "
                   f"bentoml {r['bentoml']['rps']:.0f}: kiln/mlflow {r['kiln']['rps'] / r['mlflow']['rps']:.2f}x, "
-                  f"kiln/bentoml {r['kiln']['rps'] / r['bentoml']['rps']:.2f}x", flush=True)
+                  f"kiln/bentoml {r['kiln']['rps'] / r['bentoml']['rps']:.2f}x; kiln-backend {r['kiln-backend']['rps']:.0f} rps "
+                  f"(p99 {r['kiln-backend']['p99_ms']:.1f} ms)", flush=True)
 
         port = int(state["url"].rsplit(":", 1)[1])
         procs_before = endpoint_processes(serving.state("fraud"), port)
