@@ -199,6 +199,9 @@ class ServingSpec(_Strict):
     max_batch_rows: int = Field(default=1000, ge=1)
     max_latency_ms: int = Field(default=20, ge=1)
     max_string_chars: int = Field(default=1024, ge=1, description="longest text value a request may carry (400 beyond)")
+    timeout_s: float = Field(default=10.0, gt=0, le=600,
+                             description="the endpoint's deadline for one request (504 beyond); keep it near the slowest "
+                                         "batch you expect: every request keeps a server timer alive this long")
     workers: int = Field(default=0, ge=0, description="server worker processes; 0 = one per CPU")
     unknown_category: Literal["reject", "allow"] = Field(
         default="reject", description="reject: a category outside schema.allowed gets 400; allow: it is scored as missing"

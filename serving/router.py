@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.process import pid_alive
+from serving.collector import settle
 from serving.requests import MAX_BODY_BYTES  # the backends' limit: a larger body gets 413 here, never reaches them
 
 if TYPE_CHECKING:
@@ -439,6 +440,7 @@ class Router:
                                auto_decompress=False)
         await runner.setup()
         await web.TCPSite(runner, host, port, backlog=2048, reuse_address=True).start()
+        settle()  # what is loaded lives as long as the router: frozen; full collections rare (serving.collector)
         loop = asyncio.get_running_loop()
         stop = self.stopping = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -55,7 +55,6 @@ The local router in front of the backends (:mod:`serving.router`) adds ``kiln_ro
 
 from __future__ import annotations
 
-import gc
 import hmac
 import logging
 import os
@@ -73,6 +72,7 @@ from pydantic import BaseModel, Field
 from kiln import settings
 from kiln.features import compute_features
 from kiln.spec import PipelineSpec
+from serving.collector import settle
 from serving.predlog import PredictionShipper
 from serving.requests import MAX_BODY_BYTES, RequestError, Rows, example_row, frame_of, parse_request, parse_rows, row_model
 
@@ -96,8 +96,11 @@ def served_spec() -> tuple[PipelineSpec | None, str]:
 SPEC, MODEL_TAG = served_spec()
 Row: Any = row_model(SPEC) if SPEC is not None else dict[str, Any]
 MAX_ROWS = SPEC.serving.max_batch_rows if SPEC is not None else DEFAULT_BATCH_ROWS
+DEFAULT_TIMEOUT_S = 10.0  # without a spec (bentoml build): the spec's default serving.timeout_s
 SERVICE_CONFIG: dict[str, Any] = {
-    "traffic": {"timeout": 30},
+    # BentoML's request deadline (504 beyond). Its TimeoutMiddleware keeps a timer alive this long after every request,
+    # so it also bounds what the garbage collector walks (serving.collector).
+    "traffic": {"timeout": SPEC.serving.timeout_s if SPEC is not None else DEFAULT_TIMEOUT_S},
     "workers": settings.serving_workers(),
     "logging": {"access": {"enabled": settings.access_log()}},
     "tracing": {"excluded_urls": ["."]},  # every URL: no span per request (Kiln exports no traces)
@@ -185,9 +188,7 @@ class KilnService:
         self.metrics = EndpointMetrics(self.spec.name, self.version)
         self.batcher: MicroBatcher[Rows] = MicroBatcher(self.score, self.max_rows, self.spec.serving.max_latency_ms / 1000)
         self._warm_up()
-        # Everything loaded so far (BentoML, polars, the model: millions of objects) lives as long as the worker; out of
-        # the collector's sight, each full collection triggered by a batch's allocations no longer walks all of it.
-        gc.freeze()
+        settle()  # what is loaded lives as long as the worker: frozen; full collections rare (serving.collector)
 
     def _warm_up(self) -> None:
         """Validate, featurize and score one example row (not logged, not counted) before the worker takes requests:
@@ -227,12 +228,13 @@ class KilnService:
         import polars as pl
 
         assert self.log is not None
-        try:
-            self.log.append(frame.with_columns(
-                pl.lit(time.time()).alias("_logged_at"),
-                pl.lit(self.version).alias("_model_version"),
-                pl.Series("_prediction", predictions),
-            ))
+        n = frame.height
+        try:  # hstack, not with_columns: no query plan per batch (~20 us against ~150 us for a batch of a few rows)
+            self.log.append(frame.hstack([
+                pl.Series("_logged_at", [time.time()] * n, dtype=pl.Float64),
+                pl.Series("_model_version", [self.version] * n, dtype=pl.String),
+                pl.Series("_prediction", predictions, dtype=pl.Float64),
+            ]))
         except Exception:  # noqa: BLE001 - logging must never fail a prediction
             log.exception("prediction log of %s: could not log a batch", self.spec.name)
 

@@ -54,8 +54,9 @@ JSON = {"Content-Type": "application/json"}
 MAX_ROWS = 100  # serving.max_batch_rows of this endpoint: 101 rows are a 413 naming `rows`
 MAX_CHARS = 1024  # serving.max_string_chars: 1025 characters are a 400 naming the field and row
 BODY_LIMIT = 32 * 1024 * 1024  # the endpoint's documented body limit (bytes): more is a 413
-# The endpoint's configured request timeout (BentoML's `traffic.timeout` and the front's idle timeout, 30 s): every
-# exchange, even a client that stops sending mid-body, must be answered or closed by then. The grace covers a slow
+# The endpoint's longest configured wait (the router's 20 s for a body to arrive; BentoML's `traffic.timeout`, the spec's
+# serving.timeout_s, is 10 s), with room: every exchange, even a client that stops sending mid-body, must be answered or
+# closed by then. The grace covers a slow
 # shared machine; a request still open after CLIENT_BOUND_S is a hang.
 SERVER_TIMEOUT_S = 30.0
 CLIENT_BOUND_S = SERVER_TIMEOUT_S + 15.0
