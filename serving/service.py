@@ -17,7 +17,9 @@ and the row (``rows[3].amount: ...``), none gets a 5xx. It answers 401 without t
 ``serving.max_string_chars``. It drops every ``X-Kiln-*`` header a client sends (no internal header is trusted), gives
 each request an id (the client's ``X-Request-ID`` when it is a plain token, else a new one; returned as
 ``X-Request-ID``), logs every 5xx with that id, adds ``X-Kiln-Model-Version`` to every answer, and counts every
-``/predict`` answer once (``kiln_requests_total``, the latency histogram and the stored telemetry).
+``/predict`` answer once (``kiln_requests_total``, the latency histogram and the stored telemetry). A request not
+answered within the spec's ``serving.timeout_s`` gets BentoML's 504 (``traffic.timeout``); once warm, the worker
+freezes what it has loaded and makes full garbage collections rare (:mod:`serving.collector`).
 
 Valid requests are scored in adaptive micro-batches (:class:`serving.batching.MicroBatcher`, sized by the spec's
 ``serving.max_batch_rows`` and ``serving.max_latency_ms``) in the worker process: features, predict and the prediction
