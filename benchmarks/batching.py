@@ -11,7 +11,7 @@ script serves one model three ways, each a `bentoml serve` of one worker, each a
 
 All three use the same batch bound (``MAX_ROWS``) and the same LightGBM booster (trained here on synthetic data, one
 thread). Load: 1-row requests at 16 keep-alive connections for ``--seconds``, in ``--rounds`` paired rounds (the three
-back to back), from a separate process (``benchmarks/serving.py load``). Every answer is checked against the model's
+back to back), from a separate process (``benchmarks/servers.py load``). Every answer is checked against the model's
 offline prediction first. Ends with ``BENCH batching rps_kiln=<n> rps_depends=<n> rps_self=<n> errors_kiln=<n>
 errors_depends=<n> errors_self=<n>`` (the round with the median kiln/depends ratio; errors: failed requests over every
 run of that variant). Run: ``.venv/bin/python benchmarks/batching.py``
@@ -27,16 +27,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
+
+from servers import free_port, load, stop, wait_ready  # this folder's shared helpers
 
 REPO = Path(__file__).resolve().parent.parent
-SERVING_BENCH = REPO / "benchmarks" / "serving.py"
 CONNECTIONS = 16
 FEATURES = 12
 MAX_ROWS = 100
-READY_S = 180.0
 VARIANTS = {"kiln": "KilnBatcher", "depends": "Front", "self": "SelfBatched"}
 
 SERVICES = '''
@@ -105,14 +103,6 @@ class SelfBatched:
 '''
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def train(folder: Path) -> tuple[Path, list[float], float]:
     """A LightGBM classifier on synthetic data; returns its file, one feature row and that row's offline prediction."""
     import lightgbm as lgb
@@ -130,8 +120,6 @@ def train(folder: Path) -> tuple[Path, list[float], float]:
 
 def serve(folder: Path, service: str, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str, Path]:
     """`bentoml serve services:<service>` on a free port; waits for /readyz."""
-    import httpx
-
     port = free_port()
     log = folder / f"{service}.log"
     cmd = [sys.executable, "-m", "bentoml", "serve", f"services:{service}", "--working-dir", str(folder),
@@ -139,42 +127,8 @@ def serve(folder: Path, service: str, env: dict[str, str]) -> tuple[subprocess.P
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + READY_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{service} exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return proc, url, log
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{service} not ready after {READY_S:.0f}s (log {log})")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    import signal
-
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-
-
-def load(url: str, body: bytes, seconds: float) -> dict[str, Any]:
-    """The serving benchmark's load generator (its own process): requests, errors, rps, p50_ms, p99_ms."""
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
-        fh.write(body)
-    try:
-        cmd = [sys.executable, str(SERVING_BENCH), "load", "--url", url, "--body", fh.name, "--conns", str(CONNECTIONS),
-               "--seconds", str(seconds)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=seconds + 120)
-    finally:
-        os.unlink(fh.name)
-    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+    wait_ready(f"{url}/readyz", proc, log)
+    return proc, url, log
 
 
 def main() -> int:
@@ -202,11 +156,11 @@ def main() -> int:
             answer.raise_for_status()
             got = float(answer.json()[0])
             assert abs(got - expected) <= 1e-9, f"{name}: {got} != offline {expected}"
-            load(urls[name], body, 2.0)  # warm-up
+            load(urls[name], body, CONNECTIONS, 2.0)  # warm-up
         print(f"one row, three services: {expected:.12f} each (the same model)", flush=True)
         rounds = []
         for i in range(args.rounds):
-            rounds.append({name: load(url, body, args.seconds) for name, url in urls.items()})
+            rounds.append({name: load(url, body, CONNECTIONS, args.seconds) for name, url in urls.items()})
             r = rounds[-1]
             print(f"  round {i + 1}: " + ", ".join(f"{n} {r[n]['rps']:.0f} rps (p99 {r[n]['p99_ms']:.1f} ms, errors "
                                                      f"{r[n]['errors']})" for n in VARIANTS), flush=True)

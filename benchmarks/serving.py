@@ -15,7 +15,8 @@ retrain -> a live local Kiln endpoint, one worker), then serves the champion's r
   without the local router in front, as a Kubernetes Service reaches an endpoint pod.
 
 Before measuring, the three answers for the row are compared (the same model: the same probability to 1e-9).
-Load comes from a separate process (aiohttp on uvloop, keep-alive connections), one row per request. A shared
+Load comes from a separate process (``benchmarks/servers.py load``: aiohttp on uvloop, keep-alive connections), one
+row per request. A shared
 machine's speed drifts from minute to minute, so the figures come from ``--rounds`` *paired* rounds of one run each at
 16 connections: kiln, mlflow and bentoml back to back for ``--seconds`` each, the ratios taken within a round. BENCH
 reports the whole round with the median kiln/bentoml ratio (so its numbers divide to that median). Last, Kiln soaks
@@ -33,25 +34,23 @@ the soak).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from datetime import date
 from pathlib import Path
 from typing import Any
+
+from servers import free_port, load, stop, wait_ready  # this folder's shared helpers (before it leaves sys.path)
 
 REPO = Path(__file__).resolve().parent.parent
 # This file is named like Kiln's `serving` package: keep its folder off the import path so `serving.*` is the package.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 FRAUD_SPEC = REPO / "platform_defs" / "pipelines" / "fraud" / "defs.yaml"
 CONNECTIONS = 16
-READY_S = 180.0
 SERVERS = ("kiln", "mlflow", "bentoml", "kiln-backend")
 # kiln-backend: the champion's `bentoml serve` reached directly, as a Kubernetes Service reaches a pod (no local router
 # there); printed for comparison, not part of BENCH or the goals.
@@ -76,88 +75,6 @@ class FraudPlain:
     def predict(self, input_df: pd.DataFrame) -> np.ndarray:
         return self.model.predict(input_df)
 '''
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-# ---------------------------------------------------------------------------------------------------- load generator
-async def _load(url: str, body: bytes, headers: dict[str, str], conns: int, seconds: float) -> dict[str, Any]:
-    import aiohttp
-
-    latencies: list[float] = []
-    errors = 0
-    deadline = time.perf_counter() + seconds
-    connector = aiohttp.TCPConnector(limit=conns)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30), headers=headers) as http:
-
-        async def worker() -> None:
-            nonlocal errors
-            while time.perf_counter() < deadline:
-                started = time.perf_counter()
-                try:
-                    async with http.post(url, data=body) as response:
-                        await response.read()
-                        ok = response.status == 200
-                except (aiohttp.ClientError, TimeoutError):
-                    ok = False
-                latencies.append(time.perf_counter() - started)
-                errors += not ok
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(conns)))
-        wall = time.perf_counter() - started
-    latencies.sort()
-    n = len(latencies)
-    return {"requests": n, "errors": errors, "rps": n / wall,
-            "p50_ms": latencies[n // 2] * 1000 if n else float("nan"),
-            "p99_ms": latencies[min(n - 1, int(0.99 * n))] * 1000 if n else float("nan")}
-
-
-def load(url: str, body: bytes, conns: int, seconds: float) -> dict[str, Any]:
-    """Run the load generator in its own process; returns requests, errors, rps, p50_ms, p99_ms."""
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
-        fh.write(body)
-    try:
-        cmd = [sys.executable, __file__, "load", "--url", url, "--body", fh.name, "--conns", str(conns), "--seconds", str(seconds)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=seconds + 120)
-    finally:
-        os.unlink(fh.name)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-# ---------------------------------------------------------------------------------------------------- processes
-def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    import httpx
-
-    deadline = time.monotonic() + READY_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
-            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}:\n{tail}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} not ready after {READY_S:.0f}s (log: {log})")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    import signal
-
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def endpoint_processes(record: dict[str, Any] | None, port: int) -> list[Any]:
@@ -380,22 +297,5 @@ def report(args: argparse.Namespace, rounds: list[dict[str, dict[str, Any]]], so
     print(f"BENCH serving rps_kiln={k_rps:.0f} rps_mlflow={m_rps:.0f} rps_bentoml={b_rps:.0f} p99_ms_kiln={k_p99:.1f} errors={errors}")
 
 
-def cli() -> int:
-    if len(sys.argv) > 1 and sys.argv[1] == "load":
-        parser = argparse.ArgumentParser()
-        parser.add_argument("cmd")
-        parser.add_argument("--url", required=True)
-        parser.add_argument("--body", required=True)
-        parser.add_argument("--conns", type=int, required=True)
-        parser.add_argument("--seconds", type=float, required=True)
-        a = parser.parse_args()
-        import uvloop  # the load shares the servers' cores: libuv's loop spends less of them per request than asyncio's
-
-        result = uvloop.run(_load(a.url, Path(a.body).read_bytes(), {"Content-Type": "application/json"}, a.conns, a.seconds))
-        print(json.dumps(result))
-        return 0
-    return main()
-
-
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(main())
