@@ -1,8 +1,62 @@
-"""Reading a Dagster run's results in lifecycle tests: a stage's last materialization, a check's last evaluation."""
+"""Lifecycle tests' shared pieces: a trained fraud endpoint of a test's own, and reading a Dagster run's results (a
+stage's last materialization, a check's last evaluation)."""
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import date
+from pathlib import Path
 from typing import Any
+
+
+@contextmanager
+def fraud_endpoint(spec_dir: Path, name: str, *, days: int, rows: int, seed: int, edit: Callable[[dict[str, Any]], None],
+                   api_key: str | None = None) -> Iterator[dict[str, Any]]:
+    """The fraud pipeline under its own ``name`` (and source folder), its spec changed by ``edit``, simulated for ``days``
+    of ``rows`` rows from 2026-01-01, ingested and retrained into a live local endpoint; shut down on exit.
+
+    Yields spec, defs, instance, serving, folder (the source folder), trained (the retrain result), rows (the reference
+    sample rows) and url. ``KILN_PIPELINES_DIR`` (and ``KILN_API_KEY``, given ``api_key``) are set while it is open."""
+    import dagster as dg
+    import yaml
+
+    from kiln.spec import load_spec, spec_data
+    from platform_defs.definitions import build_definitions
+    from platform_defs.lifecycle import ingest, retrain, simulate, source_partitions
+    from platform_defs.profiles import local_paths, resources
+    from tests.conftest import FRAUD_SPEC
+
+    data = spec_data(FRAUD_SPEC)
+    data["name"] = name
+    data["source"]["path"] = name
+    edit(data)
+    (spec_dir / f"{name}.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    os.environ["KILN_PIPELINES_DIR"] = str(spec_dir)
+    if api_key is not None:
+        os.environ["KILN_API_KEY"] = api_key
+    serving = resources("local")["serving"]
+    try:
+        spec = load_spec(spec_dir / f"{name}.yaml")
+        defs = build_definitions([spec])
+        folder = local_paths()["sources"] / spec.source.path
+        simulate(spec, folder, days, rows, seed=seed, start=date(2026, 1, 1))
+        instance = dg.DagsterInstance.get()
+        assert all(r.success for r in ingest(defs, spec, source_partitions(spec, folder), instance, progress=lambda _: None))
+        trained = retrain(defs, spec, instance, progress=lambda _: None)
+        assert trained.success
+        sample = (local_paths()["state"] / "reference" / name / "sample_rows.json").read_text()
+        state = serving.state(name)
+        assert state and state.get("url"), state
+        yield {"spec": spec, "defs": defs, "instance": instance, "serving": serving, "folder": folder, "trained": trained,
+               "rows": json.loads(sample), "url": state["url"]}
+    finally:
+        serving.shutdown(name)
+        os.environ.pop("KILN_PIPELINES_DIR", None)
+        if api_key is not None:
+            os.environ.pop("KILN_API_KEY", None)
 
 
 def materialization(result: Any, pipeline: str, stage: str) -> Any:

@@ -12,7 +12,6 @@ The sensor is evaluated with Dagster's public ``build_sensor_context`` (no daemo
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -22,10 +21,9 @@ import dagster as dg
 import httpx
 import polars as pl
 import pytest
-import yaml
 
-from kiln.spec import spec_data
-from tests.conftest import FRAUD_SPEC, free_port
+from tests.conftest import free_port
+from tests.results import fraud_endpoint
 
 NAME = "perf"
 DAYS = 4
@@ -35,38 +33,19 @@ BATCH = 600  # rows per window: above drift.min_samples (500)
 
 @pytest.fixture(scope="module")
 def world(kiln_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    from kiln.spec import load_spec
-    from platform_defs.definitions import build_definitions
-    from platform_defs.lifecycle import ingest, retrain, simulate, source_partitions
     from platform_defs.profiles import local_paths, resources
 
-    spec_dir = tmp_path_factory.mktemp("perf-pipelines")
-    data = spec_data(FRAUD_SPEC)
-    data["name"] = NAME
-    data["source"]["path"] = NAME
-    data["serving"].update(port=free_port(), workers=1)
-    data["trainer"]["params"]["num_boost_round"] = 60
-    data["labels"] = {"path": f"{NAME}_labels", "key": "txn_id", "label": "is_fraud", "event_time": "labeled_at"}
-    data["drift"].update(min_samples=500, consecutive_windows=2, cooldown_minutes=60)
-    data["retrain"] = {"min_new_rows": 1000, "consecutive_windows": 2, "realized_drop": 0.02}
-    (spec_dir / f"{NAME}.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-    os.environ["KILN_PIPELINES_DIR"] = str(spec_dir)
-    spec = load_spec(spec_dir / f"{NAME}.yaml")
-    defs = build_definitions([spec])
-    folder = local_paths()["sources"] / spec.source.path
-    simulate(spec, folder, DAYS, ROWS, seed=8, start=date(2026, 1, 1))
-    instance = dg.DagsterInstance.get()
-    serving = resources("local")["serving"]
-    try:
-        assert all(r.success for r in ingest(defs, spec, source_partitions(spec, folder), instance, progress=lambda _: None))
-        first = retrain(defs, spec, instance, progress=lambda _: None)
-        assert first.success
-        yield {"spec": spec, "defs": defs, "instance": instance, "folder": folder, "serving": serving,
-               "state": str(local_paths()["state"]), "labels": local_paths()["sources"] / f"{NAME}_labels",
-               "first": first.output_for_node(f"{NAME}__model"), "cursor": None, "mlflow": resources("local")["mlflow"]}
-    finally:
-        serving.shutdown(NAME)
-        os.environ.pop("KILN_PIPELINES_DIR", None)
+    def edit(data: dict[str, Any]) -> None:
+        data["serving"].update(port=free_port(), workers=1)
+        data["trainer"]["params"]["num_boost_round"] = 60
+        data["labels"] = {"path": f"{NAME}_labels", "key": "txn_id", "label": "is_fraud", "event_time": "labeled_at"}
+        data["drift"].update(min_samples=500, consecutive_windows=2, cooldown_minutes=60)
+        data["retrain"] = {"min_new_rows": 1000, "consecutive_windows": 2, "realized_drop": 0.02}
+
+    with fraud_endpoint(tmp_path_factory.mktemp("perf-pipelines"), NAME, days=DAYS, rows=ROWS, seed=8, edit=edit) as world:
+        yield world | {"state": str(local_paths()["state"]), "labels": local_paths()["sources"] / f"{NAME}_labels",
+                       "first": world["trained"].output_for_node(f"{NAME}__model"), "cursor": None,
+                       "mlflow": resources("local")["mlflow"]}
 
 
 def _serve(world: dict[str, Any], frame: pl.DataFrame) -> None:

@@ -9,19 +9,16 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from datetime import date
 from pathlib import Path
 from typing import Any
 
-import dagster as dg
 import httpx
 import pytest
-import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kiln.spec import spec_data
-from tests.conftest import FRAUD_SPEC, free_port
+from tests.conftest import free_port
+from tests.results import fraud_endpoint
 
 NAME = "servetest"
 DAYS = 2
@@ -32,37 +29,13 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 @pytest.fixture(scope="module")
 def world(kiln_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    from kiln.spec import load_spec
-    from platform_defs.definitions import build_definitions
-    from platform_defs.lifecycle import ingest, retrain, simulate, source_partitions
-    from platform_defs.profiles import local_paths, resources
+    def edit(data: dict[str, Any]) -> None:
+        data["trainer"]["params"]["num_boost_round"] = 3  # a weak first champion: the roll test's retrain (60 rounds) beats it
+        data["serving"].update(port=free_port(), workers=1, max_batch_rows=50)
 
-    spec_dir = tmp_path_factory.mktemp("serving-pipelines")
-    data = spec_data(FRAUD_SPEC)
-    data["name"] = NAME
-    data["source"]["path"] = NAME
-    data["trainer"]["params"]["num_boost_round"] = 3  # a weak first champion: the roll test's retrain (60 rounds) beats it
-    data["serving"].update(port=free_port(), workers=1, max_batch_rows=50)
-    (spec_dir / f"{NAME}.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-    os.environ["KILN_PIPELINES_DIR"] = str(spec_dir)
-    os.environ["KILN_API_KEY"] = API_KEY
-    spec = load_spec(spec_dir / f"{NAME}.yaml")
-    defs = build_definitions([spec])
-    folder = local_paths()["sources"] / spec.source.path
-    simulate(spec, folder, DAYS, ROWS, seed=4, start=date(2026, 1, 1))
-    instance = dg.DagsterInstance.get()
-    serving = resources("local")["serving"]
-    try:
-        assert all(r.success for r in ingest(defs, spec, source_partitions(spec, folder), instance, progress=lambda _: None))
-        trained = retrain(defs, spec, instance, progress=lambda _: None)
-        assert trained.success
-        rows = json.loads((kiln_home / "state" / "reference" / NAME / "sample_rows.json").read_text())
-        yield {"spec": spec, "defs": defs, "instance": instance, "serving": serving, "rows": rows, "trained": trained,
-               "url": serving.state(NAME)["url"]}
-    finally:
-        serving.shutdown(NAME)
-        os.environ.pop("KILN_PIPELINES_DIR", None)
-        os.environ.pop("KILN_API_KEY", None)
+    with fraud_endpoint(tmp_path_factory.mktemp("serving-pipelines"), NAME, days=DAYS, rows=ROWS, seed=4, edit=edit,
+                        api_key=API_KEY) as world:
+        yield world
 
 
 def _post(url: str, body: Any, headers: dict[str, str] | None = None, raw: bytes | None = None) -> httpx.Response:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-import os
 import random
 import re
 import socket
@@ -32,17 +31,15 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import date
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import yaml
 
 from kiln.process import rss_bytes
-from kiln.spec import spec_data
-from tests.conftest import FRAUD_SPEC, free_port
+from tests.conftest import free_port
+from tests.results import fraud_endpoint
 
 NAME = "fuzzserve"
 DAYS = 2
@@ -104,39 +101,14 @@ class Outcome:
 @pytest.fixture(scope="module")
 def endpoint(kiln_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """A small fraud endpoint of its own (one worker), trained and deployed as `tests/test_serving.py` does."""
-    import dagster as dg
 
-    from kiln.spec import load_spec
-    from platform_defs.definitions import build_definitions
-    from platform_defs.lifecycle import ingest, retrain, simulate, source_partitions
-    from platform_defs.profiles import local_paths, resources
+    def edit(data: dict[str, Any]) -> None:
+        data["trainer"]["params"]["num_boost_round"] = 10
+        data["serving"].update(port=free_port(), workers=1, max_batch_rows=MAX_ROWS, max_string_chars=MAX_CHARS)
 
-    spec_dir = tmp_path_factory.mktemp("fuzz-pipelines")
-    data = spec_data(FRAUD_SPEC)
-    data["name"] = NAME
-    data["source"]["path"] = NAME
-    data["trainer"]["params"]["num_boost_round"] = 10
-    data["serving"].update(port=free_port(), workers=1, max_batch_rows=MAX_ROWS, max_string_chars=MAX_CHARS)
-    (spec_dir / f"{NAME}.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-    os.environ["KILN_PIPELINES_DIR"] = str(spec_dir)
-    os.environ["KILN_API_KEY"] = API_KEY
-    spec = load_spec(spec_dir / f"{NAME}.yaml")
-    defs = build_definitions([spec])
-    folder = local_paths()["sources"] / spec.source.path
-    simulate(spec, folder, DAYS, ROWS, seed=11, start=date(2026, 1, 1))
-    instance = dg.DagsterInstance.get()
-    serving = resources("local")["serving"]
-    try:
-        assert all(r.success for r in ingest(defs, spec, source_partitions(spec, folder), instance, progress=lambda _: None))
-        assert retrain(defs, spec, instance, progress=lambda _: None).success
-        rows = json.loads((kiln_home / "state" / "reference" / NAME / "sample_rows.json").read_text())
-        state = serving.state(NAME)
-        assert state and state.get("url"), state
-        yield {"spec": spec, "serving": serving, "rows": rows, "url": state["url"]}
-    finally:
-        serving.shutdown(NAME)
-        os.environ.pop("KILN_PIPELINES_DIR", None)
-        os.environ.pop("KILN_API_KEY", None)
+    with fraud_endpoint(tmp_path_factory.mktemp("fuzz-pipelines"), NAME, days=DAYS, rows=ROWS, seed=11, edit=edit,
+                        api_key=API_KEY) as world:
+        yield world
 
 
 # ---------------------------------------------------------------------------------------------------- raw HTTP/1.1
