@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -248,6 +249,23 @@ def upload_sources(s3: Any, local: Path, prefix: str) -> list[str]:
     return keys
 
 
+@contextmanager
+def store_cleanup(serving: Any, pipeline: str) -> Iterator[None]:
+    """On exit, shut the pipeline's endpoint down (router, backends) and delete from the BentoML store every bento and
+    model made while open: what a prod test builds is never reused by another test."""
+    store = serving.bentoml()
+    bentos_before = {str(b.tag) for b in store.bentos.list()}
+    models_before = {str(m.tag) for m in store.models.list()}
+    try:
+        yield
+    finally:
+        serving.shutdown(pipeline)
+        for tag in {str(b.tag) for b in store.bentos.list()} - bentos_before:
+            store.bentos.delete(tag)
+        for tag in {str(m.tag) for m in store.models.list()} - models_before:
+            store.models.delete(tag)
+
+
 @pytest.fixture(scope="package")
 def prod_world(services: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """The `fraud` pipeline simulated into S3, ingested and retrained in the prod profile, with its endpoint up."""
@@ -264,22 +282,13 @@ def prod_world(services: dict[str, Any], tmp_path_factory: pytest.TempPathFactor
     spec = load_spec(spec_dir / "fraud.yaml")
     defs = build_definitions([spec], "prod")
     serving = ServingResource(state_root=os.environ["KILN_STATE_ROOT"], bentoml_home=os.environ["BENTOML_HOME"])
-    bentoml = serving.bentoml()  # the session's store: remove what this package builds, so local tests never reuse it
-    bentos_before = {str(b.tag) for b in bentoml.bentos.list()}
-    models_before = {str(m.tag) for m in bentoml.models.list()}
-    local = tmp_path_factory.mktemp("sim")
-    simulate(spec, local, DAYS, ROWS, seed=5, start=date(2026, 1, 1))
-    keys = upload_sources(services["s3"], local, f"sources/{spec.source.path}")
-    instance = services["instance"]
-    partitions = source_partitions(spec, local)
-    ingested = ingest(defs, spec, partitions, instance, progress=lambda _: None)
-    trained = retrain(defs, spec, instance, progress=lambda _: None)
-    try:
+    with store_cleanup(serving, "fraud"):  # local tests must never reuse a bento or model this package builds
+        local = tmp_path_factory.mktemp("sim")
+        simulate(spec, local, DAYS, ROWS, seed=5, start=date(2026, 1, 1))
+        keys = upload_sources(services["s3"], local, f"sources/{spec.source.path}")
+        instance = services["instance"]
+        partitions = source_partitions(spec, local)
+        ingested = ingest(defs, spec, partitions, instance, progress=lambda _: None)
+        trained = retrain(defs, spec, instance, progress=lambda _: None)
         yield {"spec": spec, "defs": defs, "instance": instance, "ingested": ingested, "trained": trained,
                "partitions": partitions, "source_keys": keys, "serving": serving, "local_sources": local}
-    finally:
-        serving.shutdown("fraud")  # router, backends and their handoff folders
-        for tag in {str(b.tag) for b in bentoml.bentos.list()} - bentos_before:
-            bentoml.bentos.delete(tag)
-        for tag in {str(m.tag) for m in bentoml.models.list()} - models_before:
-            bentoml.models.delete(tag)

@@ -27,7 +27,7 @@ import yaml
 
 from kiln.spec import spec_data
 from tests.conftest import FRAUD_SPEC, free_port
-from tests.integration.conftest import BUCKET, upload_sources
+from tests.integration.conftest import BUCKET, store_cleanup, upload_sources
 
 NAME = "loop"
 STATE_PREFIX = "loop-state"
@@ -135,11 +135,8 @@ def test_serve_observe_drift_retrain_gate_serve_with_the_state_root_on_s3(
     spec = load_spec(spec_file)
     defs = build_definitions([spec], "prod")
     serving = ServingResource(state_root=state_root, bentoml_home=os.environ["BENTOML_HOME"])
-    bentoml = serving.bentoml()
-    bentos_before = {str(b.tag) for b in bentoml.bentos.list()}
-    models_before = {str(m.tag) for m in bentoml.models.list()}
     local = tmp_path / "sim"
-    try:
+    with store_cleanup(serving, NAME):
         # A champion trained on three days in S3, served by a local `bentoml serve` behind the router.
         simulate(spec, local, DAYS, ROWS, seed=8, start=date(2026, 1, 1))
         upload_sources(s3, local, f"sources/{NAME}")
@@ -215,12 +212,6 @@ def test_serve_observe_drift_retrain_gate_serve_with_the_state_root_on_s3(
         answer = httpx.post(f"{url}/predict", json={"rows": rows}, timeout=30)
         assert answer.status_code == 200, answer.text
         assert answer.json()["model_version"] == new_version and len(answer.json()["predictions"]) == 5
-    finally:
-        serving.shutdown(NAME)
-        for tag in {str(b.tag) for b in bentoml.bentos.list()} - bentos_before:
-            bentoml.bentos.delete(tag)
-        for tag in {str(m.tag) for m in bentoml.models.list()} - models_before:
-            bentoml.models.delete(tag)
 
 
 def _champion(services: dict[str, Any]) -> str:
@@ -325,30 +316,23 @@ def fault_world(services: dict[str, Any], tmp_path_factory: pytest.TempPathFacto
         spec = load_spec(spec_file)
         defs = build_definitions([spec], "prod")
         serving = ServingResource(state_root=state_root, bentoml_home=os.environ["BENTOML_HOME"])
-        bentoml = serving.bentoml()
-        bentos_before = {str(b.tag) for b in bentoml.bentos.list()}
-        models_before = {str(m.tag) for m in bentoml.models.list()}
         try:
-            import boto3
+            with store_cleanup(serving, FAULT):
+                import boto3
 
-            client = boto3.client("s3", endpoint_url=own.url)
-            local = work / "sim"
-            days = simulate(spec, local, 2, 1500, seed=31, start=date(2026, 1, 1))
-            for path in days:
-                client.upload_file(str(path), own.bucket, f"sources/{FAULT}/{path.name}")
-            instance = services["instance"]
-            assert all(r.success for r in ingest(defs, spec, [p.stem for p in days], instance, progress=lambda _: None))
-            assert retrain(defs, spec, instance, progress=lambda _: None).success
-            record = serving.state(FAULT)
-            assert record is not None
-            yield {"s3": own, "client": client, "state_root": state_root, "spec": spec, "spec_file": spec_file,
-                   "url": record["url"], "work": work}
+                client = boto3.client("s3", endpoint_url=own.url)
+                local = work / "sim"
+                days = simulate(spec, local, 2, 1500, seed=31, start=date(2026, 1, 1))
+                for path in days:
+                    client.upload_file(str(path), own.bucket, f"sources/{FAULT}/{path.name}")
+                instance = services["instance"]
+                assert all(r.success for r in ingest(defs, spec, [p.stem for p in days], instance, progress=lambda _: None))
+                assert retrain(defs, spec, instance, progress=lambda _: None).success
+                record = serving.state(FAULT)
+                assert record is not None
+                yield {"s3": own, "client": client, "state_root": state_root, "spec": spec, "spec_file": spec_file,
+                       "url": record["url"], "work": work}
         finally:
-            serving.shutdown(FAULT)
-            for tag in {str(b.tag) for b in bentoml.bentos.list()} - bentos_before:
-                bentoml.bentos.delete(tag)
-            for tag in {str(m.tag) for m in bentoml.models.list()} - models_before:
-                bentoml.models.delete(tag)
             own.stop()
 
 
