@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -49,16 +48,11 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, ready_s: floa
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
-    """Stop a server started with ``start_new_session=True``: SIGTERM to its process group, SIGKILL after 30 s."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
+    """Stop a server started with ``start_new_session=True`` (its whole process group; :func:`kiln.process.stop_group`)."""
+    from kiln.process import stop_group
+
+    stop_group(proc.pid)
+    proc.wait(timeout=10)  # already reaped: only records the return code
 
 
 # ---------------------------------------------------------------------------------------------------- load generator

@@ -1,10 +1,12 @@
-"""Whether a process is alive, and which processes serve an endpoint: one answer for every part of Kiln (and its tests
-and benchmarks) that starts, watches, measures or stops servers."""
+"""Whether a process is alive, which processes serve an endpoint, and stopping a server's process group: one answer for
+every part of Kiln (and its tests and benchmarks) that starts, watches, measures or stops servers."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -95,3 +97,38 @@ def rss_bytes(processes: Iterable[Any]) -> int:
         except psutil.NoSuchProcess:
             continue
     return total
+
+
+def stop_group(pid: int | None, timeout_s: float = 30.0) -> None:
+    """Stop a server's whole process group (started with ``start_new_session``; `bentoml serve` forks workers): SIGTERM,
+    up to ``timeout_s`` to exit, then SIGKILL; a child of this process is reaped, so it does not linger as a zombie."""
+    if not pid or pid < 1:
+        return
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):  # no such group, or not ours to stop
+        _reap(pid)
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and pid_alive(pid):
+        time.sleep(0.2)
+    if pid_alive(pid):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        _reap(pid, wait_s=5.0)
+    else:
+        _reap(pid)
+
+
+def _reap(pid: int, wait_s: float = 0.0) -> None:
+    """Collect the exit status of a server this process started (within ``wait_s``)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] or time.monotonic() >= deadline:
+                return
+        except ChildProcessError:  # not our child (its own parent reaps it) or already collected
+            return
+        time.sleep(0.05)

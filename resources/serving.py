@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -18,10 +17,9 @@ from typing import Any
 import dagster as dg
 
 from kiln import paths, settings
-from kiln.process import pid_alive
+from kiln.process import pid_alive, stop_group
 
 READY_TIMEOUT_S = 180.0
-STOP_TIMEOUT_S = 30.0
 LOCAL_FLUSH_SECONDS = "2"  # the local profile's prediction-log flush interval (prod: the setting's default)
 
 
@@ -110,10 +108,10 @@ class ServingResource(dg.ConfigurableResource):
                 and champion.get("bento") == bento_tag and healthy(url)):
             return previous | {"reused": True}
         if previous and not previous.get("router_pid"):
-            stop(previous.get("pid"))  # an endpoint recorded before the router existed: a bare `bentoml serve`
+            stop_group(previous.get("pid"))  # an endpoint recorded before the router existed: a bare `bentoml serve`
         if not router_up:
             if previous:
-                stop(previous.get("router_pid"))
+                stop_group(previous.get("router_pid"))
             if port_in_use(self.host, port):
                 raise EndpointError(
                     f"{pipeline}: port {port} is already served by a process Kiln did not start; free it or change serving.port"
@@ -222,7 +220,7 @@ class ServingResource(dg.ConfigurableResource):
             if healthy(url, path=path):
                 return
             time.sleep(0.3)
-        stop(proc.pid)
+        stop_group(proc.pid)
         raise EndpointError(f"{pipeline}: {url}{path} not ready after {READY_TIMEOUT_S:.0f}s:\n{tail(log_path)}")
 
     def start_router(self, pipeline: str, port: int) -> int:
@@ -413,8 +411,8 @@ class ServingResource(dg.ConfigurableResource):
             return False
         was_alive = pid_alive(record.get("pid"))
         config = self.router_config(pipeline)
-        stop(record.get("pid"))  # the router stops the backends it fronts
-        stop(record.get("backend_pid"))
+        stop_group(record.get("pid"))  # the router stops the backends it fronts
+        stop_group(record.get("backend_pid"))
         for upstream in (config.get("champion"), config.get("challenger")):
             stop_backend(upstream)
         (self.folder(pipeline) / "endpoint.json").unlink(missing_ok=True)
@@ -448,40 +446,6 @@ def port_in_use(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def stop(pid: int | None) -> None:
-    """Stop a server's whole process group (bentoml serve forks workers), politely first."""
-    if not pid or pid < 1:
-        return
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):  # no such group, or not ours to stop
-        _reap(pid)
-        return
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    while time.monotonic() < deadline and pid_alive(pid):
-        time.sleep(0.2)
-    if pid_alive(pid):
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        _reap(pid, wait_s=5.0)
-    else:
-        _reap(pid)
-
-
-def _reap(pid: int, wait_s: float = 0.0) -> None:
-    """Collect the exit status of a server this process started (within ``wait_s``), so it does not linger as a zombie."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            if os.waitpid(pid, os.WNOHANG)[0] or time.monotonic() >= deadline:
-                return
-        except ChildProcessError:  # not our child (its own parent reaps it) or already collected
-            return
-        time.sleep(0.05)
-
-
 BACKEND_HOMES = "backends"
 BACKEND_HOME_PREFIX = "bentoml-"
 
@@ -493,7 +457,7 @@ def stop_backend(upstream: dict[str, Any] | None) -> None:
             from resources.containers import stop_container
 
             stop_container(str(upstream["container"]))
-        stop(upstream.get("pid"))
+        stop_group(upstream.get("pid"))
         remove_backend_home(upstream.get("bentoml_home"))
 
 

@@ -6,7 +6,6 @@ Chromium is Debian's (`make install` installs it); Playwright only drives it (no
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import httpx
 import pytest
 import yaml
 
+from kiln.process import stop_group
 from kiln.spec import spec_data
 from tests.conftest import FRAUD_SPEC, REPO, free_port
 
@@ -77,15 +77,8 @@ def ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             time.sleep(1)
         yield {"url": url, "home": home, "spec": spec}
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(timeout=10)
+        stop_group(proc.pid)
+        proc.wait(timeout=10)  # already reaped: only records the return code
         log.close()
 
 

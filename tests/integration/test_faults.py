@@ -389,17 +389,10 @@ def _tail(tmp_path: Path) -> str:
 
 def _stop(proc: Any) -> None:
     """Stop a process group started with start_new_session (the daemon and the code server it started)."""
-    import signal
-    import subprocess
+    from kiln.process import stop_group
 
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    stop_group(proc.pid, timeout_s=60)
+    proc.wait(timeout=10)  # already reaped: only records the return code
 
 
 def _failures_of(instance: Any, run_id: str) -> str:
