@@ -233,17 +233,16 @@ def run_bare(files: list[Path], spec_file: Path, bento_tag: str, model_tag: str)
 
 def stop_endpoint(pipeline: str) -> str:
     """Stop the pipeline's `bentoml serve` process (if any) from its recorded state; say what was done."""
-    from kiln.process import pid_alive
+    from kiln.process import pid_alive, stop_group
     from platform_defs.profiles import resources
-    from resources.serving import stop
 
     state = resources("local")["serving"].state(pipeline)
     if not state:
         return "no endpoint recorded"
     pid = state.get("pid")
     alive = pid_alive(pid)
-    stop(pid)
-    # stop() waits for the group leader only; wait for bentoml's workers too, so they do not share the CPUs.
+    stop_group(pid)
+    # stop_group() waits for the group leader only; wait for bentoml's workers too, so they do not share the CPUs.
     deadline = time.monotonic() + 30
     while pid and time.monotonic() < deadline and group_alive(pid):
         time.sleep(0.2)

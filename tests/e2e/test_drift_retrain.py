@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ import polars as pl
 import pytest
 import yaml
 
+from kiln.process import stop_group
 from kiln.spec import spec_data
 from tests.conftest import FRAUD_SPEC, REPO, free_port
 
@@ -208,17 +208,14 @@ def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     finally:
         if client is not None:
             client.halt.set()
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        stop_group(server.pid, timeout_s=60)
+        server.wait(timeout=10)  # already reaped: only records the return code
         log.close()
-        from resources.serving import stop, stop_backend
+        from resources.serving import stop_backend
 
         endpoint_file = state / "endpoints" / "fraud" / "endpoint.json"
         if endpoint_file.exists():
-            stop(json.loads(endpoint_file.read_text()).get("pid"))
+            stop_group(json.loads(endpoint_file.read_text()).get("pid"))
         router_file = state / "endpoints" / "fraud" / "router.json"
         if router_file.exists():  # the backends the router fronted, and their handoff folders
             router = json.loads(router_file.read_text())
