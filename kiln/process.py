@@ -102,24 +102,33 @@ def rss_bytes(processes: Iterable[Any]) -> int:
 def stop_group(pid: int | None, timeout_s: float = 30.0) -> None:
     """Stop a server's whole process group (started with ``start_new_session``; `bentoml serve` forks workers): SIGTERM,
     up to ``timeout_s`` to exit, then SIGKILL; a child of this process is reaped, so it does not linger as a zombie."""
-    if not pid or pid < 1:
-        return
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):  # no such group, or not ours to stop
-        _reap(pid)
-        return
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and pid_alive(pid):
-        time.sleep(0.2)
-    if pid_alive(pid):
+    stop_groups([pid], timeout_s)
+
+
+def stop_groups(pids: Iterable[int | None], timeout_s: float = 30.0) -> None:
+    """:func:`stop_group` for several servers at once: all are signalled first, then share one ``timeout_s``."""
+    signalled = []
+    for pid in pids:
+        if not pid or pid < 1:
+            continue
         try:
-            os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        _reap(pid, wait_s=5.0)
-    else:
-        _reap(pid)
+            os.killpg(pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):  # no such group, or not ours to stop
+            _reap(pid)
+            continue
+        signalled.append(pid)
+    deadline = time.monotonic() + timeout_s
+    for pid in signalled:
+        while time.monotonic() < deadline and pid_alive(pid):
+            time.sleep(0.2)
+        if pid_alive(pid):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            _reap(pid, wait_s=5.0)
+        else:
+            _reap(pid)
 
 
 def _reap(pid: int, wait_s: float = 0.0) -> None:

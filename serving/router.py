@@ -36,7 +36,6 @@ import asyncio
 import hmac
 import json
 import logging
-import os
 import signal
 import time
 import uuid
@@ -45,7 +44,7 @@ from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kiln.process import pid_alive
+from kiln.process import stop_groups
 from serving.collector import settle
 from serving.requests import MAX_BODY_BYTES  # the backends' limit: a larger body gets 413 here, never reaches them
 
@@ -461,22 +460,8 @@ class Router:
 
 
 def stop_backends(config: dict[str, Any]) -> None:
-    """Stop the backends the router fronts (each `bentoml serve` is its own process group)."""
-    pids = [u["pid"] for arm in ("champion", "challenger") if (u := config.get(arm)) and u.get("pid")]
-    for pid in pids:
-        try:
-            os.killpg(pid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            continue
-    deadline = time.monotonic() + 20
-    for pid in pids:
-        while time.monotonic() < deadline and pid_alive(pid):
-            time.sleep(0.1)
-        if pid_alive(pid):
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+    """Stop the backends the router fronts (each `bentoml serve` is its own process group), within 20 s together."""
+    stop_groups([u.get("pid") for arm in ("champion", "challenger") if (u := config.get(arm))], timeout_s=20)
 
 
 def main(argv: list[str] | None = None) -> None:
